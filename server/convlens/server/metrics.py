@@ -1,0 +1,49 @@
+"""Every Prometheus metric the server exports, in one registry (served on --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """One instance per server (tests build their own, so registries never collide)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # gRPC server metrics, named as go-grpc-prometheus / py-grpc-prometheus name them.
+        self.started = Counter("grpc_server_started_total", "RPCs started on the server.",
+                               ["grpc_type", "grpc_service", "grpc_method"], registry=r)
+        self.handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
+                               ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=r)
+        self.handling_seconds = Histogram("grpc_server_handling_seconds",
+                                          "Time from RPC start to its last response.",
+                                          ["grpc_type", "grpc_service", "grpc_method"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.model_loaded = Gauge("convlens_model_loaded", "1 for each model the server serves.",
+                                  ["model", "format"], registry=r)
+        self.model_load_failures = Counter("convlens_model_load_failures_total",
+                                           "Model folders that failed to load at start-up.",
+                                           ["model"], registry=r)
+        # Scheduler and workers.
+        self.queue_depth = Gauge("convlens_scheduler_queue_depth", "Tasks waiting for a batch.",
+                                 ["device"], registry=r)
+        self.batch_size = Histogram("convlens_scheduler_batch_size", "Tasks per computed batch.",
+                                    ["device", "model", "rpc"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait_seconds = Histogram("convlens_scheduler_queue_wait_seconds",
+                                            "Time a task waited from submission to the start of its batch.",
+                                            ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("convlens_scheduler_compute_seconds",
+                                         "Time a batch spent computing on its worker.",
+                                         ["device", "model", "rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejections = Counter("convlens_scheduler_rejections_total",
+                                  "Tasks refused or dropped before compute, by reason.",
+                                  ["model", "rpc", "reason"], registry=r)
+        self.tasks = Counter("convlens_scheduler_tasks_total", "Tasks computed.",
+                             ["device", "model", "rpc"], registry=r)
+        self.worker_busy_seconds = Counter("convlens_worker_busy_seconds_total",
+                                           "Seconds each device worker spent computing.",
+                                           ["device"], registry=r)

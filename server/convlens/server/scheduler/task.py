@@ -1,0 +1,31 @@
+"""A unit of work handed to the scheduler: what to compute, for which model, and with whom it may batch.
+
+The scheduler knows nothing about what a batch computes: it groups tasks whose `batch_key` is equal,
+waits up to the device's max_batch_delay for up to max_batch_size of them, then calls the group's
+`compute(replica, payloads)` once on a worker thread. `compute` returns one result per payload, in order;
+a result that is an Exception instance fails only that task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from convlens.server.models.model import ServedModel
+
+Compute = Callable[[ServedModel, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class Task:
+    model: str  # a served model's name
+    rpc: str  # metric label, e.g. "Saliency"
+    key: Hashable  # tasks with equal (model, rpc, key) may share one batch (must imply the same compute)
+    payload: Any
+    compute: Compute
+    deadline: float | None = None  # time.monotonic() after which the task is dropped before compute
+
+    @property
+    def batch_key(self) -> tuple[str, str, Hashable]:
+        return (self.model, self.rpc, self.key)
