@@ -1,0 +1,229 @@
+"""What the SDK hands back: small dataclasses of numpy arrays, PIL images and plain Python values.
+
+Nothing here imports grpc or the generated code, so these types read as the SDK's vocabulary; `_convert.py`
+is where protobuf messages become these and back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+Reduction = Literal["mean", "max"]
+Parameterization = Literal["fft", "pixel"]
+Optimizer = Literal["lbfgs", "adam"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A channel of a layer: at one position of its output map (y and x), or reduced over the whole map."""
+
+    layer: str
+    channel: int
+    y: int | None = None
+    x: int | None = None
+    reduction: Reduction = "mean"  # used only when y and x are unset
+
+    def __post_init__(self) -> None:
+        # The server would refuse it too, but a local error points at the caller's line.
+        if (self.y is None) != (self.x is None):
+            raise ValueError("Unit: give both y and x, or neither")
+        if self.reduction not in ("mean", "max"):
+            raise ValueError(f"Unit: reduction must be 'mean' or 'max', not {self.reduction!r}")
+
+
+Target = int | Unit  # a class index (its logit) or a unit
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Output position (y, x) of a layer sees input rows offset[0] + y*jump[0] - (size[0]-1)/2 ... (+ size[0])."""
+
+    size: tuple[int, int]  # (y, x)
+    jump: tuple[int, int]
+    offset: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    format: str  # "embedded", "torchvision", "torchscript" or "onnx"
+    input_size: tuple[int, int]  # (h, w)
+    num_classes: int
+    resize: int  # short side before the center crop
+    mean: tuple[float, ...]  # on the 0..1 scale, per RGB channel
+    std: tuple[float, ...]
+    supports_gradients: bool  # False: gradient techniques answer FailedPreconditionError
+    parameter_count: int
+    description: str
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # named_modules() name, e.g. "_blocks.10._depthwise_conv"
+    type: str  # e.g. "Conv2d"
+    output_shape: tuple[int, ...]  # for one image at the model's input size, e.g. (112, 14, 14)
+    parameter_count: int
+    receptive_field: ReceptiveField | None
+    has_filters: bool  # get_filters can answer for it
+
+
+@dataclass(frozen=True)
+class ModelDetails:
+    info: ModelInfo
+    layers: list[LayerInfo]
+    labels: list[str]
+
+    def layer(self, name: str) -> LayerInfo:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"model {self.info.name!r} has no layer {name!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Filters:
+    weights: npt.NDArray[np.float32]  # [out, in/groups, kh, kw]
+    bias: npt.NDArray[np.float32] | None
+    dead_channels: list[int]  # output channels whose following BatchNorm has running_var == 0
+    grid: Image.Image | None
+    layer_type: str
+    groups: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_index: int
+    label: str
+    logit: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Maps model-input pixels back to the caller's image: original = (input + crop offset) / scale."""
+
+    original_size: tuple[int, int]  # (h, w)
+    resized_size: tuple[int, int]  # after the short-side resize, before the crop
+    crop_offset: tuple[int, int]  # (top, left)
+    input_size: tuple[int, int]
+    scale: float
+
+    def to_original(self, y: float, x: float) -> tuple[float, float]:
+        s = self.scale or 1.0
+        return (y + self.crop_offset[0]) / s, (x + self.crop_offset[1]) / s
+
+
+@dataclass(frozen=True, eq=False)
+class SaliencyResult:
+    attribution: npt.NDArray[np.float32]  # [C, H, W], in normalised-input units
+    heatmap: npt.NDArray[np.float32]  # [H, W]
+    overlay: Image.Image | None
+    predictions: list[Prediction]  # top-5
+    geometry: Geometry | None
+    target: Target | None  # what was actually explained (the top-1 class when none was asked)
+    target_value: float
+    modified_activations: int  # ReLU-family activations changed (guided backprop, deconvnet)
+    notes: list[str]
+
+
+@dataclass(frozen=True, eq=False)
+class TopActivation:
+    image_index: int
+    image_name: str
+    score: float
+    y: int  # argmax position in the layer's output map
+    x: int
+    box: tuple[int, int, int, int]  # receptive field (x0, y0, x1, y1) in model-input pixels
+    crop: Image.Image | None
+    image: Image.Image | None
+
+
+@dataclass(frozen=True, eq=False)
+class TopActivations:
+    activations: list[TopActivation]  # best first
+    images_scanned: int
+
+
+@dataclass(frozen=True, eq=False)
+class Progress:
+    step: int
+    total: int
+    objectives: dict[str, float]
+    preview: Image.Image | None
+
+
+@dataclass(frozen=True, eq=False)
+class MaximizeResult:
+    image: Image.Image
+    objective: float
+    predictions: list[Prediction]
+
+
+@dataclass(frozen=True, eq=False)
+class DreamResult:
+    image: Image.Image
+    objective: float
+
+
+@dataclass(frozen=True, eq=False)
+class StyleTransferResult:
+    image: Image.Image
+    style_loss: float
+    content_loss: float
+
+
+# Image inputs: a path, PIL image, HWC/HW array on the 0..255 scale, or encoded PNG/JPEG/WebP bytes.
+ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | npt.NDArray[Any]
+
+
+# Keyword options of the streaming RPCs, shared by the plain and the iterator forms of Client and
+# AsyncClient (one definition instead of four copies). Unset means "the server's default".
+class MaximizeOptions(TypedDict, total=False):
+    parameterization: Parameterization
+    steps: int
+    size: int
+    learning_rate: float
+    l2_decay: float
+    blur_every: int
+    blur_sigma: float
+    jitter: int
+    scale_jitter: float
+    rotate_degrees: float
+    seed: int
+    preview_every: int
+
+
+class DreamOptions(TypedDict, total=False):
+    channel: int
+    octaves: int
+    octave_scale: float
+    steps_per_octave: int
+    step_size: float
+    jitter: int
+    guide: ImageInput
+    seed: int
+    preview_every: int
+    max_size: int
+
+
+class StyleTransferOptions(TypedDict, total=False):
+    style_layers: Sequence[str]
+    content_layer: str
+    style_weight: float
+    content_weight: float
+    steps: int
+    size: int
+    optimizer: Optimizer
+    soften: bool
+    seed: int
+    preview_every: int

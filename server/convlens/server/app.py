@@ -1,0 +1,132 @@
+"""The ConvLens server: wires repository, scheduler, servicer, health, reflection and metrics together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from convlens.server.config import ServerConfig, from_args
+from convlens.server.metrics import Metrics
+from convlens.server.models.repository import ModelRepository
+from convlens.server.scheduler.devices import parse_devices
+from convlens.server.scheduler.policy import BatchPolicy
+from convlens.server.scheduler.scheduler import Scheduler
+from convlens.server.service import Inspector
+from convlens.server.transport.interceptor import ServiceInterceptor
+from convlens.server.transport.servicer import InspectionServicer
+from convlens.v1 import convlens_pb2 as pb
+from convlens.v1 import convlens_pb2_grpc as pb_grpc
+
+log = logging.getLogger("convlens.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InspectionService"].full_name
+
+
+class ConvLensServer:
+    """One server process. `await start()`, then `await stop()`; tests use port 0 and read `.port`."""
+
+    def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
+        self.config = config
+        self.repository = repository
+        self.metrics = Metrics()
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._scheduler: Scheduler | None = None
+        self._metrics_http = None
+
+    async def start(self) -> int:
+        cfg = self.config
+        devices = parse_devices(cfg.device)
+        if self.repository is None:
+            self.repository = await asyncio.to_thread(
+                ModelRepository.load, cfg.model_repo, include_embedded=cfg.embedded)
+        repo = self.repository
+        for name, reason in repo.failures.items():
+            log.error("model %r not served: %s", name, reason)
+            self.metrics.model_load_failures.labels(name).inc()
+        for model in repo.models():
+            self.metrics.model_loaded.labels(model.name, model.format).set(1)
+        if not repo.models():
+            raise SystemExit("no model to serve: every model folder failed to load (see the errors above)")
+
+        policies = {}
+        for d in devices:
+            p = cfg.policy_for(str(d))
+            policies[str(d)] = BatchPolicy(max_batch_size=p.max_batch_size, max_batch_delay=p.max_batch_delay_ms / 1000)
+        self._scheduler = Scheduler(repo.get, devices, self.metrics, policies=policies, max_queue=cfg.max_queue)
+        await self._scheduler.start()
+
+        limit = cfg.max_message_mb * 1024 * 1024
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(Inspector(repo, self._scheduler)), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise SystemExit(f"cannot bind {cfg.host}:{cfg.port}")
+        await server.start()
+        self._server = server
+        if cfg.metrics:
+            httpd, _ = start_http_server(cfg.metrics_port, registry=self.metrics.registry)
+            self._metrics_http, self.metrics_port = httpd, httpd.server_port
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d (devices %s; metrics on :%d)", ", ".join(repo.names()), cfg.host,
+                 self.port, ", ".join(map(str, devices)), self.metrics_port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._scheduler is not None:
+            await self._scheduler.stop(grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def serve(config: ServerConfig) -> None:
+    server = ConvLensServer(config)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    print(f"convlens: serving on port {server.port}, metrics on port {server.metrics_port}", flush=True)
+    await stopping.wait()
+    log.info("shutting down: in-flight calls get %.0f s", config.grace_seconds)
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = from_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""One worker per device: a dedicated thread that runs one batch at a time on that device's replicas.
+
+The loop side (`_dispatch`, a coroutine) takes a batch from the batcher when the worker is free and hands
+it to the thread; the thread computes and settles the tasks' futures back on the loop with
+`call_soon_threadsafe`. Torch releases the GIL while it computes, so the asyncio server stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from convlens.server.errors import ConvLensError
+from convlens.server.metrics import Metrics
+from convlens.server.models.model import ServedModel
+from convlens.server.scheduler.batcher import Batcher, Entry
+from convlens.server.scheduler.policy import BatchPolicy
+
+# (entry, error or None, result): what the thread sends back for one task.
+Outcome = tuple[Entry, BaseException | None, Any]
+Job = tuple[list[Entry], "asyncio.Future[None]"]
+
+
+class Worker:
+    def __init__(self, device: torch.device, policy: BatchPolicy, batcher: Batcher,
+                 models: Callable[[str], ServedModel], metrics: Metrics) -> None:
+        self.device = device
+        self.policy = policy
+        self._batcher = batcher
+        self._models = models
+        self._metrics = metrics
+        self._label = str(device)
+        self._replicas: dict[str, ServedModel] = {}  # touched only by the worker thread
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._inflight: list[Entry] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._thread_main, name=f"convlens-worker-{device}",
+                                        daemon=True)  # a compute stuck past stop's grace must not block exit
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._inflight)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+        self._dispatcher = self._loop.create_task(self._dispatch(), name=f"convlens-dispatch-{self.device}")
+
+    async def close(self, error: Callable[[], ConvLensError]) -> None:
+        """Stop taking batches; fail what is still computing with `error()` (its result will be ignored)."""
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        for entry in self._inflight:
+            if not entry.future.done():
+                entry.future.set_exception(error())
+        stuck = self.busy
+        self._inflight = []
+        self._jobs.put(None)  # the thread exits after its current batch, if any
+        if self._thread.is_alive() and not stuck:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    async def _dispatch(self) -> None:
+        assert self._loop is not None
+        changed = self._batcher.listen()
+        while True:
+            changed.clear()  # before take(): a put after it sets the event again, so no wake-up is lost
+            batch, wait = self._batcher.take(self.policy, time.monotonic())
+            if not batch:
+                try:
+                    await asyncio.wait_for(changed.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
+            done: asyncio.Future[None] = self._loop.create_future()
+            self._inflight = batch
+            self._jobs.put((batch, done))
+            await done  # one batch at a time per device
+            self._inflight = []
+
+    # ---- the worker thread ----
+
+    def _thread_main(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # so ops without an explicit device land here too
+        while (job := self._jobs.get()) is not None:
+            batch, done = job
+            try:
+                outcomes = self._run(batch)
+            except BaseException as exc:  # _run catches compute errors; this guards the thread itself
+                outcomes = [(e, RuntimeError(f"worker {self.device} failed: {exc!r}"), None) for e in batch]
+            try:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(_settle, outcomes, done)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _run(self, batch: list[Entry]) -> list[Outcome]:
+        live = []
+        for entry in batch:
+            if entry.cancelled:  # the caller went away between take() and now: never compute it
+                self._metrics.rejections.labels(model=entry.task.model, rpc=entry.task.rpc,
+                                                reason="cancelled").inc()
+            else:
+                live.append(entry)
+        if not live:
+            return []
+        task = live[0].task  # every task of a batch shares model, rpc, key, hence compute
+        start = time.monotonic()
+        for entry in live:
+            self._metrics.queue_wait_seconds.labels(model=task.model, rpc=task.rpc).observe(
+                start - entry.enqueued)
+        outcomes: list[Outcome]
+        try:
+            results = list(task.compute(self._replica(task.model), [e.task.payload for e in live]))
+            if len(results) != len(live):
+                raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
+                                   f"results for {len(live)} payloads")
+            outcomes = [(e, r if isinstance(r, Exception) else None, r) for e, r in zip(live, results)]
+        except Exception as exc:  # the whole batch fails; the worker goes on
+            outcomes = [(e, exc, None) for e in live]
+        elapsed = time.monotonic() - start
+        labels = dict(device=self._label, model=task.model, rpc=task.rpc)
+        self._metrics.batch_size.labels(**labels).observe(len(live))
+        self._metrics.compute_seconds.labels(**labels).observe(elapsed)
+        self._metrics.tasks.labels(**labels).inc(len(live))
+        self._metrics.worker_busy_seconds.labels(device=self._label).inc(elapsed)
+        return outcomes
+
+    def _replica(self, name: str) -> ServedModel:
+        replica = self._replicas.get(name)
+        if replica is None:  # made lazily, on this thread, so a slow copy to a GPU never blocks the loop
+            replica = self._replicas[name] = self._models(name).replica(self.device)
+        return replica
+
+
+def _settle(outcomes: list[Outcome], done: asyncio.Future[None]) -> None:
+    """On the loop: deliver results; futures already done (cancelled, or failed by stop) are skipped."""
+    for entry, error, result in outcomes:
+        if entry.future.done():
+            continue
+        if error is not None:
+            entry.future.set_exception(error)
+        else:
+            entry.future.set_result(result)
+    if not done.done():
+        done.set_result(None)

@@ -1,0 +1,48 @@
+"""The one place that maps server-side errors to gRPC status codes (with google.rpc details)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from convlens.client.tensors import TensorError
+from convlens.server import errors
+
+log = logging.getLogger("convlens.server")
+
+CODES: dict[type[errors.ConvLensError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """The status a caller sees for `exc`. Unknown exceptions become INTERNAL without internals."""
+    if isinstance(exc, TensorError):
+        exc = errors.InvalidArgument(f"bad tensor: {exc}", field="tensor")
+    if isinstance(exc, errors.ConvLensError):
+        code = next(c for cls, c in CODES.items() if isinstance(exc, cls))
+        message = exc.message
+        violations = exc.violations
+    else:
+        log.exception("internal error", exc_info=exc)
+        code, message, violations = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", []
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    if violations:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations
+        ]))
+        status.details.append(detail)
+    return rpc_status.to_status(status)
