@@ -16,7 +16,7 @@ from PIL import Image
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.render import overlay
 from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult
-from convlens.server.engine.targets import Target, UnitTarget, validate_target
+from convlens.server.engine.targets import Target, validate_target
 from convlens.server.errors import FailedPrecondition, InvalidArgument
 from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import Geometry, decode_image, denormalize, prepare
@@ -126,7 +126,7 @@ class Inspector:
         if isinstance(image, bytes | bytearray):
             if not image:
                 raise InvalidArgument("image bytes are empty", field=field_name)
-            array = decode_image(bytes(image))
+            array = decode_image(bytes(image), field=field_name)
         else:
             array = image
         if array.shape[0] * array.shape[1] > MAX_IMAGE_PIXELS:

@@ -1,0 +1,317 @@
+"""Client and AsyncClient: one method per RPC (snake case), Python values in, result dataclasses out.
+
+Both build requests and decode responses through `_convert`, and route every gRPC error through
+`_map_rpc_error`, so the two differ only in how they wait. Streaming RPCs come in two forms: a plain method
+that returns the final result (calling `on_progress` for each step), and `stream_*`, which yields each
+Progress and then the result as its last item.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from typing import Any, TypeVar, Unpack
+
+import grpc
+import grpc.aio
+
+from convlens.v1 import convlens_pb2 as pb
+from convlens.v1 import convlens_pb2_grpc as pb_grpc
+
+from . import _convert as cv
+from ._config import ChannelConfig, TimeoutArg, TLSArg
+from ._exceptions import ConvLensError, InternalError, _map_rpc_error
+from ._types import (
+    DreamOptions,
+    DreamResult,
+    Filters,
+    ImageInput,
+    MaximizeOptions,
+    MaximizeResult,
+    ModelDetails,
+    ModelInfo,
+    Progress,
+    SaliencyResult,
+    StyleTransferOptions,
+    StyleTransferResult,
+    Target,
+    TopActivations,
+)
+
+R = TypeVar("R")
+ProgressCallback = Callable[[Progress], Any]  # AsyncClient also awaits it when it returns an awaitable
+
+
+def _no_result(rpc: str) -> ConvLensError:
+    # A stream that ends OK without its result breaks the contract; say so instead of returning None.
+    return InternalError(f"{rpc} stream ended without a result", code=grpc.StatusCode.INTERNAL)
+
+
+class Client:
+    """A blocking ConvLens client. Use as a context manager, or call close().
+
+    target: "host:port", or any gRPC target; a comma list ("ipv4:10.0.0.1:50051,10.0.0.2:50051") or a
+    "dns:///" name is balanced round-robin over its addresses.
+    tls: False (plaintext), True (system roots), a path to root certificates, or a TLS object.
+    token: sent as `authorization: Bearer <token>` on every call.
+    timeout: seconds per unary call (streams get Timeout.stream), or a Timeout; None waits forever.
+    options: extra gRPC channel options, applied last.
+    """
+
+    def __init__(self, target: str = "localhost:50051", *, tls: TLSArg = False, token: str | None = None,
+                 timeout: TimeoutArg = 30.0, max_message_mb: int = 64,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        self._config = ChannelConfig.build(target, tls=tls, token=token, timeout=timeout,
+                                           max_message_mb=max_message_mb, options=options)
+        creds, opts = self._config.credentials(), self._config.channel_options()
+        self._channel = (grpc.secure_channel(target, creds, opts) if creds is not None
+                         else grpc.insecure_channel(target, opts))
+        self._stub = pb_grpc.InspectionServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"Client({self._config.target!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _unary(self, rpc: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, rpc)(request, timeout=self._config.timeout.unary,
+                                            metadata=self._config.metadata)
+        except grpc.RpcError as err:
+            raise _map_rpc_error(err) from err
+
+    def _stream(self, rpc: str, request: Any, decode: Callable[[Any], R]) -> Generator[Progress | R, None, None]:
+        call = getattr(self._stub, rpc)(request, timeout=self._config.timeout.stream,
+                                        metadata=self._config.metadata)
+        try:
+            for resp in call:
+                event = cv.stream_event(resp, decode)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as err:
+            raise _map_rpc_error(err) from err
+        finally:
+            call.cancel()  # no-op once finished; frees the server's job if the caller stopped early
+
+    @staticmethod
+    def _drain(rpc: str, events: Iterator[Progress | R], on_progress: ProgressCallback | None) -> R:
+        try:
+            for event in events:
+                if not isinstance(event, Progress):
+                    return event
+                if on_progress is not None:
+                    on_progress(event)
+        finally:
+            if isinstance(events, Generator):
+                events.close()  # cancels the call now, not when the generator is collected
+        raise _no_result(rpc)
+
+    # ------------------------------------------------------------ unary RPCs
+
+    def list_models(self) -> list[ModelInfo]:
+        return [cv.model_info(m) for m in self._unary("ListModels", pb.ListModelsRequest()).models]
+
+    def get_model(self, model: str) -> ModelDetails:
+        return cv.model_details(self._unary("GetModel", pb.GetModelRequest(model=model)))
+
+    def get_filters(self, model: str, layer: str, *, grid: bool = True, scaling: str = "minmax",
+                    max_filters: int | None = None, max_input_channels: int | None = None,
+                    cell_scale: int | None = None) -> Filters:
+        """A conv layer's weights [out, in/groups, kh, kw]; with grid=True also rendered as a PIL image."""
+        req = cv.filters_request(model, layer, grid=grid, scaling=scaling, max_filters=max_filters,
+                                 max_input_channels=max_input_channels, cell_scale=cell_scale)
+        return cv.filters(self._unary("GetFilters", req))
+
+    def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9, dataset: str | None = "probe",
+                        images: Sequence[ImageInput] | None = None, crops: bool = False,
+                        include_images: bool = False) -> TopActivations:
+        """The k probe images (or `images`) that most excite one channel, best first."""
+        req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
+                                         crops=crops, include_images=include_images)
+        return cv.top_activations(self._unary("TopActivations", req))
+
+    def saliency(self, image: ImageInput, model: str, *, target: Target | None = None,
+                 method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
+                 base_method: str | None = None, seed: int | None = None, steps: int | None = None,
+                 baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
+                 cam_layer: str | None = None, overlay: bool = True) -> SaliencyResult:
+        """Attribute a class logit (int), a Unit, or (None) the top-1 class to the image's pixels.
+
+        method: gradient, guided_backprop, deconvnet, smoothgrad, integrated_gradients, grad_cam,
+        guided_grad_cam. SmoothGrad: samples, noise_level, base_method, seed. Integrated gradients: steps,
+        baseline ("black", "blurred" or an image), blur_sigma. Grad-CAM: cam_layer. Unset: server default.
+        """
+        req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
+                                  noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
+                                  baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer, overlay=overlay)
+        return cv.saliency(self._unary("Saliency", req))
+
+    # ------------------------------------------------------------ streaming RPCs
+
+    def stream_maximize_unit(self, model: str, target: Target,
+                             **options: Unpack[MaximizeOptions]) -> Iterator[Progress | MaximizeResult]:
+        return self._stream("MaximizeUnit", cv.maximize_request(model, target, options), cv.maximize_result)
+
+    def maximize_unit(self, model: str, target: Target, *, on_progress: ProgressCallback | None = None,
+                      **options: Unpack[MaximizeOptions]) -> MaximizeResult:
+        """Synthesise an image that excites a class logit or Unit (FFT parameterisation by default)."""
+        return self._drain("MaximizeUnit", self.stream_maximize_unit(model, target, **options), on_progress)
+
+    def stream_dream(self, image: ImageInput, model: str, layer: str,
+                     **options: Unpack[DreamOptions]) -> Iterator[Progress | DreamResult]:
+        return self._stream("Dream", cv.dream_request(image, model, layer, options), cv.dream_result)
+
+    def dream(self, image: ImageInput, model: str, layer: str, *, on_progress: ProgressCallback | None = None,
+              **options: Unpack[DreamOptions]) -> DreamResult:
+        """DeepDream: amplify what `layer` (or one `channel` of it) sees in the image, over octaves."""
+        return self._drain("Dream", self.stream_dream(image, model, layer, **options), on_progress)
+
+    def stream_style_transfer(self, content: ImageInput, style: ImageInput, model: str,
+                              **options: Unpack[StyleTransferOptions]
+                              ) -> Iterator[Progress | StyleTransferResult]:
+        return self._stream("StyleTransfer", cv.style_request(content, style, model, options), cv.style_result)
+
+    def style_transfer(self, content: ImageInput, style: ImageInput, model: str, *,
+                       on_progress: ProgressCallback | None = None,
+                       **options: Unpack[StyleTransferOptions]) -> StyleTransferResult:
+        """Gatys style transfer of `content` toward `style`'s texture."""
+        return self._drain("StyleTransfer", self.stream_style_transfer(content, style, model, **options),
+                           on_progress)
+
+
+class AsyncClient:
+    """The asyncio twin of Client (grpc.aio): same constructor and methods, awaited; `async with` closes it.
+
+    Create it inside a running event loop: grpc.aio channels belong to the loop they were made on.
+    """
+
+    def __init__(self, target: str = "localhost:50051", *, tls: TLSArg = False, token: str | None = None,
+                 timeout: TimeoutArg = 30.0, max_message_mb: int = 64,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        self._config = ChannelConfig.build(target, tls=tls, token=token, timeout=timeout,
+                                           max_message_mb=max_message_mb, options=options)
+        creds, opts = self._config.credentials(), self._config.channel_options()
+        self._channel = (grpc.aio.secure_channel(target, creds, opts) if creds is not None
+                         else grpc.aio.insecure_channel(target, opts))
+        self._stub = pb_grpc.InspectionServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self._config.target!r})"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _unary(self, rpc: str, request: Any) -> Any:
+        try:
+            return await getattr(self._stub, rpc)(request, timeout=self._config.timeout.unary,
+                                                  metadata=self._config.metadata)
+        except grpc.RpcError as err:
+            raise _map_rpc_error(err) from err
+
+    async def _stream(self, rpc: str, request: Any, decode: Callable[[Any], R]) -> AsyncGenerator[Progress | R, None]:
+        call = getattr(self._stub, rpc)(request, timeout=self._config.timeout.stream,
+                                        metadata=self._config.metadata)
+        try:
+            async for resp in call:
+                event = cv.stream_event(resp, decode)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as err:
+            raise _map_rpc_error(err) from err
+        finally:
+            call.cancel()
+
+    @staticmethod
+    async def _drain(rpc: str, events: AsyncIterator[Progress | R], on_progress: ProgressCallback | None) -> R:
+        try:
+            async for event in events:
+                if not isinstance(event, Progress):
+                    return event
+                if on_progress is not None:
+                    maybe = on_progress(event)
+                    if inspect.isawaitable(maybe):
+                        await maybe
+        finally:
+            if isinstance(events, AsyncGenerator):
+                await events.aclose()
+        raise _no_result(rpc)
+
+    # ------------------------------------------------------------ unary RPCs (see Client for docs)
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [cv.model_info(m) for m in (await self._unary("ListModels", pb.ListModelsRequest())).models]
+
+    async def get_model(self, model: str) -> ModelDetails:
+        return cv.model_details(await self._unary("GetModel", pb.GetModelRequest(model=model)))
+
+    async def get_filters(self, model: str, layer: str, *, grid: bool = True, scaling: str = "minmax",
+                          max_filters: int | None = None, max_input_channels: int | None = None,
+                          cell_scale: int | None = None) -> Filters:
+        req = cv.filters_request(model, layer, grid=grid, scaling=scaling, max_filters=max_filters,
+                                 max_input_channels=max_input_channels, cell_scale=cell_scale)
+        return cv.filters(await self._unary("GetFilters", req))
+
+    async def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
+                              dataset: str | None = "probe", images: Sequence[ImageInput] | None = None,
+                              crops: bool = False, include_images: bool = False) -> TopActivations:
+        req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
+                                         crops=crops, include_images=include_images)
+        return cv.top_activations(await self._unary("TopActivations", req))
+
+    async def saliency(self, image: ImageInput, model: str, *, target: Target | None = None,
+                       method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
+                       base_method: str | None = None, seed: int | None = None, steps: int | None = None,
+                       baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
+                       cam_layer: str | None = None, overlay: bool = True) -> SaliencyResult:
+        req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
+                                  noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
+                                  baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer, overlay=overlay)
+        return cv.saliency(await self._unary("Saliency", req))
+
+    # ------------------------------------------------------------ streaming RPCs
+
+    def stream_maximize_unit(self, model: str, target: Target,
+                             **options: Unpack[MaximizeOptions]) -> AsyncIterator[Progress | MaximizeResult]:
+        return self._stream("MaximizeUnit", cv.maximize_request(model, target, options), cv.maximize_result)
+
+    async def maximize_unit(self, model: str, target: Target, *, on_progress: ProgressCallback | None = None,
+                            **options: Unpack[MaximizeOptions]) -> MaximizeResult:
+        return await self._drain("MaximizeUnit", self.stream_maximize_unit(model, target, **options),
+                                 on_progress)
+
+    def stream_dream(self, image: ImageInput, model: str, layer: str,
+                     **options: Unpack[DreamOptions]) -> AsyncIterator[Progress | DreamResult]:
+        return self._stream("Dream", cv.dream_request(image, model, layer, options), cv.dream_result)
+
+    async def dream(self, image: ImageInput, model: str, layer: str, *,
+                    on_progress: ProgressCallback | None = None, **options: Unpack[DreamOptions]) -> DreamResult:
+        return await self._drain("Dream", self.stream_dream(image, model, layer, **options), on_progress)
+
+    def stream_style_transfer(self, content: ImageInput, style: ImageInput, model: str,
+                              **options: Unpack[StyleTransferOptions]
+                              ) -> AsyncIterator[Progress | StyleTransferResult]:
+        return self._stream("StyleTransfer", cv.style_request(content, style, model, options), cv.style_result)
+
+    async def style_transfer(self, content: ImageInput, style: ImageInput, model: str, *,
+                             on_progress: ProgressCallback | None = None,
+                             **options: Unpack[StyleTransferOptions]) -> StyleTransferResult:
+        return await self._drain("StyleTransfer",
+                                 self.stream_style_transfer(content, style, model, **options), on_progress)
+

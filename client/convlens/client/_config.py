@@ -1,0 +1,114 @@
+"""Connection settings as small objects: TLS, Timeout, and the channel they add up to."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+_USER_AGENT = "convlens-python"
+
+
+@dataclass(frozen=True)
+class TLS:
+    """Server authentication (and optionally a client certificate). All PEM; None root_certificates = system roots."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name: str | None = None  # override the name checked against the certificate (test certificates)
+
+    @classmethod
+    def from_files(cls, root_certificates: str | os.PathLike[str] | None = None, *,
+                   private_key: str | os.PathLike[str] | None = None,
+                   certificate_chain: str | os.PathLike[str] | None = None,
+                   server_name: str | None = None) -> TLS:
+        def read(p: str | os.PathLike[str] | None) -> bytes | None:
+            return Path(p).read_bytes() if p is not None else None
+        return cls(read(root_certificates), read(private_key), read(certificate_chain), server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """Per-call deadlines in seconds (None: wait forever).
+
+    Streaming calls run hundreds of optimisation steps, so they get their own, longer deadline; a plain
+    float given to a client sets `unary` only.
+    """
+
+    unary: float | None = 30.0
+    stream: float | None = 600.0
+
+
+TLSArg = bool | str | os.PathLike[str] | TLS
+TimeoutArg = float | Timeout | None
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Everything a client needs to open its channel and decorate its calls; built once per client."""
+
+    target: str
+    tls: TLS | None
+    token: str | None
+    timeout: Timeout
+    max_message_mb: int
+    options: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def build(cls, target: str, *, tls: TLSArg = False, token: str | None = None,
+              timeout: TimeoutArg = 30.0, max_message_mb: int = 64,
+              options: Sequence[tuple[str, Any]] = ()) -> ChannelConfig:
+        if tls is True:
+            tls_obj: TLS | None = TLS()
+        elif tls is False:
+            tls_obj = None
+        elif isinstance(tls, TLS):
+            tls_obj = tls
+        else:
+            tls_obj = TLS.from_files(tls)  # a path to root certificates
+        if isinstance(timeout, Timeout):
+            t = timeout
+        elif timeout is None:
+            t = Timeout(None, None)
+        else:
+            t = Timeout(unary=float(timeout))
+        if max_message_mb <= 0:
+            raise ValueError("max_message_mb must be positive")
+        return cls(target, tls_obj, token, t, int(max_message_mb), tuple(options))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        # Sent as plain call metadata rather than call credentials, which grpc refuses on insecure
+        # channels: a token must also work against a local server without TLS.
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        size = self.max_message_mb * 1024 * 1024
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", size),
+            ("grpc.max_receive_message_length", size),
+            ("grpc.primary_user_agent", _USER_AGENT),
+        ]
+        if _is_multi_address(self.target):
+            # Several replicas (a comma list, or a DNS name such as a headless Kubernetes Service): spread
+            # calls over all of them instead of pick_first's "all on one".
+            opts.append(("grpc.lb_policy_name", "round_robin"))
+        if self.tls is not None and self.tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        given = {k for k, _ in self.options}
+        return [o for o in opts if o[0] not in given] + list(self.options)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        return self.tls.credentials() if self.tls is not None else None
+
+
+def _is_multi_address(target: str) -> bool:
+    return "," in target or target.startswith(("dns:", "ipv4:", "ipv6:"))

@@ -1,0 +1,262 @@
+"""Python arguments -> request messages, response messages -> result dataclasses.
+
+Shared by Client and AsyncClient so both build byte-identical requests. Everything here is pure (no
+channel, no I/O beyond reading image files), and validates what it can before a call is made: a wrong
+method name is a ValueError on the caller's line, not an INVALID_ARGUMENT a round trip later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from convlens.client.tensors import to_numpy
+from convlens.v1 import convlens_pb2 as pb
+
+from ._images import png_to_pil, to_image
+from ._types import (
+    DreamResult,
+    Filters,
+    Geometry,
+    ImageInput,
+    LayerInfo,
+    MaximizeResult,
+    ModelDetails,
+    ModelInfo,
+    Prediction,
+    Progress,
+    ReceptiveField,
+    SaliencyResult,
+    StyleTransferResult,
+    Target,
+    TopActivation,
+    TopActivations,
+    Unit,
+)
+
+SALIENCY_METHODS: dict[str, int] = {
+    "gradient": pb.SALIENCY_METHOD_GRADIENT,
+    "guided_backprop": pb.SALIENCY_METHOD_GUIDED_BACKPROP,
+    "deconvnet": pb.SALIENCY_METHOD_DECONVNET,
+    "smoothgrad": pb.SALIENCY_METHOD_SMOOTHGRAD,
+    "integrated_gradients": pb.SALIENCY_METHOD_INTEGRATED_GRADIENTS,
+    "grad_cam": pb.SALIENCY_METHOD_GRAD_CAM,
+    "guided_grad_cam": pb.SALIENCY_METHOD_GUIDED_GRAD_CAM,
+}
+_SCALINGS = {"minmax": pb.FILTER_SCALING_PER_FILTER_MINMAX, "symmetric": pb.FILTER_SCALING_SYMMETRIC}
+_BASELINES = {"black": pb.BASELINE_BLACK, "blurred": pb.BASELINE_BLURRED}
+_REDUCTIONS = {"mean": pb.REDUCTION_MEAN, "max": pb.REDUCTION_MAX}
+_PARAMETERIZATIONS = {"fft": pb.PARAMETERIZATION_FFT, "pixel": pb.PARAMETERIZATION_PIXEL}
+_OPTIMIZERS = {"lbfgs": pb.OPTIMIZER_LBFGS, "adam": pb.OPTIMIZER_ADAM}
+
+
+def _choice(table: Mapping[str, int], value: str, what: str) -> int:
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(table)}") from None
+
+
+# ---------------------------------------------------------------- requests
+
+
+def _given(opts: Mapping[str, Any]) -> dict[str, Any]:
+    # None means "not given" (the server's default), as for the explicit keyword arguments.
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def target_msg(target: Target) -> pb.Target:
+    if isinstance(target, Unit):
+        unit = pb.Unit(layer=target.layer, channel=target.channel,
+                       reduction=_choice(_REDUCTIONS, target.reduction, "reduction"))
+        if target.y is not None and target.x is not None:
+            unit.y, unit.x = target.y, target.x
+        return pb.Target(unit=unit)
+    if isinstance(target, bool) or not isinstance(target, int | np.integer):
+        raise TypeError(f"target must be a class index (int) or a Unit, not {type(target).__name__}")
+    return pb.Target(class_index=int(target))
+
+
+def filters_request(model: str, layer: str, *, grid: bool, scaling: str, max_filters: int | None,
+                    max_input_channels: int | None, cell_scale: int | None) -> pb.GetFiltersRequest:
+    return pb.GetFiltersRequest(model=model, layer=layer, render_grid=grid,
+                                scaling=_choice(_SCALINGS, scaling, "scaling"),
+                                max_filters=max_filters or 0, max_input_channels=max_input_channels or 0,
+                                cell_scale=cell_scale or 0)
+
+
+def top_activations_request(model: str, layer: str, channel: int, *, k: int, dataset: str | None,
+                            images: Sequence[ImageInput] | None, crops: bool,
+                            include_images: bool) -> pb.TopActivationsRequest:
+    return pb.TopActivationsRequest(
+        model=model, layer=layer, channel=channel, k=k, dataset=dataset or "",
+        images=[to_image(img, what=f"images[{i}]") for i, img in enumerate(images or ())],
+        include_crops=crops, include_images=include_images)
+
+
+def saliency_request(image: ImageInput, model: str, *, target: Target | None, method: str,
+                     samples: int | None, noise_level: float | None, base_method: str | None,
+                     seed: int | None, steps: int | None, baseline: str | ImageInput | None,
+                     blur_sigma: float | None, cam_layer: str | None, overlay: bool) -> pb.SaliencyRequest:
+    req = pb.SaliencyRequest(model=model, method=_choice(SALIENCY_METHODS, method, "saliency method"),
+                             render_overlay=overlay)
+    if samples is not None or noise_level is not None or base_method is not None or seed is not None:
+        req.smoothgrad.SetInParent()
+        sg = req.smoothgrad
+        if base_method is not None:
+            sg.base_method = _choice(SALIENCY_METHODS, base_method, "base method")
+        sg.samples = samples or 0
+        sg.noise_level = noise_level or 0.0
+        sg.seed = seed or 0
+    if steps is not None or baseline is not None or blur_sigma is not None:
+        ig = req.integrated_gradients
+        ig.SetInParent()
+        ig.steps = steps or 0
+        ig.blur_sigma = blur_sigma or 0.0
+        if isinstance(baseline, str) and baseline in _BASELINES:
+            ig.baseline = _BASELINES[baseline]
+        elif baseline is not None:  # an image: the caller's own starting point
+            ig.baseline = pb.BASELINE_IMAGE
+            req.baseline_image.CopyFrom(to_image(baseline, what="baseline"))
+    if cam_layer:
+        req.grad_cam.layer = cam_layer
+    if target is not None:
+        req.target.CopyFrom(target_msg(target))
+    # The image last: the cheap validations above fail before a large file is read and encoded.
+    req.image.CopyFrom(to_image(image))
+    return req
+
+
+def maximize_request(model: str, target: Target, opts: Mapping[str, Any]) -> pb.MaximizeUnitRequest:
+    kw = _given(opts)
+    if "parameterization" in kw:
+        kw["parameterization"] = _choice(_PARAMETERIZATIONS, kw["parameterization"], "parameterization")
+    return pb.MaximizeUnitRequest(model=model, target=target_msg(target), **kw)
+
+
+def dream_request(image: ImageInput, model: str, layer: str, opts: Mapping[str, Any]) -> pb.DreamRequest:
+    kw = _given(opts)
+    if "guide" in kw:
+        kw["guide"] = to_image(kw["guide"], what="guide")
+    return pb.DreamRequest(model=model, layer=layer, image=to_image(image), **kw)
+
+
+def style_request(content: ImageInput, style: ImageInput, model: str,
+                  opts: Mapping[str, Any]) -> pb.StyleTransferRequest:
+    kw = _given(opts)
+    if "optimizer" in kw:
+        kw["optimizer"] = _choice(_OPTIMIZERS, kw["optimizer"], "optimizer")
+    if "style_layers" in kw:
+        kw["style_layers"] = list(kw["style_layers"])
+    return pb.StyleTransferRequest(model=model, content=to_image(content, what="content"),
+                                   style=to_image(style, what="style"), **kw)
+
+
+# ---------------------------------------------------------------- responses
+
+
+def model_info(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(name=m.name, format=m.format, input_size=(m.input_height, m.input_width),
+                     num_classes=m.num_classes, resize=m.resize, mean=tuple(m.mean), std=tuple(m.std),
+                     supports_gradients=m.supports_gradients, parameter_count=m.parameter_count,
+                     description=m.description)
+
+
+def _layer(layer: pb.LayerInfo) -> LayerInfo:
+    rf = layer.receptive_field
+    return LayerInfo(
+        name=layer.name, type=layer.type, output_shape=tuple(int(s) for s in layer.output_shape),
+        parameter_count=layer.parameter_count,
+        receptive_field=(ReceptiveField((rf.size_y, rf.size_x), (rf.jump_y, rf.jump_x), (rf.offset_y, rf.offset_x))
+                         if layer.HasField("receptive_field") else None),
+        has_filters=layer.has_filters)
+
+
+def model_details(r: pb.GetModelResponse) -> ModelDetails:
+    return ModelDetails(info=model_info(r.model), layers=[_layer(x) for x in r.layers], labels=list(r.labels))
+
+
+def _f32(t: pb.Tensor) -> npt.NDArray[np.float32]:
+    return to_numpy(t).astype(np.float32, copy=False)
+
+
+def filters(r: pb.GetFiltersResponse) -> Filters:
+    return Filters(weights=_f32(r.weights), bias=_f32(r.bias) if r.HasField("bias") else None,
+                   dead_channels=list(r.dead_channels), grid=png_to_pil(r.grid_png), layer_type=r.layer_type,
+                   groups=r.groups, stride=tuple(r.stride), padding=tuple(r.padding), dilation=tuple(r.dilation))
+
+
+def predictions(ps: Iterable[pb.Prediction]) -> list[Prediction]:
+    return [Prediction(p.class_index, p.label, p.logit, p.probability) for p in ps]
+
+
+def _target(t: pb.Target) -> Target | None:
+    kind = t.WhichOneof("kind")
+    if kind == "class_index":
+        return t.class_index
+    if kind == "unit":
+        u = t.unit
+        both = u.HasField("y") and u.HasField("x")
+        return Unit(u.layer, u.channel, u.y if both else None, u.x if both else None,
+                    "max" if u.reduction == pb.REDUCTION_MAX else "mean")
+    return None
+
+
+def saliency(r: pb.SaliencyResponse) -> SaliencyResult:
+    g = r.geometry
+    geometry = (Geometry((g.original_height, g.original_width), (g.resized_height, g.resized_width),
+                         (g.crop_top, g.crop_left), (g.input_height, g.input_width), g.scale)
+                if r.HasField("geometry") else None)
+    return SaliencyResult(attribution=_f32(r.attribution), heatmap=_f32(r.heatmap),
+                          overlay=png_to_pil(r.overlay_png), predictions=predictions(r.predictions),
+                          geometry=geometry, target=_target(r.target), target_value=r.target_value,
+                          modified_activations=r.modified_activations, notes=list(r.notes))
+
+
+def top_activations(r: pb.TopActivationsResponse) -> TopActivations:
+    return TopActivations(
+        activations=[TopActivation(a.image_index, a.image_name, a.score, a.y, a.x,
+                                   (a.box.x0, a.box.y0, a.box.x1, a.box.y1),
+                                   png_to_pil(a.crop_png), png_to_pil(a.image_png)) for a in r.activations],
+        images_scanned=r.images_scanned)
+
+
+def progress(p: pb.Progress) -> Progress:
+    return Progress(step=p.step, total=p.total_steps, objectives=dict(p.objectives),
+                    preview=png_to_pil(p.preview_png))
+
+
+def _image(data: bytes) -> Image.Image:
+    img = png_to_pil(data)
+    if img is None:
+        raise ValueError("the server sent a result without an image")
+    return img
+
+
+def maximize_result(r: pb.MaximizeUnitResult) -> MaximizeResult:
+    return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions))
+
+
+def dream_result(r: pb.DreamResult) -> DreamResult:
+    return DreamResult(_image(r.image_png), r.objective)
+
+
+def style_result(r: pb.StyleTransferResult) -> StyleTransferResult:
+    return StyleTransferResult(_image(r.image_png), r.style_loss, r.content_loss)
+
+
+R = TypeVar("R")
+
+
+def stream_event(resp: Any, decode_result: Callable[[Any], R]) -> Progress | R | None:
+    """One event of MaximizeUnit/Dream/StyleTransfer (a oneof of progress or result); None if empty."""
+    kind = resp.WhichOneof("event")
+    if kind == "progress":
+        return progress(resp.progress)
+    if kind == "result":
+        return decode_result(resp.result)
+    return None

@@ -1,0 +1,98 @@
+"""Grad-CAM (Selvaraju et al. 2017): where in a layer's map the evidence for a target lies.
+
+    weights_k = mean over positions of d target / d A_k
+    cam       = relu(sum_k weights_k * A_k), upsampled bilinearly to the input size (as in the paper;
+                Captum's GuidedGradCam defaults to "nearest", its LayerGradCam leaves it to the caller).
+
+The default layer is the last module, in execution order, whose output is a 4-D map larger than 1x1 and
+that is not a pooling / dropout / identity layer (nor a container whose output is such a layer's): the
+deepest conv block before global pooling. For ResNets that is `layer4`, for VGG the last ReLU of
+`features`, for EfficientNet-Lite0 the head (`_bn1`, or the head activation when it is a module; with a
+functional activation the map is the pre-activation head, which ranks positions the same way where the
+activation is linear).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convlens.server.engine.hooks import eval_mode, forward_hooks
+from convlens.server.errors import InvalidArgument, NotFound
+
+_NOT_A_MAP = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+    nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
+)
+
+# model -> {(H, W): layer}; weak so that unloading a model frees its entry.
+_DEFAULT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_cam_layer(model: nn.Module, *, input_size: tuple[int, int] = (224, 224)) -> str:
+    """The default Grad-CAM layer for inputs of `input_size` (found by one no-grad probe, then cached)."""
+    cache = _DEFAULT_CACHE.setdefault(model, {})
+    if input_size not in cache:
+        cache[input_size] = _probe_default(model, input_size)
+    return cache[input_size]
+
+
+def _probe_default(model: nn.Module, input_size: tuple[int, int]) -> str:
+    names = {m: n for n, m in model.named_modules()}
+    excluded: list[torch.Tensor] = []  # outputs of pooling-like layers (kept alive for `is` checks)
+    best: list[str] = []
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        if isinstance(module, _NOT_A_MAP) or any(output is t for t in excluded):
+            excluded.append(output)
+        elif output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+            best.append(names[module])
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
+    with torch.no_grad(), eval_mode(model), forward_hooks((m, hook) for m in names):
+        model(probe)
+    if not best:
+        raise InvalidArgument(
+            f"model has no layer with a spatial map larger than 1x1 at input size {input_size}; "
+            "Grad-CAM needs a conv layer",
+            field="grad_cam.layer",
+        )
+    return best[-1]
+
+
+def check_cam_layer(model: nn.Module, layer: str) -> None:
+    if layer not in dict(model.named_modules()):
+        raise NotFound(
+            f"no layer {layer!r} for Grad-CAM; list the model's layers with GetModel "
+            "(`convlens layers MODEL`) and pick a conv block",
+            field="grad_cam.layer",
+        )
+
+
+def cam_from(activation: torch.Tensor | None, gradient: torch.Tensor | None, layer: str,
+             size: tuple[int, int]) -> torch.Tensor:
+    """[N, 1, H, W] upsampled CAM from the layer's output A and d target / d A, both [N, K, h, w]."""
+    if activation is None or activation.dim() != 4:
+        shape = "no tensor" if activation is None else f"shape {tuple(activation.shape[1:])} per image"
+        raise InvalidArgument(
+            f"Grad-CAM needs a layer whose output is a (C, H, W) map; {layer!r} gives {shape}",
+            field="grad_cam.layer",
+        )
+    if gradient is None:  # the target does not depend on this layer (e.g. a unit before it)
+        gradient = torch.zeros_like(activation)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,102 @@
+"""One primitive every saliency method builds on: d target / d input for many rows at once.
+
+Rows are processed in chunks to bound memory (SmoothGrad and integrated gradients send B * n rows). Each
+row carries its own target; their values are summed and one backward per chunk gives each row its own
+gradient, since the model is in eval mode (saliency.py ensures it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from convlens.server.engine.hooks import capture_outputs
+from convlens.server.engine.relu_rules import modified_relus
+from convlens.server.engine.targets import Target, UnitTarget, resolve_targets, target_values
+
+CHUNK = 32  # rows per forward/backward: EfficientNet-Lite0 at 224 px stays well under 1 GiB
+
+
+@dataclass
+class Backprop:
+    grads: torch.Tensor  # [N, C, H, W] d target / d input
+    values: torch.Tensor  # [N] target values (detached)
+    logits: torch.Tensor  # [N, K] (detached)
+    targets: list[Target]  # resolved (None -> top-1 class of that row)
+    layer_outputs: torch.Tensor | None = None  # [N, ...] output of `layer` when asked (detached)
+    layer_grads: torch.Tensor | None = None  # [N, ...] d target / d that output
+    modified: int = 0  # ReLU-family calls replaced in one forward pass
+    reused_layers: set[str] = field(default_factory=set)  # captured modules that ran more than once
+
+
+def backprop(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: Sequence[Target | None],
+    *,
+    rule: str | None = None,
+    layer: str | None = None,
+    chunk: int = CHUNK,
+) -> Backprop:
+    """Gradients of each row's target w.r.t. its input row (and w.r.t. `layer`'s output, if given).
+
+    `rule` is a relu_rules rule (guided_backprop / deconvnet) or None for the plain gradient. The model
+    must already be in eval mode, and `layer` a module of it (grad_cam.check_cam_layer).
+    """
+    parts = [
+        _backprop_chunk(model, inputs[s:s + chunk], targets[s:s + chunk], rule, layer)
+        for s in range(0, inputs.shape[0], chunk)
+    ]
+    first = parts[0]
+    return Backprop(
+        grads=torch.cat([p.grads for p in parts]),
+        values=torch.cat([p.values for p in parts]),
+        logits=torch.cat([p.logits for p in parts]),
+        targets=[t for p in parts for t in p.targets],
+        layer_outputs=None if first.layer_outputs is None else torch.cat([p.layer_outputs for p in parts]),  # type: ignore[misc]
+        layer_grads=None if first.layer_grads is None else torch.cat([p.layer_grads for p in parts]),  # type: ignore[misc]
+        modified=max(p.modified for p in parts),
+        reused_layers=set().union(*(p.reused_layers for p in parts)),
+    )
+
+
+def _backprop_chunk(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: Sequence[Target | None],
+    rule: str | None,
+    layer: str | None,
+) -> Backprop:
+    # A fresh leaf: callers may hand us inference-mode or grad-requiring tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = inputs.detach().clone().requires_grad_(True)
+        # One hook per module even when a unit and Grad-CAM share a layer: chained capture hooks would
+        # each clone, and the unit's value would then bypass the tensor Grad-CAM differentiates.
+        layers = [t.layer for t in targets if isinstance(t, UnitTarget)] + ([layer] if layer else [])
+        with capture_outputs(model, layers) as captured, modified_relus(rule) as modified:
+            logits = model(x)
+        resolved = resolve_targets(logits, targets)
+        values = target_values(logits, captured.outputs, resolved)
+        wrt = [x]
+        layer_output = captured.outputs.get(layer) if layer is not None else None
+        if layer_output is not None:
+            wrt.append(layer_output)
+        grads = torch.autograd.grad(values.sum(), wrt, allow_unused=True)
+    input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    return Backprop(
+        grads=input_grad.detach(),
+        values=values.detach(),
+        logits=logits.detach(),
+        targets=resolved,
+        layer_outputs=None if layer_output is None else layer_output.detach(),
+        layer_grads=None if layer_output is None else _or_zeros(grads[1], layer_output),
+        modified=modified.count,
+        reused_layers=set(captured.reused()),
+    )
+
+
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad.detach()

@@ -1,0 +1,108 @@
+"""Scoped model instrumentation: every hook and state change made here is undone in `finally`.
+
+Models are shared by every request a worker serves, so nothing may outlive one call: not a hook, not a
+train/eval flip, not a torch function mode (see relu_rules.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+from convlens.server.errors import NotFound
+
+ForwardHook = Callable[[nn.Module, Any, Any], Any]
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, ForwardHook]]) -> Iterator[None]:
+    """Register forward hooks for the duration of the block."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Captured:
+    """Outputs of the captured layers from the last forward pass inside the block."""
+
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)  # >1 when a module instance is reused
+
+    def reused(self) -> list[str]:
+        return [name for name, n in self.calls.items() if n > 1]
+
+
+@contextmanager
+def capture_outputs(
+    model: nn.Module, layers: Iterable[str], *, field: str = "target.unit.layer"
+) -> Iterator[Captured]:
+    """Capture the outputs of the named modules.
+
+    The hook hands a clone downstream and keeps the original, so an inplace op after the layer (e.g.
+    `ReLU(inplace=True)` after a conv) cannot overwrite what we captured: gradients and values are those
+    of the layer itself (Captum clones for the same reason). A module called several times in one forward
+    (a shared activation) keeps its last call's output.
+    """
+    captured = Captured()
+    modules = dict(model.named_modules())
+    hooks: list[tuple[nn.Module, ForwardHook]] = []
+    for name in dict.fromkeys(layers):
+        if name not in modules:
+            raise NotFound(
+                f"no layer {name!r}; list the model's layers with GetModel (`convlens layers MODEL`)",
+                field=field,
+            )
+        hooks.append((modules[name], _capture_hook(name, captured)))
+    with forward_hooks(hooks):
+        yield captured
+
+
+def _capture_hook(name: str, captured: Captured) -> ForwardHook:
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        captured.calls[name] = captured.calls.get(name, 0) + 1
+        if not isinstance(output, torch.Tensor):
+            return None
+        captured.outputs[name] = output
+        return output.clone()
+
+    return hook
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode (BatchNorm running stats, no dropout), then restore each flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def leftover_hooks(model: nn.Module) -> list[str]:
+    """Names of modules (and global registries) still holding hooks; empty when nothing leaked."""
+    attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    left = [f"{name or '<root>'}.{a}" for name, m in model.named_modules() for a in attrs if getattr(m, a)]
+    for a in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+              "_global_backward_pre_hooks"):
+        if getattr(module_globals, a, None):
+            left.append(f"<global>.{a}")
+    return left
+
+
+def function_mode_active() -> bool:
+    """Whether any torch function mode (relu_rules' override) is still on the stack."""
+    return bool(torch._C._len_torch_function_stack())

@@ -1,0 +1,98 @@
+"""The scheduler facade the transport calls: submit a Task, get its result (or a domain error)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from convlens.server.errors import DeadlineExceeded, Unavailable
+from convlens.server.metrics import Metrics
+from convlens.server.models.model import ServedModel
+from convlens.server.scheduler.batcher import Batcher, Entry
+from convlens.server.scheduler.policy import BatchPolicy, policies_for
+from convlens.server.scheduler.task import Task
+from convlens.server.scheduler.worker import Worker
+
+
+class Scheduler:
+    """One shared queue of batch groups; one worker per device pulls the next ready group when free.
+
+    Metrics: queue_depth is one gauge with device="all" (the queue is shared by every device);
+    batch_size, compute_seconds, tasks_total, worker_busy_seconds are per device; queue_wait_seconds is
+    per task; rejections_total counts reasons "queue_full", "deadline", "cancelled", "stopping".
+    """
+
+    def __init__(self, models: Callable[[str], ServedModel], devices: Sequence[torch.device],
+                 metrics: Metrics, *, policies: Mapping[str, BatchPolicy] | None = None,
+                 max_queue: int = 256) -> None:
+        devices = list(devices)
+        if not devices:
+            raise ValueError("the scheduler needs at least one device")
+        self._metrics = metrics
+        self._batcher = Batcher(metrics, max_queue)
+        per_device = policies_for(devices, policies)
+        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics) for d in devices]
+        self._state = "new"  # new -> running -> stopping -> stopped
+        self._stopped: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"scheduler cannot start: it is {self._state}")
+        for worker in self._workers:
+            worker.start()
+        self._state = "running"
+
+    def queue_depth(self) -> int:
+        return self._batcher.depth
+
+    async def submit(self, task: Task) -> Any:
+        if self._state != "running":
+            self._reject(task, "stopping")
+            raise Unavailable("server is shutting down; retry on another instance"
+                              if self._state != "new" else "scheduler not started")
+        now = time.monotonic()
+        if task.deadline is not None and task.deadline <= now:
+            self._reject(task, "deadline")
+            raise DeadlineExceeded("deadline passed before the task was queued")
+        entry = Entry(task, asyncio.get_running_loop().create_future(), now)
+        self._batcher.put(entry)  # ResourceExhausted at once when full
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # The caller went away (grpc.aio cancels the handler). Still queued: remove it so it never
+            # counts toward a batch. Already taken: the flag makes the worker skip it if not yet computed.
+            entry.cancelled = True
+            if self._batcher.discard(entry):
+                self._reject(task, "cancelled")
+            raise
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new tasks, finish accepted ones within `grace` seconds, fail the rest, stop workers."""
+        if self._stopped is not None:  # a second stop waits for the first
+            await asyncio.shield(self._stopped)
+            return
+        self._stopped = asyncio.get_running_loop().create_future()
+        started = self._state == "running"
+        self._state = "stopping"
+        try:
+            if started:
+                self._batcher.flush()  # nobody waits for companions any more
+                end = time.monotonic() + grace
+                while (self._batcher.depth or any(w.busy for w in self._workers)) and time.monotonic() < end:
+                    await asyncio.sleep(0.005)  # polling is fine here: stop happens once
+            self._batcher.drain(lambda: Unavailable("server shut down before this task started; retry"),
+                                "stopping")
+            for worker in self._workers:
+                if started:
+                    await worker.close(lambda: Unavailable("server shut down before this task finished; "
+                                                           "retry"))
+        finally:
+            self._state = "stopped"
+            self._stopped.set_result(None)
+
+    def _reject(self, task: Task, reason: str) -> None:
+        self._metrics.rejections.labels(model=task.model, rpc=task.rpc, reason=reason).inc()

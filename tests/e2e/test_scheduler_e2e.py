@@ -1,0 +1,89 @@
+"""Overload, deadlines and cancellation through a real server with a tiny queue and no batching."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from convlens.client import AsyncClient
+from convlens.client import _exceptions as exc
+from convlens.server.launcher import ServerProcess
+
+pytestmark = pytest.mark.slow
+IMAGE = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+SLOW = {"method": "integrated_gradients", "steps": 24}  # about a second or more on 2 cores
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("small") / "server.log"
+    with ServerProcess(["--device", "cpu", "--max-queue", "2", "--batch", "cpu=1:0"], log_path=log) as srv:
+        yield srv
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_full_queue_is_refused_at_once_and_every_accepted_call_completes(small_server: ServerProcess) -> None:
+    async def run() -> list[object]:
+        async with AsyncClient(small_server.address, timeout=300) as c:
+            calls = [c.saliency(IMAGE, "efficientnet_lite0", **SLOW) for _ in range(8)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    refused = [r for r in results if isinstance(r, exc.ResourceExhaustedError)]
+    done = [r for r in results if not isinstance(r, Exception)]
+    assert refused and done, results
+    assert len(refused) + len(done) == 8, [r for r in results if isinstance(r, Exception)]
+    assert "queue" in refused[0].message
+    assert time.monotonic() - started < 120
+    assert metric(small_server, "convlens_scheduler_rejections_total", reason="queue_full") >= len(refused)
+
+
+def test_a_call_whose_deadline_passes_in_the_queue_is_dropped_before_compute(small_server: ServerProcess) -> None:
+    before = metric(small_server, "convlens_scheduler_rejections_total", reason="deadline")
+
+    async def run() -> None:
+        async with AsyncClient(small_server.address, timeout=300) as c:
+            long = asyncio.ensure_future(c.saliency(IMAGE, "efficientnet_lite0", **SLOW))
+            await asyncio.sleep(0.3)
+            with pytest.raises(exc.DeadlineExceededError):
+                await c.saliency(IMAGE, "efficientnet_lite0", timeout=0.5, **SLOW)
+            await long
+
+    asyncio.run(run())
+    time.sleep(0.5)
+    assert metric(small_server, "convlens_scheduler_rejections_total", reason="deadline") == before + 1
+
+
+def test_a_cancelled_call_is_never_computed_and_does_not_block_the_next(small_server: ServerProcess) -> None:
+    before_cancel = metric(small_server, "convlens_scheduler_rejections_total", reason="cancelled")
+    before_done = metric(small_server, "convlens_scheduler_tasks_total", rpc="Saliency")
+
+    async def run() -> None:
+        async with AsyncClient(small_server.address, timeout=300) as c:
+            long = asyncio.ensure_future(c.saliency(IMAGE, "efficientnet_lite0", **SLOW))
+            await asyncio.sleep(0.3)
+            doomed = asyncio.ensure_future(c.saliency(IMAGE, "efficientnet_lite0", **SLOW))
+            await asyncio.sleep(0.3)
+            doomed.cancel()
+            after = await c.saliency(IMAGE, "efficientnet_lite0", method="gradient")
+            assert after.attribution.shape == (3, 224, 224)
+            await long
+
+    asyncio.run(run())
+    time.sleep(0.5)
+    assert metric(small_server, "convlens_scheduler_rejections_total", reason="cancelled") == before_cancel + 1
+    assert metric(small_server, "convlens_scheduler_tasks_total", rpc="Saliency") == before_done + 2
