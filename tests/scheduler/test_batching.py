@@ -55,7 +55,8 @@ async def test_full_group_goes_at_once(make_scheduler) -> None:
     s = await make_scheduler(max_batch_size=2, max_batch_delay=30.0)
     rec = Recorder()
     t0 = time.monotonic()
-    assert await asyncio.wait_for(asyncio.gather(s.submit(task(1, rec)), s.submit(task(2, rec))), 5) == [10, 20]
+    pair = asyncio.gather(s.submit(task(1, rec)), s.submit(task(2, rec)))
+    assert await asyncio.wait_for(pair, 5) == [10, 20]
     assert time.monotonic() - t0 < 2.0
     assert rec.batches == [("m", [1, 2])]
 

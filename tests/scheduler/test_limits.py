@@ -12,7 +12,8 @@ from convlens.server.errors import DeadlineExceeded, ResourceExhausted
 from .helpers import Recorder, task, wait_until
 
 
-async def test_queue_full_is_refused_at_once_and_nothing_accepted_is_lost(make_scheduler, gate, metrics) -> None:
+async def test_queue_full_is_refused_at_once_and_nothing_accepted_is_lost(make_scheduler, gate,
+                                                                         metrics) -> None:
     s = await make_scheduler(max_batch_size=2, max_batch_delay=0.0, max_queue=3)
     rec = Recorder(gate=gate)
     busy = asyncio.ensure_future(s.submit(task(0, rec)))  # taken by the worker, blocked on the gate

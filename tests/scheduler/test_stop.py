@@ -6,8 +6,10 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from convlens.server.errors import Unavailable
+from convlens.server.scheduler import Scheduler
 
 from .helpers import Recorder, task, wait_until
 
@@ -65,10 +67,6 @@ async def test_stop_after_grace_fails_what_is_left(make_scheduler, gate) -> None
 
 
 async def test_submit_before_start_is_unavailable(metrics) -> None:
-    import torch
-
-    from convlens.server.scheduler import Scheduler
-
     s = Scheduler(lambda n: None, [torch.device("cpu")], metrics)
     with pytest.raises(Unavailable, match="not started"):
         await s.submit(task(1, Recorder()))

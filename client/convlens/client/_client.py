@@ -3,7 +3,7 @@
 Both build requests and decode responses through `_convert`, and route every gRPC error through
 `_map_rpc_error`, so the two differ only in how they wait. Streaming RPCs come in two forms: a plain method
 that returns the final result (calling `on_progress` for each step), and `stream_*`, which yields each
-Progress and then the result as its last item.
+Progress and then the result as its last item; closing that generator early cancels the call on the server.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ from ._types import (
 
 R = TypeVar("R")
 ProgressCallback = Callable[[Progress], Any]  # AsyncClient also awaits it when it returns an awaitable
+
+
+def _pick(per_call: float | None, default: float | None) -> float | None:
+    # A per-call timeout overrides the client's; None there means "the client's", not "forever".
+    return per_call if per_call is not None else default
 
 
 def _no_result(rpc: str) -> ConvLensError:
@@ -82,15 +87,16 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def _unary(self, rpc: str, request: Any) -> Any:
+    def _unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return getattr(self._stub, rpc)(request, timeout=self._config.timeout.unary,
+            return getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
                                             metadata=self._config.metadata)
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
 
-    def _stream(self, rpc: str, request: Any, decode: Callable[[Any], R]) -> Generator[Progress | R, None, None]:
-        call = getattr(self._stub, rpc)(request, timeout=self._config.timeout.stream,
+    def _stream(self, rpc: str, request: Any, decode: Callable[[Any], R],
+                timeout: float | None) -> Generator[Progress | R, None, None]:
+        call = getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.stream),
                                         metadata=self._config.metadata)
         try:
             for resp in call:
@@ -117,75 +123,84 @@ class Client:
 
     # ------------------------------------------------------------ unary RPCs
 
-    def list_models(self) -> list[ModelInfo]:
-        return [cv.model_info(m) for m in self._unary("ListModels", pb.ListModelsRequest()).models]
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return [cv.model_info(m) for m in self._unary("ListModels", pb.ListModelsRequest(), timeout).models]
 
-    def get_model(self, model: str) -> ModelDetails:
-        return cv.model_details(self._unary("GetModel", pb.GetModelRequest(model=model)))
+    def get_model(self, model: str, *, timeout: float | None = None) -> ModelDetails:
+        return cv.model_details(self._unary("GetModel", pb.GetModelRequest(model=model), timeout))
 
-    def get_filters(self, model: str, layer: str, *, grid: bool = True, scaling: str = "minmax",
+    def get_filters(self, model: str, layer: str, *, grid: bool = False, scaling: str = "minmax",
                     max_filters: int | None = None, max_input_channels: int | None = None,
-                    cell_scale: int | None = None) -> Filters:
-        """A conv layer's weights [out, in/groups, kh, kw]; with grid=True also rendered as a PIL image."""
+                    cell_scale: int | None = None, timeout: float | None = None) -> Filters:
+        """A conv layer's weights [out, in/groups, kh, kw]; grid=True also has the server render them."""
         req = cv.filters_request(model, layer, grid=grid, scaling=scaling, max_filters=max_filters,
                                  max_input_channels=max_input_channels, cell_scale=cell_scale)
-        return cv.filters(self._unary("GetFilters", req))
+        return cv.filters(self._unary("GetFilters", req, timeout))
 
-    def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9, dataset: str | None = "probe",
-                        images: Sequence[ImageInput] | None = None, crops: bool = False,
-                        include_images: bool = False) -> TopActivations:
+    def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
+                        dataset: str | None = "probe", images: Sequence[ImageInput] | None = None,
+                        crops: bool = False, include_images: bool = False,
+                        timeout: float | None = None) -> TopActivations:
         """The k probe images (or `images`) that most excite one channel, best first."""
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
                                          crops=crops, include_images=include_images)
-        return cv.top_activations(self._unary("TopActivations", req))
+        return cv.top_activations(self._unary("TopActivations", req, timeout))
 
     def saliency(self, image: ImageInput, model: str, *, target: Target | None = None,
                  method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
                  base_method: str | None = None, seed: int | None = None, steps: int | None = None,
                  baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
-                 cam_layer: str | None = None, overlay: bool = True) -> SaliencyResult:
+                 cam_layer: str | None = None, overlay: bool = True,
+                 timeout: float | None = None) -> SaliencyResult:
         """Attribute a class logit (int), a Unit, or (None) the top-1 class to the image's pixels.
 
         method: gradient, guided_backprop, deconvnet, smoothgrad, integrated_gradients, grad_cam,
         guided_grad_cam. SmoothGrad: samples, noise_level, base_method, seed. Integrated gradients: steps,
         baseline ("black", "blurred" or an image), blur_sigma. Grad-CAM: cam_layer. Unset: server default.
+        Every method also takes `timeout`: this call's deadline in seconds instead of the client's.
         """
         req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
                                   noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
-                                  baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer, overlay=overlay)
-        return cv.saliency(self._unary("Saliency", req))
+                                  baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer,
+                                  overlay=overlay)
+        return cv.saliency(self._unary("Saliency", req, timeout))
 
     # ------------------------------------------------------------ streaming RPCs
 
-    def stream_maximize_unit(self, model: str, target: Target,
+    def stream_maximize_unit(self, model: str, target: Target, *, timeout: float | None = None,
                              **options: Unpack[MaximizeOptions]) -> Iterator[Progress | MaximizeResult]:
-        return self._stream("MaximizeUnit", cv.maximize_request(model, target, options), cv.maximize_result)
+        request = cv.maximize_request(model, target, options)
+        return self._stream("MaximizeUnit", request, cv.maximize_result, timeout)
 
     def maximize_unit(self, model: str, target: Target, *, on_progress: ProgressCallback | None = None,
-                      **options: Unpack[MaximizeOptions]) -> MaximizeResult:
+                      timeout: float | None = None, **options: Unpack[MaximizeOptions]) -> MaximizeResult:
         """Synthesise an image that excites a class logit or Unit (FFT parameterisation by default)."""
-        return self._drain("MaximizeUnit", self.stream_maximize_unit(model, target, **options), on_progress)
+        events = self.stream_maximize_unit(model, target, timeout=timeout, **options)
+        return self._drain("MaximizeUnit", events, on_progress)
 
-    def stream_dream(self, image: ImageInput, model: str, layer: str,
+    def stream_dream(self, image: ImageInput, model: str, layer: str, *, timeout: float | None = None,
                      **options: Unpack[DreamOptions]) -> Iterator[Progress | DreamResult]:
-        return self._stream("Dream", cv.dream_request(image, model, layer, options), cv.dream_result)
+        request = cv.dream_request(image, model, layer, options)
+        return self._stream("Dream", request, cv.dream_result, timeout)
 
     def dream(self, image: ImageInput, model: str, layer: str, *, on_progress: ProgressCallback | None = None,
-              **options: Unpack[DreamOptions]) -> DreamResult:
+              timeout: float | None = None, **options: Unpack[DreamOptions]) -> DreamResult:
         """DeepDream: amplify what `layer` (or one `channel` of it) sees in the image, over octaves."""
-        return self._drain("Dream", self.stream_dream(image, model, layer, **options), on_progress)
+        events = self.stream_dream(image, model, layer, timeout=timeout, **options)
+        return self._drain("Dream", events, on_progress)
 
-    def stream_style_transfer(self, content: ImageInput, style: ImageInput, model: str,
-                              **options: Unpack[StyleTransferOptions]
+    def stream_style_transfer(self, content: ImageInput, style: ImageInput, model: str, *,
+                              timeout: float | None = None, **options: Unpack[StyleTransferOptions]
                               ) -> Iterator[Progress | StyleTransferResult]:
-        return self._stream("StyleTransfer", cv.style_request(content, style, model, options), cv.style_result)
+        request = cv.style_request(content, style, model, options)
+        return self._stream("StyleTransfer", request, cv.style_result, timeout)
 
     def style_transfer(self, content: ImageInput, style: ImageInput, model: str, *,
-                       on_progress: ProgressCallback | None = None,
+                       on_progress: ProgressCallback | None = None, timeout: float | None = None,
                        **options: Unpack[StyleTransferOptions]) -> StyleTransferResult:
         """Gatys style transfer of `content` toward `style`'s texture."""
-        return self._drain("StyleTransfer", self.stream_style_transfer(content, style, model, **options),
-                           on_progress)
+        events = self.stream_style_transfer(content, style, model, timeout=timeout, **options)
+        return self._drain("StyleTransfer", events, on_progress)
 
 
 class AsyncClient:
@@ -218,15 +233,16 @@ class AsyncClient:
 
     # ------------------------------------------------------------ plumbing
 
-    async def _unary(self, rpc: str, request: Any) -> Any:
+    async def _unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await getattr(self._stub, rpc)(request, timeout=self._config.timeout.unary,
+            return await getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
                                                   metadata=self._config.metadata)
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
 
-    async def _stream(self, rpc: str, request: Any, decode: Callable[[Any], R]) -> AsyncGenerator[Progress | R, None]:
-        call = getattr(self._stub, rpc)(request, timeout=self._config.timeout.stream,
+    async def _stream(self, rpc: str, request: Any, decode: Callable[[Any], R],
+                      timeout: float | None) -> AsyncGenerator[Progress | R, None]:
+        call = getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.stream),
                                         metadata=self._config.metadata)
         try:
             async for resp in call:
@@ -239,7 +255,8 @@ class AsyncClient:
             call.cancel()
 
     @staticmethod
-    async def _drain(rpc: str, events: AsyncIterator[Progress | R], on_progress: ProgressCallback | None) -> R:
+    async def _drain(rpc: str, events: AsyncIterator[Progress | R],
+                     on_progress: ProgressCallback | None) -> R:
         try:
             async for event in events:
                 if not isinstance(event, Progress):
@@ -255,63 +272,72 @@ class AsyncClient:
 
     # ------------------------------------------------------------ unary RPCs (see Client for docs)
 
-    async def list_models(self) -> list[ModelInfo]:
-        return [cv.model_info(m) for m in (await self._unary("ListModels", pb.ListModelsRequest())).models]
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        resp = await self._unary("ListModels", pb.ListModelsRequest(), timeout)
+        return [cv.model_info(m) for m in resp.models]
 
-    async def get_model(self, model: str) -> ModelDetails:
-        return cv.model_details(await self._unary("GetModel", pb.GetModelRequest(model=model)))
+    async def get_model(self, model: str, *, timeout: float | None = None) -> ModelDetails:
+        return cv.model_details(await self._unary("GetModel", pb.GetModelRequest(model=model), timeout))
 
-    async def get_filters(self, model: str, layer: str, *, grid: bool = True, scaling: str = "minmax",
+    async def get_filters(self, model: str, layer: str, *, grid: bool = False, scaling: str = "minmax",
                           max_filters: int | None = None, max_input_channels: int | None = None,
-                          cell_scale: int | None = None) -> Filters:
+                          cell_scale: int | None = None, timeout: float | None = None) -> Filters:
         req = cv.filters_request(model, layer, grid=grid, scaling=scaling, max_filters=max_filters,
                                  max_input_channels=max_input_channels, cell_scale=cell_scale)
-        return cv.filters(await self._unary("GetFilters", req))
+        return cv.filters(await self._unary("GetFilters", req, timeout))
 
     async def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
                               dataset: str | None = "probe", images: Sequence[ImageInput] | None = None,
-                              crops: bool = False, include_images: bool = False) -> TopActivations:
+                              crops: bool = False, include_images: bool = False,
+                        timeout: float | None = None) -> TopActivations:
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
                                          crops=crops, include_images=include_images)
-        return cv.top_activations(await self._unary("TopActivations", req))
+        return cv.top_activations(await self._unary("TopActivations", req, timeout))
 
     async def saliency(self, image: ImageInput, model: str, *, target: Target | None = None,
                        method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
                        base_method: str | None = None, seed: int | None = None, steps: int | None = None,
                        baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
-                       cam_layer: str | None = None, overlay: bool = True) -> SaliencyResult:
+                       cam_layer: str | None = None, overlay: bool = True,
+                 timeout: float | None = None) -> SaliencyResult:
         req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
                                   noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
-                                  baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer, overlay=overlay)
-        return cv.saliency(await self._unary("Saliency", req))
+                                  baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer,
+                                  overlay=overlay)
+        return cv.saliency(await self._unary("Saliency", req, timeout))
 
     # ------------------------------------------------------------ streaming RPCs
 
-    def stream_maximize_unit(self, model: str, target: Target,
+    def stream_maximize_unit(self, model: str, target: Target, *, timeout: float | None = None,
                              **options: Unpack[MaximizeOptions]) -> AsyncIterator[Progress | MaximizeResult]:
-        return self._stream("MaximizeUnit", cv.maximize_request(model, target, options), cv.maximize_result)
+        request = cv.maximize_request(model, target, options)
+        return self._stream("MaximizeUnit", request, cv.maximize_result, timeout)
 
     async def maximize_unit(self, model: str, target: Target, *, on_progress: ProgressCallback | None = None,
+                            timeout: float | None = None,
                             **options: Unpack[MaximizeOptions]) -> MaximizeResult:
-        return await self._drain("MaximizeUnit", self.stream_maximize_unit(model, target, **options),
-                                 on_progress)
+        events = self.stream_maximize_unit(model, target, timeout=timeout, **options)
+        return await self._drain("MaximizeUnit", events, on_progress)
 
-    def stream_dream(self, image: ImageInput, model: str, layer: str,
+    def stream_dream(self, image: ImageInput, model: str, layer: str, *, timeout: float | None = None,
                      **options: Unpack[DreamOptions]) -> AsyncIterator[Progress | DreamResult]:
-        return self._stream("Dream", cv.dream_request(image, model, layer, options), cv.dream_result)
+        request = cv.dream_request(image, model, layer, options)
+        return self._stream("Dream", request, cv.dream_result, timeout)
 
     async def dream(self, image: ImageInput, model: str, layer: str, *,
-                    on_progress: ProgressCallback | None = None, **options: Unpack[DreamOptions]) -> DreamResult:
-        return await self._drain("Dream", self.stream_dream(image, model, layer, **options), on_progress)
+                    on_progress: ProgressCallback | None = None, timeout: float | None = None,
+                    **options: Unpack[DreamOptions]) -> DreamResult:
+        events = self.stream_dream(image, model, layer, timeout=timeout, **options)
+        return await self._drain("Dream", events, on_progress)
 
-    def stream_style_transfer(self, content: ImageInput, style: ImageInput, model: str,
-                              **options: Unpack[StyleTransferOptions]
+    def stream_style_transfer(self, content: ImageInput, style: ImageInput, model: str, *,
+                              timeout: float | None = None, **options: Unpack[StyleTransferOptions]
                               ) -> AsyncIterator[Progress | StyleTransferResult]:
-        return self._stream("StyleTransfer", cv.style_request(content, style, model, options), cv.style_result)
+        request = cv.style_request(content, style, model, options)
+        return self._stream("StyleTransfer", request, cv.style_result, timeout)
 
     async def style_transfer(self, content: ImageInput, style: ImageInput, model: str, *,
-                             on_progress: ProgressCallback | None = None,
+                             on_progress: ProgressCallback | None = None, timeout: float | None = None,
                              **options: Unpack[StyleTransferOptions]) -> StyleTransferResult:
-        return await self._drain("StyleTransfer",
-                                 self.stream_style_transfer(content, style, model, **options), on_progress)
-
+        events = self.stream_style_transfer(content, style, model, timeout=timeout, **options)
+        return await self._drain("StyleTransfer", events, on_progress)

@@ -15,7 +15,7 @@ _USER_AGENT = "convlens-python"
 
 @dataclass(frozen=True)
 class TLS:
-    """Server authentication (and optionally a client certificate). All PEM; None root_certificates = system roots."""
+    """Server authentication, optionally with a client certificate (all PEM; no roots: the system's)."""
 
     root_certificates: bytes | None = None
     private_key: bytes | None = None

@@ -171,7 +171,8 @@ def _layer(layer: pb.LayerInfo) -> LayerInfo:
     return LayerInfo(
         name=layer.name, type=layer.type, output_shape=tuple(int(s) for s in layer.output_shape),
         parameter_count=layer.parameter_count,
-        receptive_field=(ReceptiveField((rf.size_y, rf.size_x), (rf.jump_y, rf.jump_x), (rf.offset_y, rf.offset_x))
+        receptive_field=(ReceptiveField((rf.size_y, rf.size_x), (rf.jump_y, rf.jump_x),
+                                        (rf.offset_y, rf.offset_x))
                          if layer.HasField("receptive_field") else None),
         has_filters=layer.has_filters)
 
@@ -181,13 +182,15 @@ def model_details(r: pb.GetModelResponse) -> ModelDetails:
 
 
 def _f32(t: pb.Tensor) -> npt.NDArray[np.float32]:
-    return to_numpy(t).astype(np.float32, copy=False)
+    arr: npt.NDArray[np.float32] = to_numpy(t).astype(np.float32, copy=False)
+    return arr
 
 
 def filters(r: pb.GetFiltersResponse) -> Filters:
     return Filters(weights=_f32(r.weights), bias=_f32(r.bias) if r.HasField("bias") else None,
                    dead_channels=list(r.dead_channels), grid=png_to_pil(r.grid_png), layer_type=r.layer_type,
-                   groups=r.groups, stride=tuple(r.stride), padding=tuple(r.padding), dilation=tuple(r.dilation))
+                   groups=r.groups, stride=tuple(r.stride), padding=tuple(r.padding),
+                   dilation=tuple(r.dilation))
 
 
 def predictions(ps: Iterable[pb.Prediction]) -> list[Prediction]:
@@ -197,7 +200,7 @@ def predictions(ps: Iterable[pb.Prediction]) -> list[Prediction]:
 def _target(t: pb.Target) -> Target | None:
     kind = t.WhichOneof("kind")
     if kind == "class_index":
-        return t.class_index
+        return int(t.class_index)
     if kind == "unit":
         u = t.unit
         both = u.HasField("y") and u.HasField("x")
@@ -208,8 +211,8 @@ def _target(t: pb.Target) -> Target | None:
 
 def saliency(r: pb.SaliencyResponse) -> SaliencyResult:
     g = r.geometry
-    geometry = (Geometry((g.original_height, g.original_width), (g.resized_height, g.resized_width),
-                         (g.crop_top, g.crop_left), (g.input_height, g.input_width), g.scale)
+    geometry = (Geometry(g.original_height, g.original_width, g.resized_height, g.resized_width, g.crop_top,
+                         g.crop_left, g.input_height, g.input_width, g.scale)
                 if r.HasField("geometry") else None)
     return SaliencyResult(attribution=_f32(r.attribution), heatmap=_f32(r.heatmap),
                           overlay=png_to_pil(r.overlay_png), predictions=predictions(r.predictions),

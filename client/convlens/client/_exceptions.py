@@ -46,7 +46,7 @@ __all__ = [
 
 
 class FieldViolation(NamedTuple):
-    """One bad request field, from the google.rpc.BadRequest detail (field is a proto path, e.g. "target.unit.layer")."""
+    """One bad field from the google.rpc.BadRequest detail; `field` is a proto path ("target.unit.layer")."""
 
     field: str
     description: str
@@ -139,7 +139,7 @@ def _field_violations(err: grpc.RpcError) -> list[FieldViolation]:
     # Rich details ride in the grpc-status-details-bin trailer. A malformed or mismatched trailer must
     # never hide the real error, so any decoding problem just means "no violations".
     try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]  # RpcError raised by a call is a Call
+        status = rpc_status.from_call(err)  # a failed call's RpcError is also its Call
     except Exception:
         return []
     if status is None:

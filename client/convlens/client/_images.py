@@ -48,7 +48,8 @@ def to_image(image: ImageInput, *, what: str = "image") -> pb.Image:
         return pb.Image(encoded=pil_to_png(image))
     if isinstance(image, np.ndarray):
         return pb.Image(tensor=to_tensor(_check_array(image, what)))
-    raise TypeError(f"{what}: expected a path, PIL image, numpy array or encoded bytes, not {type(image).__name__}")
+    raise TypeError(f"{what}: expected a path, PIL image, numpy array or encoded bytes, "
+                    f"not {type(image).__name__}")
 
 
 def _from_path(path: Path, what: str) -> pb.Image:
@@ -98,7 +99,7 @@ def _check_array(arr: npt.NDArray[Any], what: str) -> npt.NDArray[Any]:
 
 
 def png_to_pil(data: bytes) -> Image.Image | None:
-    """Decode an optional PNG field (empty bytes: absent). The image is fully loaded, so no file stays open."""
+    """Decode an optional PNG field (empty: absent), fully loaded so nothing stays open."""
     if not data:
         return None
     img = Image.open(io.BytesIO(data))

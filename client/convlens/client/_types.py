@@ -43,11 +43,17 @@ Target = int | Unit  # a class index (its logit) or a unit
 
 @dataclass(frozen=True)
 class ReceptiveField:
-    """Output position (y, x) of a layer sees input rows offset[0] + y*jump[0] - (size[0]-1)/2 ... (+ size[0])."""
+    """Output (y, x) sees size[0] input rows from offset[0] + y*jump[0] - (size[0]-1)/2; same for x."""
 
     size: tuple[int, int]  # (y, x)
     jump: tuple[int, int]
     offset: tuple[float, float]
+
+    def box(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """The input pixels (x0, y0, x1, y1), half-open and unclipped, that output position (y, x) sees."""
+        y0 = round(self.offset[0] + y * self.jump[0] - (self.size[0] - 1) / 2)
+        x0 = round(self.offset[1] + x * self.jump[1] - (self.size[1] - 1) / 2)
+        return x0, y0, x0 + self.size[1], y0 + self.size[0]
 
 
 @dataclass(frozen=True)
@@ -110,17 +116,25 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Maps model-input pixels back to the caller's image: original = (input + crop offset) / scale."""
+    """Maps model-input pixels back to the caller's image: original = (input + crop offset) / scale.
 
-    original_size: tuple[int, int]  # (h, w)
-    resized_size: tuple[int, int]  # after the short-side resize, before the crop
-    crop_offset: tuple[int, int]  # (top, left)
-    input_size: tuple[int, int]
-    scale: float
+    Field names follow the contract's Geometry message, so its documentation applies as is.
+    """
+
+    original_height: int
+    original_width: int
+    resized_height: int  # after the short-side resize, before the center crop
+    resized_width: int
+    crop_top: int
+    crop_left: int
+    input_height: int
+    input_width: int
+    scale: float  # resized / original; 1 when the image was used as is
 
     def to_original(self, y: float, x: float) -> tuple[float, float]:
+        """A model-input position (y, x) in the caller's original image."""
         s = self.scale or 1.0
-        return (y + self.crop_offset[0]) / s, (x + self.crop_offset[1]) / s
+        return (y + self.crop_top) / s, (x + self.crop_left) / s
 
 
 @dataclass(frozen=True, eq=False)

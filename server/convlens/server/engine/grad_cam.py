@@ -83,8 +83,8 @@ def check_cam_layer(model: nn.Module, layer: str) -> None:
 
 
 def cam_from(activation: torch.Tensor | None, gradient: torch.Tensor | None, layer: str,
-             size: tuple[int, int]) -> torch.Tensor:
-    """[N, 1, H, W] upsampled CAM from the layer's output A and d target / d A, both [N, K, h, w]."""
+             size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """([N, 1, H, W] upsampled CAM, (h, w)) from the layer's output A and d target / d A, [N, K, h, w]."""
     if activation is None or activation.dim() != 4:
         shape = "no tensor" if activation is None else f"shape {tuple(activation.shape[1:])} per image"
         raise InvalidArgument(
@@ -95,4 +95,5 @@ def cam_from(activation: torch.Tensor | None, gradient: torch.Tensor | None, lay
         gradient = torch.zeros_like(activation)
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
-    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    return upsampled, (int(activation.shape[2]), int(activation.shape[3]))

@@ -7,8 +7,9 @@ gradient, since the model is in eval mode (saliency.py ensures it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -100,3 +101,77 @@ def _backprop_chunk(
 
 def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.detach()
+
+
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: Sequence[Target | None], *,
+             chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[Target]]:
+    """(logits [N, K], target values [N], resolved targets) without gradients: the unperturbed pass of
+    the methods that differentiate elsewhere (SmoothGrad, integrated gradients)."""
+    logits, values, resolved = [], [], []
+    for s in range(0, inputs.shape[0], chunk):
+        part = targets[s:s + chunk]
+        layers = [t.layer for t in part if isinstance(t, UnitTarget)]
+        with torch.no_grad(), capture_outputs(model, layers) as captured:
+            out = model(inputs[s:s + chunk])
+            chosen = resolve_targets(out, part)
+            values.append(target_values(out, captured.outputs, chosen))
+        logits.append(out)
+        resolved.extend(chosen)
+    return torch.cat(logits), torch.cat(values), resolved
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def accumulate(
+    model: nn.Module,
+    rows: Iterable[tuple[Key, torch.Tensor, float]],
+    target_of: Callable[[Key], Target],
+    on_done: Callable[[Key, torch.Tensor], None],
+    *,
+    rule: str | None = None,
+    chunk: int = CHUNK,
+) -> int:
+    """Stream (group, input row [C, H, W], weight) rows through the model in chunks; call
+    on_done(group, sum of weight * gradient) as each group completes. Returns the ReLU-family calls
+    modified per forward.
+
+    A group's rows must be contiguous in the stream. Only one chunk of rows and the groups it touches
+    are held at a time, so B * samples * steps rows (SmoothGrad over integrated gradients) never are;
+    and each group's sum runs in row order whatever the chunking, so a sample's result does not depend
+    on its batch companions.
+    """
+    keys: list[Key] = []
+    xs: list[torch.Tensor] = []
+    weights: list[float] = []
+    sums: dict[Key, torch.Tensor] = {}
+    complete: list[Key] = []  # groups past their last row; emitted once those rows are flushed
+    modified = 0
+
+    def flush() -> None:
+        nonlocal modified
+        if xs:
+            bp = backprop(model, torch.stack(xs), [target_of(k) for k in keys], rule=rule, chunk=chunk)
+            modified = max(modified, bp.modified)
+            for key, weight, grad in zip(keys, weights, bp.grads, strict=True):
+                sums[key] = sums[key] + weight * grad if key in sums else weight * grad
+            keys.clear()
+            xs.clear()
+            weights.clear()
+        for key in complete:
+            on_done(key, sums.pop(key))
+        complete.clear()
+
+    current: list[Key] = []  # the group of the latest row, once there is one
+    for key, x, weight in rows:
+        if current and current[0] != key:
+            complete.append(current[0])
+        current[:] = [key]
+        keys.append(key)
+        xs.append(x)
+        weights.append(weight)
+        if len(xs) == chunk:
+            flush()
+    complete.extend(current)
+    flush()
+    return modified

@@ -83,7 +83,8 @@ def prepare(image: np.ndarray, pre: Preprocess) -> tuple[torch.Tensor, Geometry]
     """Normalised float32 [3, H, W] input for one 0..255 RGB image, and how it was cut out."""
     rgb = as_rgb(image)
     geo = plan_geometry(rgb.shape[0], rgb.shape[1], pre)
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(torch.float32)
+    # Float input may stray outside 0..255; the model was trained on pixels inside it.
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(torch.float32).clamp_(0.0, 255.0)
     if (geo.resized_height, geo.resized_width) != (geo.original_height, geo.original_width):
         # Antialiased bicubic matches PIL's resize closely; bicubic overshoots, hence the clamp.
         x = F.interpolate(x[None], size=(geo.resized_height, geo.resized_width), mode="bicubic",
@@ -116,8 +117,8 @@ def decode_image(data: bytes, *, field: str = "image") -> np.ndarray:
             # Turn PIL's "possible decompression bomb" warning into its error, and report it.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
-                img = ImageOps.exif_transpose(img)
-                return np.asarray(img.convert("RGB")).copy()
+                upright = ImageOps.exif_transpose(img)
+                return np.asarray(upright.convert("RGB")).copy()
     except UnidentifiedImageError:
         raise InvalidArgument(
             f"image bytes ({len(data)} bytes) are not a PNG, JPEG or WebP image", field=field) from None

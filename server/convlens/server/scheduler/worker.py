@@ -123,7 +123,8 @@ class Worker:
             if len(results) != len(live):
                 raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
                                    f"results for {len(live)} payloads")
-            outcomes = [(e, r if isinstance(r, Exception) else None, r) for e, r in zip(live, results)]
+            outcomes = [(e, r if isinstance(r, Exception) else None, r)
+                        for e, r in zip(live, results, strict=True)]
         except Exception as exc:  # the whole batch fails; the worker goes on
             outcomes = [(e, exc, None) for e in live]
         elapsed = time.monotonic() - start

@@ -1,0 +1,285 @@
+"""The `convlens` command: a thin argparse layer over Client, the load tester, and (lazily) the server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ._client import Client
+from ._config import TLS, TLSArg
+from ._convert import SALIENCY_METHODS
+from ._exceptions import ConvLensError
+from ._types import Target, Unit
+
+_DEFAULT_SERVER = "localhost:50051"
+# Global options that take a value: needed to find the command word before argparse sees `serve`'s args.
+_VALUE_OPTS = ("-s", "--server", "--token", "--timeout", "--root-certs")
+
+_EPILOG = """\
+The server address is -s/--server (env CONVLENS_SERVER, then CONVLENS_TARGET); `saliency --target`
+is the class index to explain, not the server.
+
+examples:
+  convlens models
+  convlens -s gpu-box:50051 layers efficientnet_lite0
+  convlens filters efficientnet_lite0 _conv_stem -o stem.png --npy stem.npy
+  convlens saliency cat.jpg --target 281 --method guided_backprop -o cat_gbp.png
+  convlens saliency cat.jpg --unit _blocks.10:5:3:4 --method gradient -o unit.png
+  convlens loadtest --rpc saliency --concurrency 1,4,16 --duration 20 --csv sweep.csv \\
+      --metrics-url http://localhost:9464/metrics
+  convlens serve --help
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convlens", description="Look inside the CNNs a ConvLens server serves.",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    env_server = os.environ.get("CONVLENS_SERVER") or os.environ.get("CONVLENS_TARGET") or _DEFAULT_SERVER
+    p.add_argument("-s", "--server", default=env_server, metavar="HOST:PORT",
+                   help=f"server address or gRPC target (default: {env_server})")
+    p.add_argument("--token", default=os.environ.get("CONVLENS_TOKEN"),
+                   help="bearer token (env CONVLENS_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    p.add_argument("--root-certs", metavar="PEM", help="use TLS with these root certificates")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("models", help="list the served models")
+
+    s = sub.add_parser("layers", help="a model's layer catalog")
+    s.add_argument("model")
+
+    s = sub.add_parser("filters", help="a conv layer's weights and filter grid")
+    s.add_argument("model")
+    s.add_argument("layer")
+    s.add_argument("-o", "--output", metavar="PNG", help="write the filter grid here")
+    s.add_argument("--npy", metavar="NPY", help="write the weights [out, in, kh, kw] here")
+    s.add_argument("--scaling", choices=["minmax", "symmetric"], default="minmax")
+    s.add_argument("--max-filters", type=int)
+    s.add_argument("--max-input-channels", type=int)
+
+    s = sub.add_parser("saliency", help="which pixels a class or unit depends on")
+    s.add_argument("image", help="image file")
+    s.add_argument("--model", default="efficientnet_lite0")
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--target", type=int, metavar="CLASS", help="class index to explain (default: top-1)")
+    what.add_argument("--unit", metavar="LAYER:CHANNEL[:Y:X]", help="a unit instead of a class")
+    s.add_argument("--reduction", choices=["mean", "max"], default="mean", help="for --unit without Y:X")
+    s.add_argument("--method", choices=list(SALIENCY_METHODS), default="gradient")
+    s.add_argument("-o", "--output", metavar="PNG", help="write the overlay here")
+    s.add_argument("--npy", metavar="NPY", help="write the attribution [C, H, W] here")
+    s.add_argument("--samples", type=int, help="smoothgrad")
+    s.add_argument("--noise-level", type=float, help="smoothgrad")
+    s.add_argument("--base-method", choices=list(SALIENCY_METHODS), help="smoothgrad")
+    s.add_argument("--seed", type=int, help="smoothgrad")
+    s.add_argument("--steps", type=int, help="integrated_gradients")
+    s.add_argument("--baseline", help="integrated_gradients: black, blurred or an image file")
+    s.add_argument("--cam-layer", help="grad_cam / guided_grad_cam")
+
+    sub.add_parser("serve", help="run the server (needs `pip install 'convlens[server]'`); "
+                                 "arguments after `serve` go to it unparsed", add_help=False)
+
+    s = sub.add_parser("loadtest", help="concurrency sweep: throughput, latency, server queue/compute split")
+    s.add_argument("--rpc", choices=["saliency", "get_filters", "list_models"], default="saliency")
+    s.add_argument("--model", default="efficientnet_lite0")
+    s.add_argument("--layer", default="_conv_stem", help="for get_filters")
+    s.add_argument("--image", help="for saliency (default: a synthetic 224x224 pattern)")
+    s.add_argument("--method", choices=list(SALIENCY_METHODS), default="gradient")
+    s.add_argument("--concurrency", default="1,4,16,32", help="comma-separated levels (default 1,4,16,32)")
+    s.add_argument("--duration", type=float, default=20.0, help="measured seconds per level")
+    s.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
+    s.add_argument("--channels", type=int, default=1, help="connections the callers share")
+    s.add_argument("--csv", metavar="CSV", help="write one row per level here")
+    s.add_argument("--metrics-url", help="server's Prometheus endpoint, e.g. http://host:9464/metrics")
+    return p
+
+
+def _command_index(argv: Sequence[str]) -> int | None:
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in _VALUE_OPTS:
+            i += 2
+        elif tok.startswith("-"):
+            i += 1
+        else:
+            return i
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = _command_index(argv)
+    if i is not None and argv[i] == "serve":
+        return _serve(argv[i + 1:])  # everything after `serve` belongs to the server's own parser
+    args = _parser().parse_args(argv)
+    tls: TLSArg = TLS.from_files(args.root_certs) if args.root_certs else bool(args.tls)
+    try:
+        if args.command == "loadtest":
+            return _loadtest(args, tls)
+        with Client(args.server, tls=tls, token=args.token, timeout=args.timeout) as client:
+            result: int = _COMMANDS[args.command](client, args)
+            return result
+    except ConvLensError as e:
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        for v in e.field_violations:
+            print(f"  {v.field}: {v.description}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `convlens layers M | head`: the reader left, which is not an error
+        _silence_stdout()
+        return 0
+    except (ValueError, TypeError, OSError) as e:  # local: bad file, bad argument
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit and would report the broken pipe there; point it at /dev/null.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+
+
+def _serve(rest: list[str]) -> int:
+    try:
+        # Lazy: the SDK must import (and `convlens models` must run) without torch installed.
+        from convlens.server.app import main as serve_main
+    except ImportError as e:
+        print("error: the server needs `pip install 'convlens[server]'`", file=sys.stderr)
+        print(f"  ({e})", file=sys.stderr)
+        return 2
+    rc: Any = serve_main(rest)
+    return int(rc or 0)
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    rows = [[m.name, m.format, f"{m.input_size[0]}x{m.input_size[1]}", str(m.num_classes),
+             f"{m.parameter_count:,}", "yes" if m.supports_gradients else "no", m.description]
+            for m in client.list_models()]
+    _table(["NAME", "FORMAT", "INPUT", "CLASSES", "PARAMS", "GRADIENTS", "DESCRIPTION"], rows)
+    return 0
+
+
+def _layers(client: Client, args: argparse.Namespace) -> int:
+    details = client.get_model(args.model)
+    rows = []
+    for layer in details.layers:
+        rf = layer.receptive_field
+        rows.append([layer.name, layer.type, "x".join(map(str, layer.output_shape)),
+                     f"{layer.parameter_count:,}",
+                     f"{rf.size[0]}x{rf.size[1]}" if rf else "-", f"{rf.jump[0]}x{rf.jump[1]}" if rf else "-",
+                     "yes" if layer.has_filters else ""])
+    _table(["NAME", "TYPE", "OUTPUT", "PARAMS", "RF", "JUMP", "FILTERS"], rows)
+    return 0
+
+
+def _filters(client: Client, args: argparse.Namespace) -> int:
+    f = client.get_filters(args.model, args.layer, grid=bool(args.output), scaling=args.scaling,
+                           max_filters=args.max_filters, max_input_channels=args.max_input_channels)
+    print(f"{args.layer}: {f.layer_type} weights {list(f.weights.shape)} groups {f.groups} "
+          f"stride {list(f.stride)} padding {list(f.padding)} dilation {list(f.dilation)} "
+          f"bias {'yes' if f.bias is not None else 'no'}")
+    print(f"dead channels ({len(f.dead_channels)}): {f.dead_channels}")
+    if args.npy:
+        np.save(args.npy, f.weights)
+        print(f"wrote {args.npy}")
+    if args.output:
+        if f.grid is None:
+            print("the server rendered no grid", file=sys.stderr)
+        else:
+            f.grid.save(args.output)
+            print(f"wrote {args.output}")
+    return 0
+
+
+def _parse_unit(text: str, reduction: str) -> Unit:
+    parts = text.split(":")
+    try:
+        if len(parts) == 2:
+            return Unit(parts[0], int(parts[1]), reduction="max" if reduction == "max" else "mean")
+        if len(parts) == 4:
+            return Unit(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
+    except ValueError:
+        pass
+    raise ValueError(f"--unit {text!r}: expected LAYER:CHANNEL or LAYER:CHANNEL:Y:X with integers")
+
+
+def _saliency(client: Client, args: argparse.Namespace) -> int:
+    target: Target | None = _parse_unit(args.unit, args.reduction) if args.unit else args.target
+    s = client.saliency(args.image, args.model, target=target, method=args.method, samples=args.samples,
+                        noise_level=args.noise_level, base_method=args.base_method, seed=args.seed,
+                        steps=args.steps, baseline=args.baseline, cam_layer=args.cam_layer,
+                        overlay=bool(args.output))
+    what = _describe(s.target)
+    print(f"{args.method} of {what} (value {s.target_value:.4g}); attribution {list(s.attribution.shape)}")
+    for p in s.predictions[:5]:
+        print(f"  {p.class_index:>5}  {p.probability:7.2%}  logit {p.logit:8.3f}  {p.label}")
+    if s.modified_activations:
+        print(f"modified activations: {s.modified_activations}")
+    for note in s.notes:
+        print(f"note: {note}")
+    if args.npy:
+        np.save(args.npy, s.attribution)
+        print(f"wrote {args.npy}")
+    if args.output:
+        # Without a server-rendered overlay, the heatmap alone is still worth writing.
+        img = s.overlay if s.overlay is not None else _grey(s.heatmap)
+        img.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _describe(target: Target | None) -> str:
+    if isinstance(target, Unit):
+        where = f" at y={target.y} x={target.x}" if target.y is not None else f" ({target.reduction})"
+        return f"unit {target.layer}:{target.channel}{where}"
+    return f"class {target}" if target is not None else "the top-1 class"
+
+
+def _grey(heatmap: np.ndarray[Any, Any]) -> Image.Image:
+    h = np.abs(heatmap.astype(np.float32))
+    peak = float(h.max()) if h.size else 0.0
+    return Image.fromarray((255 * h / peak if peak > 0 else h).astype(np.uint8), mode="L")
+
+
+def _loadtest(args: argparse.Namespace, tls: TLSArg) -> int:
+    from . import loadtest as lt  # asyncio machinery only for this command
+
+    try:
+        levels = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--concurrency {args.concurrency!r}: expected comma-separated integers") from None
+    cfg = lt.LoadTestConfig(target=args.server, rpc=args.rpc, model=args.model, layer=args.layer,
+                            image=Path(args.image) if args.image else None, method=args.method,
+                            concurrency=levels, duration=args.duration, warmup=args.warmup,
+                            metrics_url=args.metrics_url, channels=args.channels, tls=tls, token=args.token,
+                            timeout=args.timeout)
+    print(f"{args.rpc} on {args.server}, {args.duration:g} s per level after {args.warmup:g} s warm-up")
+    print(lt.format_table([], header=True), end="", flush=True)
+    results = lt.run_loadtest(
+        cfg, on_level=lambda r: print(lt.format_table([r], header=False), end="", flush=True))
+    if args.csv:
+        lt.write_csv(results, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+_COMMANDS = {"models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Saliency: which input pixels a target (class logit, unit, channel) depends on, for a batch of images.
+
+Methods: the signed gradient; guided backprop and deconvnet (relu_rules.py, covering every ReLU-family
+activation); SmoothGrad (smoothgrad.py); integrated gradients (integrated_gradients.py); Grad-CAM and
+guided Grad-CAM (grad_cam.py). Every sample carries its own target, and its result does not depend on
+its batch companions (the model runs in eval mode for the call; its train/eval flags are restored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from convlens.server.engine.grad_cam import cam_from, check_cam_layer, default_cam_layer
+from convlens.server.engine.gradients import backprop, evaluate
+from convlens.server.engine.hooks import eval_mode
+from convlens.server.engine.integrated_gradients import (
+    BASELINES,
+    black_baseline,
+    gaussian_blur,
+    integrated_gradients,
+)
+from convlens.server.engine.smoothgrad import BASES, smoothgrad
+from convlens.server.engine.targets import Target
+from convlens.server.errors import InvalidArgument
+
+__all__ = [
+    "METHODS", "InputSpace", "SaliencyOptions", "SaliencyResult", "default_cam_layer", "saliency",
+    "validate_options",
+]
+
+METHODS = (
+    "gradient", "guided_backprop", "deconvnet", "smoothgrad", "integrated_gradients", "grad_cam",
+    "guided_grad_cam",
+)
+_RULES = {"guided_backprop": "guided_backprop", "deconvnet": "deconvnet"}
+MAX_STEPS = 1024
+MAX_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class SaliencyOptions:
+    """Hashable: requests with equal options may share one batch."""
+
+    method: str = "gradient"
+    smooth_base: str = "gradient"  # smoothgrad's inner method: one of smoothgrad.BASES
+    smooth_samples: int = 16
+    smooth_noise: float = 0.15  # noise stdev as a fraction of the 0..255 pixel range
+    seed: int = 0
+    ig_steps: int = 50
+    ig_baseline: str = "black"  # black | blurred | image
+    ig_blur_sigma: float = 10.0  # in model-input pixels
+    cam_layer: str | None = None  # None: default_cam_layer(model)
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """How 0..255 pixels map to the model's input: (x / 255 - mean) / std."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class SaliencyResult:
+    attribution: torch.Tensor  # [C, H, W] float32 cpu, model-input space, signed; [1, H, W] for grad_cam
+    heatmap: torch.Tensor  # [H, W] float32 cpu: max over channels of |attribution|; grad_cam: the CAM
+    target: Target  # resolved (top-1 class when the caller gave None)
+    target_value: float  # on the unperturbed input
+    logits: torch.Tensor  # [K] float32 cpu
+    modified_activations: int  # ReLU-family activations whose backward was modified, else 0
+    notes: list[str] = field(default_factory=list)
+
+
+def validate_options(options: SaliencyOptions) -> None:
+    """Raise InvalidArgument naming the proto field of the first bad option."""
+    if options.method not in METHODS:
+        raise InvalidArgument(f"unknown method {options.method!r}; use one of {', '.join(METHODS)}",
+                              field="method")
+    if options.method == "smoothgrad":
+        if options.smooth_base not in BASES:
+            raise InvalidArgument(
+                f"SmoothGrad cannot average {options.smooth_base!r}; use one of {', '.join(BASES)}",
+                field="smoothgrad.base_method")
+        if not 1 <= options.smooth_samples <= MAX_SAMPLES:
+            raise InvalidArgument(
+                f"smoothgrad.samples = {options.smooth_samples} is out of range (1..{MAX_SAMPLES})",
+                field="smoothgrad.samples")
+        if not 0.0 <= options.smooth_noise <= 1.0:  # also refuses NaN
+            raise InvalidArgument(
+                f"smoothgrad.noise_level = {options.smooth_noise} is out of range: a fraction of the "
+                "pixel range, 0..1 (0.1-0.2 is typical)", field="smoothgrad.noise_level")
+    if options.method == "integrated_gradients" or (
+        options.method == "smoothgrad" and options.smooth_base == "integrated_gradients"
+    ):
+        if not 1 <= options.ig_steps <= MAX_STEPS:
+            raise InvalidArgument(
+                f"integrated_gradients.steps = {options.ig_steps} is out of range (1..{MAX_STEPS})",
+                field="integrated_gradients.steps")
+        if options.ig_baseline not in BASELINES:
+            raise InvalidArgument(
+                f"unknown baseline {options.ig_baseline!r}; use one of {', '.join(BASELINES)}",
+                field="integrated_gradients.baseline")
+        if options.ig_baseline == "blurred" and not 0.0 < options.ig_blur_sigma <= 1000.0:
+            raise InvalidArgument(
+                f"integrated_gradients.blur_sigma = {options.ig_blur_sigma} is out of range: "
+                "model-input pixels, > 0 and <= 1000", field="integrated_gradients.blur_sigma")
+
+
+def saliency(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: Sequence[Target | None],
+    options: SaliencyOptions,
+    space: InputSpace,
+    *,
+    baselines: torch.Tensor | None = None,
+) -> list[SaliencyResult]:
+    """One result per sample of `inputs` [B, 3, H, W] (on the model's device); results on the CPU.
+
+    `targets[i]` is sample i's target (None: its top-1 class); kinds may be mixed within a batch.
+    `baselines` [B, 3, H, W], in the model-input space, is required for ig_baseline == "image".
+    """
+    validate_options(options)
+    if inputs.dim() != 4 or len(targets) != inputs.shape[0]:
+        raise ValueError(f"inputs {tuple(inputs.shape)} need one target per sample, got {len(targets)}")
+    with eval_mode(model):
+        return _saliency(model, inputs, list(targets), options, space, baselines)
+
+
+def _saliency(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: list[Target | None],
+    options: SaliencyOptions,
+    space: InputSpace,
+    baselines: torch.Tensor | None,
+) -> list[SaliencyResult]:
+    method = options.method
+    notes: list[str] = _script_note(model)
+    modified = 0
+    if method in ("gradient", "guided_backprop", "deconvnet"):
+        bp = backprop(model, inputs, targets, rule=_RULES.get(method))
+        attribution, logits, values, resolved = bp.grads, bp.logits, bp.values, bp.targets
+        modified, reused = bp.modified, bp.reused_layers
+    elif method in ("grad_cam", "guided_grad_cam"):
+        size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+        layer = options.cam_layer or default_cam_layer(model, input_size=size)
+        check_cam_layer(model, layer)
+        bp = backprop(model, inputs, targets, layer=layer)
+        logits, values, resolved, reused = bp.logits, bp.values, bp.targets, bp.reused_layers
+        cam, cam_size = cam_from(bp.layer_outputs, bp.layer_grads, layer, size)
+        notes.append(f"Grad-CAM at layer {layer!r} ({cam_size[0]}x{cam_size[1]} map, upsampled bilinearly)")
+        attribution = cam
+        if method == "guided_grad_cam":
+            guided = backprop(model, inputs, resolved, rule="guided_backprop")
+            attribution, modified = guided.grads * cam, guided.modified
+    else:
+        logits, values, resolved = evaluate(model, inputs, targets)
+        reused = set()
+        ig_baselines = None
+        if method == "integrated_gradients" or options.smooth_base == "integrated_gradients":
+            ig_baselines = _baselines(inputs, options, space, baselines)
+        if method == "integrated_gradients":
+            assert ig_baselines is not None
+            attribution = integrated_gradients(model, inputs, resolved, ig_baselines, options.ig_steps)
+        else:
+            attribution, modified = smoothgrad(
+                model, inputs, resolved, base=options.smooth_base, samples=options.smooth_samples,
+                noise=options.smooth_noise, std=space.std, seed=options.seed, baselines=ig_baselines,
+                steps=options.ig_steps)
+    notes += [f"layer {name!r} ran more than once per forward pass; its last output was used"
+              for name in sorted(reused)]
+    rule = _RULES.get(method) or (_RULES.get(options.smooth_base) if method == "smoothgrad" else None)
+    if method == "guided_grad_cam":
+        rule = "guided_backprop"
+    if rule is not None and modified == 0:
+        notes.append(f"model has no ReLU-family activations: {rule} equals the plain gradient")
+    return _results(attribution, logits, values, resolved, modified, notes, cam_map=method == "grad_cam")
+
+
+def _baselines(inputs: torch.Tensor, options: SaliencyOptions, space: InputSpace,
+               baselines: torch.Tensor | None) -> torch.Tensor:
+    if options.ig_baseline == "black":
+        return black_baseline(inputs, space.mean, space.std)
+    if options.ig_baseline == "blurred":
+        return gaussian_blur(inputs, options.ig_blur_sigma)
+    if baselines is None or baselines.shape != inputs.shape:
+        got = "none" if baselines is None else f"shape {tuple(baselines.shape[1:])}"
+        raise InvalidArgument(
+            f"the image baseline needs a baseline_image the size of the model input "
+            f"{tuple(inputs.shape[1:])}; got {got}", field="baseline_image")
+    return baselines.to(device=inputs.device, dtype=inputs.dtype)
+
+
+def _script_note(model: nn.Module) -> list[str]:
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return ["model contains TorchScript code: ReLU-family activations inside it keep their plain "
+                "gradient under guided backprop / deconvnet"]
+    return []
+
+
+def _results(attribution: torch.Tensor, logits: torch.Tensor, values: torch.Tensor,
+             targets: list[Target], modified: int, notes: list[str], *, cam_map: bool
+             ) -> list[SaliencyResult]:
+    attribution = attribution.detach().float().cpu()
+    heatmaps = attribution[:, 0] if cam_map else attribution.abs().amax(dim=1)
+    logits = logits.detach().float().cpu()
+    values_list = values.detach().float().cpu().tolist()
+    return [
+        SaliencyResult(
+            attribution=attribution[i].clone(),
+            heatmap=heatmaps[i].clone(),
+            target=targets[i],
+            target_value=float(values_list[i]),
+            logits=logits[i].clone(),
+            modified_activations=modified,
+            notes=list(notes),
+        )
+        for i in range(attribution.shape[0])
+    ]
