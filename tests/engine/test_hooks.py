@@ -138,3 +138,27 @@ def test_relu_rule_leaves_no_grad_calls_alone():
         out = F.relu(torch.tensor([-1.0, 1.0]))
     torch.testing.assert_close(out, torch.tensor([0.0, 1.0]))
     assert modified.count == 0
+
+
+def test_relu_rule_stays_in_its_thread():
+    """Workers run on threads: one request's guided mode must not reach another thread's model."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def guided_request() -> None:
+        with modified_relus("guided_backprop"):
+            entered.set()
+            release.wait(timeout=10)
+
+    worker = threading.Thread(target=guided_request)
+    worker.start()
+    try:
+        assert entered.wait(timeout=10)
+        assert not function_mode_active()
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        (grad,) = torch.autograd.grad(F.relu(x), x, torch.tensor([-1.0, 1.0]))
+        torch.testing.assert_close(grad, torch.tensor([-1.0, 1.0]))  # plain rule here
+    finally:
+        release.set()
+        worker.join()

@@ -25,12 +25,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks:UserWarni
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """rtol 1e-4, atol 1e-5 of the reference's largest magnitude: scale-free, tight for tiny maps."""
+    expected = expected.detach()
     atol = 1e-5 * float(expected.abs().max()) + 1e-12
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
 
 
 def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Clearly different: by more than 1% of the larger map's magnitude somewhere."""
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max()) > 0.01 * max(float(a.abs().max()), float(b.abs().max()))
 CLASSES = [1, 3, 0]
 
@@ -125,7 +127,7 @@ def test_integrated_gradients_matches_captum(relu_net, images, space, steps):
     results = run(relu_net, images, space, [ClassTarget(c) for c in CLASSES],
                   method="integrated_gradients", ig_steps=steps)
     black = black_baseline(images, space.mean, space.std)
-    expected = IntegratedGradients(relu_net).attribute(leaf(images), baselines=black, target=CLASSES,
+    expected = IntegratedGradients(relu_net).attribute(images, baselines=black, target=CLASSES,
                                                        n_steps=steps)  # Captum's default: gausslegendre
     close(stacked(results), expected)
 

@@ -1,7 +1,8 @@
 """A sample's result does not depend on its batch: mixed target kinds in one batch equal one-at-a-time.
 
-Tolerance: atol 1e-6 plus rtol 1e-6 (float32 epsilon level): oneDNN picks batch-size-dependent conv
-kernels, so the same image can differ in the last bits between batch sizes.
+Tolerance: rtol 1e-5 and atol 1e-5 of the map's largest magnitude. oneDNN picks batch-size-dependent
+conv kernels, so in float32 the same image differs in the last bits between batch sizes (seen: up to
+4e-6 relative on a deconvnet map of magnitude 10); a sample leaking into another would differ by percents.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ OPTIONS = [
 ]
 
 
+def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    expected = expected.detach()
+    atol = 1e-5 * float(expected.abs().max()) + 1e-12
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol)
+
+
 @pytest.fixture
 def batch() -> torch.Tensor:
     return torch.randn(len(MIXED), 3, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -47,10 +54,10 @@ def test_mixed_batch_equals_one_at_a_time(lite_net, batch, space, options):
     together = saliency(lite_net, batch, MIXED, options, space)
     for i, target in enumerate(MIXED):
         (alone,) = saliency(lite_net, batch[i:i + 1], [target], options, space)
-        torch.testing.assert_close(together[i].attribution, alone.attribution, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(together[i].heatmap, alone.heatmap, rtol=1e-6, atol=1e-6)
+        same(together[i].attribution, alone.attribution)
+        same(together[i].heatmap, alone.heatmap)
         assert together[i].target == alone.target
-        assert together[i].target_value == pytest.approx(alone.target_value, rel=1e-6, abs=1e-6)
+        assert together[i].target_value == pytest.approx(alone.target_value, rel=1e-5, abs=1e-6)
     assert isinstance(together[4].target, ClassTarget)
     assert together[4].target.index == int(lite_net(batch[4:5]).argmax())
 
@@ -62,7 +69,7 @@ def test_image_baseline_per_sample(lite_net, batch, space):
     for i in (0, 3):
         (alone,) = saliency(lite_net, batch[i:i + 1], [MIXED[i]], options, space,
                             baselines=baselines[i:i + 1])
-        torch.testing.assert_close(together[i].attribution, alone.attribution, rtol=1e-6, atol=1e-6)
+        same(together[i].attribution, alone.attribution)
 
 
 def test_callers_train_flags_are_restored_and_eval_is_used(lite_net, batch, space):
@@ -73,7 +80,7 @@ def test_callers_train_flags_are_restored_and_eval_is_used(lite_net, batch, spac
     got = saliency(lite_net, batch, MIXED, SaliencyOptions(), space)
     assert {name: m.training for name, m in lite_net.named_modules()} == flags
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g.attribution, e.attribution, rtol=1e-6, atol=1e-6)
+        same(g.attribution, e.attribution)
     assert lite_net._bn0.num_batches_tracked.item() == 0  # running stats untouched
 
 
@@ -84,10 +91,9 @@ def test_chunking_does_not_change_results(relu_net, space, chunk):
     targets = [ClassTarget(0), UnitTarget("features.2", 1, y=2, x=2), ClassTarget(4)]
     black = black_baseline(x, space.mean, space.std)
     whole = integrated_gradients(relu_net, x, targets, black, steps=5, chunk=64)
-    torch.testing.assert_close(integrated_gradients(relu_net, x, targets, black, steps=5, chunk=chunk),
-                               whole, rtol=1e-6, atol=1e-6)
+    same(integrated_gradients(relu_net, x, targets, black, steps=5, chunk=chunk), whole)
     kwargs = {"samples": 2, "noise": 0.1, "std": space.std, "seed": 4, "baselines": black, "steps": 5}
     for base in ("gradient", "integrated_gradients"):
         smooth, _ = smoothgrad(relu_net, x, targets, base=base, chunk=64, **kwargs)
         chunked, _ = smoothgrad(relu_net, x, targets, base=base, chunk=chunk, **kwargs)
-        torch.testing.assert_close(chunked, smooth, rtol=1e-6, atol=1e-6)
+        same(chunked, smooth)

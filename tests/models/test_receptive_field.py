@@ -100,6 +100,27 @@ def test_padding_pooling_and_functional_ops() -> None:
         check_layer(net, "dil", (20, 20), min_fill=0.6, unit=unit)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_slices_reflect_padding_and_same_strings() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 4, padding="same")  # even kernel: torch pads 1 before, 2 after
+            self.b = nn.Conv2d(4, 4, 3, stride=2)
+            self.c = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.a(x))[:, :, 1:, 2::2])
+
+    net = Net().eval()
+    fields = receptive_fields(net, (21, 21))
+    assert fields["a"] == ReceptiveField(4, 4, 1, 1, 0.5, 0.5)
+    # Rows: b -> [-1, 4] jump 2; the slice from 1 -> [1, 6]; c -> [-1, 8]. Columns: from 2 step 2.
+    assert fields["c"] == ReceptiveField(10, 14, 2, 4, 3.5, 5.5)
+    check_layer(net, "c", (21, 21), min_fill=0.9, unit=(4, 2))
+    check_layer(net, "c", (21, 21), min_fill=0.5, unit=(0, 0))  # reflected pixels fall inside
+
+
 def test_global_ops_cover_the_input() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
     fields = receptive_fields(model, (12, 10))

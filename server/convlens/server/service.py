@@ -139,4 +139,6 @@ class Inspector:
 
 def deadline_from_timeout(remaining: float | None) -> float | None:
     """A gRPC time_remaining() (seconds, None when unbounded) as a time.monotonic() deadline."""
-    return None if remaining is None else time.monotonic() + remaining
+    # A few ms early: the server drops a queued task itself (counted as "deadline") just before grpc
+    # cancels the call at the caller's deadline (which would count it as "cancelled").
+    return None if remaining is None else time.monotonic() + remaining - 0.005

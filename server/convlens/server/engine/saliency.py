@@ -23,6 +23,7 @@ from convlens.server.engine.integrated_gradients import (
     gaussian_blur,
     integrated_gradients,
 )
+from convlens.server.engine.relu_rules import RULES
 from convlens.server.engine.smoothgrad import BASES, smoothgrad
 from convlens.server.engine.targets import Target
 from convlens.server.errors import InvalidArgument
@@ -36,7 +37,6 @@ METHODS = (
     "gradient", "guided_backprop", "deconvnet", "smoothgrad", "integrated_gradients", "grad_cam",
     "guided_grad_cam",
 )
-_RULES = {"guided_backprop": "guided_backprop", "deconvnet": "deconvnet"}
 MAX_STEPS = 1024
 MAX_SAMPLES = 256
 
@@ -131,6 +131,16 @@ def saliency(
         return _saliency(model, inputs, list(targets), options, space, baselines)
 
 
+@dataclass
+class _Computed:
+    attribution: torch.Tensor  # [B, C, H, W], or [B, 1, H, W] for grad_cam
+    logits: torch.Tensor
+    values: torch.Tensor
+    targets: list[Target]
+    modified: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
 def _saliency(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -140,46 +150,68 @@ def _saliency(
     baselines: torch.Tensor | None,
 ) -> list[SaliencyResult]:
     method = options.method
-    notes: list[str] = _script_note(model)
-    modified = 0
     if method in ("gradient", "guided_backprop", "deconvnet"):
-        bp = backprop(model, inputs, targets, rule=_RULES.get(method))
-        attribution, logits, values, resolved = bp.grads, bp.logits, bp.values, bp.targets
-        modified, reused = bp.modified, bp.reused_layers
+        bp = backprop(model, inputs, targets, rule=_relu_rule(options))
+        done = _Computed(bp.grads, bp.logits, bp.values, bp.targets, bp.modified, _reused(bp.reused_layers))
     elif method in ("grad_cam", "guided_grad_cam"):
-        size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
-        layer = options.cam_layer or default_cam_layer(model, input_size=size)
-        check_cam_layer(model, layer)
-        bp = backprop(model, inputs, targets, layer=layer)
-        logits, values, resolved, reused = bp.logits, bp.values, bp.targets, bp.reused_layers
-        cam, cam_size = cam_from(bp.layer_outputs, bp.layer_grads, layer, size)
-        notes.append(f"Grad-CAM at layer {layer!r} ({cam_size[0]}x{cam_size[1]} map, upsampled bilinearly)")
-        attribution = cam
-        if method == "guided_grad_cam":
-            guided = backprop(model, inputs, resolved, rule="guided_backprop")
-            attribution, modified = guided.grads * cam, guided.modified
+        done = _grad_cam(model, inputs, targets, options)
     else:
-        logits, values, resolved = evaluate(model, inputs, targets)
-        reused = set()
-        ig_baselines = None
-        if method == "integrated_gradients" or options.smooth_base == "integrated_gradients":
-            ig_baselines = _baselines(inputs, options, space, baselines)
-        if method == "integrated_gradients":
-            assert ig_baselines is not None
-            attribution = integrated_gradients(model, inputs, resolved, ig_baselines, options.ig_steps)
-        else:
-            attribution, modified = smoothgrad(
-                model, inputs, resolved, base=options.smooth_base, samples=options.smooth_samples,
-                noise=options.smooth_noise, std=space.std, seed=options.seed, baselines=ig_baselines,
-                steps=options.ig_steps)
-    notes += [f"layer {name!r} ran more than once per forward pass; its last output was used"
-              for name in sorted(reused)]
-    rule = _RULES.get(method) or (_RULES.get(options.smooth_base) if method == "smoothgrad" else None)
-    if method == "guided_grad_cam":
-        rule = "guided_backprop"
-    if rule is not None and modified == 0:
+        done = _integrated(model, inputs, targets, options, space, baselines)
+    notes = _script_note(model) + done.notes
+    rule = _relu_rule(options)
+    if rule is not None and done.modified == 0:
         notes.append(f"model has no ReLU-family activations: {rule} equals the plain gradient")
-    return _results(attribution, logits, values, resolved, modified, notes, cam_map=method == "grad_cam")
+    return _results(done, notes, cam_map=method == "grad_cam")
+
+
+def _relu_rule(options: SaliencyOptions) -> str | None:
+    """The backward rule the ReLU-family activations get for these options (None: the plain one)."""
+    if options.method in RULES:
+        return options.method
+    if options.method == "guided_grad_cam":
+        return "guided_backprop"
+    if options.method == "smoothgrad" and options.smooth_base in RULES:
+        return options.smooth_base
+    return None
+
+
+def _grad_cam(model: nn.Module, inputs: torch.Tensor, targets: list[Target | None],
+              options: SaliencyOptions) -> _Computed:
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    layer = options.cam_layer or default_cam_layer(model, input_size=size)
+    check_cam_layer(model, layer)
+    bp = backprop(model, inputs, targets, layer=layer)
+    cam, (h, w) = cam_from(bp.layer_outputs, bp.layer_grads, layer, size)
+    done = _Computed(cam, bp.logits, bp.values, bp.targets, 0, _reused(bp.reused_layers))
+    done.notes.insert(0, f"Grad-CAM at layer {layer!r} ({h}x{w} map, upsampled bilinearly)")
+    if options.method == "guided_grad_cam":
+        # A separate pass: Grad-CAM's layer gradients must come from the plain backward (as Captum).
+        guided = backprop(model, inputs, bp.targets, rule="guided_backprop")
+        done.attribution, done.modified = guided.grads * cam, guided.modified
+    return done
+
+
+def _integrated(model: nn.Module, inputs: torch.Tensor, targets: list[Target | None],
+                options: SaliencyOptions, space: InputSpace, baselines: torch.Tensor | None) -> _Computed:
+    """SmoothGrad and integrated gradients: an unperturbed pass for values, then many perturbed ones."""
+    logits, values, resolved = evaluate(model, inputs, targets)
+    ig_baselines = None
+    if "integrated_gradients" in (options.method, options.smooth_base):
+        ig_baselines = _baselines(inputs, options, space, baselines)
+    if options.method == "integrated_gradients":
+        assert ig_baselines is not None
+        attribution = integrated_gradients(model, inputs, resolved, ig_baselines, options.ig_steps)
+        return _Computed(attribution, logits, values, resolved)
+    attribution, modified = smoothgrad(
+        model, inputs, resolved, base=options.smooth_base, samples=options.smooth_samples,
+        noise=options.smooth_noise, std=space.std, seed=options.seed, baselines=ig_baselines,
+        steps=options.ig_steps)
+    return _Computed(attribution, logits, values, resolved, modified)
+
+
+def _reused(layers: set[str]) -> list[str]:
+    return [f"layer {name!r} ran more than once per forward pass; its last output was used"
+            for name in sorted(layers)]
 
 
 def _baselines(inputs: torch.Tensor, options: SaliencyOptions, space: InputSpace,
@@ -203,21 +235,19 @@ def _script_note(model: nn.Module) -> list[str]:
     return []
 
 
-def _results(attribution: torch.Tensor, logits: torch.Tensor, values: torch.Tensor,
-             targets: list[Target], modified: int, notes: list[str], *, cam_map: bool
-             ) -> list[SaliencyResult]:
-    attribution = attribution.detach().float().cpu()
+def _results(done: _Computed, notes: list[str], *, cam_map: bool) -> list[SaliencyResult]:
+    attribution = done.attribution.detach().float().cpu()
     heatmaps = attribution[:, 0] if cam_map else attribution.abs().amax(dim=1)
-    logits = logits.detach().float().cpu()
-    values_list = values.detach().float().cpu().tolist()
+    logits = done.logits.detach().float().cpu()
+    values = done.values.detach().float().cpu().tolist()
     return [
         SaliencyResult(
             attribution=attribution[i].clone(),
             heatmap=heatmaps[i].clone(),
-            target=targets[i],
-            target_value=float(values_list[i]),
+            target=done.targets[i],
+            target_value=float(values[i]),
             logits=logits[i].clone(),
-            modified_activations=modified,
+            modified_activations=done.modified,
             notes=list(notes),
         )
         for i in range(attribution.shape[0])

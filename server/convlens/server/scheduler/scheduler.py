@@ -58,8 +58,12 @@ class Scheduler:
         if task.deadline is not None and task.deadline <= now:
             self._reject(task, "deadline")
             raise DeadlineExceeded("deadline passed before the task was queued")
-        entry = Entry(task, asyncio.get_running_loop().create_future(), now)
+        loop = asyncio.get_running_loop()
+        entry = Entry(task, loop.create_future(), now)
         self._batcher.put(entry)  # ResourceExhausted at once when full
+        # A task still queued at its deadline leaves the queue then, not when its batch would form.
+        # (loop.time() is time.monotonic(), the clock deadlines are written in.)
+        timer = loop.call_at(task.deadline, self._expire, entry) if task.deadline is not None else None
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -69,6 +73,14 @@ class Scheduler:
             if self._batcher.discard(entry):
                 self._reject(task, "cancelled")
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, entry: Entry) -> None:
+        if not entry.future.done() and self._batcher.discard(entry):
+            self._reject(entry.task, "deadline")
+            entry.future.set_exception(DeadlineExceeded("deadline passed while the task was queued"))
 
     async def stop(self, grace: float) -> None:
         """Refuse new tasks, finish accepted ones within `grace` seconds, fail the rest, stop workers."""
