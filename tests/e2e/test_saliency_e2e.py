@@ -51,10 +51,13 @@ def test_grad_cam_on_the_cat_peaks_on_the_cat(client: Client) -> None:
 
 
 def test_integrated_gradients_are_complete_through_the_service(client: Client) -> None:
+    """Completeness within 5%. On this ReLU6 net the path integrand jumps near the black baseline, so
+    it takes ~256 Gauss-Legendre steps (measured: +20% at 64, -4% at 128, +1% at 256)."""
     cat = data.chelsea()
-    s = client.saliency(cat, "efficientnet_lite0", target=281, method="integrated_gradients", steps=64)
+    s = client.saliency(cat, "efficientnet_lite0", target=281, method="integrated_gradients", steps=256)
     black = client.saliency(np.zeros((224, 224, 3), np.uint8), "efficientnet_lite0", target=281,
                             method="gradient")
+    assert s.baseline_value == pytest.approx(black.target_value, rel=1e-4)  # the black baseline, served
     delta = s.target_value - black.target_value
     assert s.attribution.sum() == pytest.approx(delta, rel=0.05)
 

@@ -16,7 +16,7 @@ from captum.attr import (
 )
 from torch import nn
 
-from convlens.server.engine.integrated_gradients import black_baseline
+from convlens.server.engine.integrated_gradients import black_baseline, gaussian_blur
 from convlens.server.engine.saliency import InputSpace, SaliencyOptions, saliency
 from convlens.server.engine.targets import ClassTarget, UnitTarget
 
@@ -107,8 +107,18 @@ def test_hand_computed_gradients_on_ones_conv(space):
     torch.testing.assert_close(mean.attribution, expected / 9)
     # The model is linear: integrated gradients from black is exactly (x - black) * gradient.
     (ig,) = run(model, x, space, [ClassTarget(0)], method="integrated_gradients", ig_steps=7)
-    black = black_baseline(x, space.mean, space.std)[0]
+    pixel_zero = [(0.0 - m) / s for m, s in zip(space.mean, space.std, strict=True)]
+    black = torch.tensor(pixel_zero).view(3, 1, 1)
     torch.testing.assert_close(ig.attribution, (x[0] - black) * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blurred_baseline_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.randn(2, 3, 12, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for sigma in (0.7, 2.0, 10.0):  # 10: the kernel is wider than the image
+        expected = ndimage.gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma), mode="nearest",
+                                           truncate=4.0)
+        torch.testing.assert_close(gaussian_blur(x, sigma), torch.from_numpy(expected))
 
 
 @pytest.mark.parametrize(("method", "reference"), [("guided_backprop", GuidedBackprop),
@@ -142,6 +152,7 @@ def test_integrated_gradients_completeness(relu_net, images, space):
         for i, c in enumerate(CLASSES):
             delta = float(logits[i, c] - base_logits[i, c])
             assert float(results[i].attribution.sum()) == pytest.approx(delta, rel=0.03, abs=1e-3)
+            assert results[i].baseline_value == pytest.approx(float(base_logits[i, c]), rel=1e-5, abs=1e-6)
 
 
 def test_grad_cam_matches_captum(relu_net, images, space):

@@ -217,7 +217,8 @@ def saliency(r: pb.SaliencyResponse) -> SaliencyResult:
     return SaliencyResult(attribution=_f32(r.attribution), heatmap=_f32(r.heatmap),
                           overlay=png_to_pil(r.overlay_png), predictions=predictions(r.predictions),
                           geometry=geometry, target=_target(r.target), target_value=r.target_value,
-                          modified_activations=r.modified_activations, notes=list(r.notes))
+                          modified_activations=r.modified_activations, notes=list(r.notes),
+                          baseline_value=r.baseline_value if r.HasField("baseline_value") else None)
 
 
 def top_activations(r: pb.TopActivationsResponse) -> TopActivations:

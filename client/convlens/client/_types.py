@@ -148,6 +148,8 @@ class SaliencyResult:
     target_value: float
     modified_activations: int  # ReLU-family activations changed (guided backprop, deconvnet)
     notes: list[str]
+    # Integrated gradients: the target on the baseline; attribution.sum() ~= target_value - baseline_value.
+    baseline_value: float | None = None
 
 
 @dataclass(frozen=True, eq=False)

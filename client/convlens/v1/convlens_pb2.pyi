@@ -1100,10 +1100,15 @@ class SaliencyResponse(_message.Message):
     TARGET_VALUE_FIELD_NUMBER: _builtins.int
     MODIFIED_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    BASELINE_VALUE_FIELD_NUMBER: _builtins.int
     overlay_png: _builtins.bytes
     target_value: _builtins.float
     modified_activations: _builtins.int
     """How many ReLU-family activations the method modified (guided backprop, deconvnet)."""
+    baseline_value: _builtins.float
+    """Integrated gradients: the target's value on the baseline. Completeness says
+    sum(attribution) ~= target_value - baseline_value; the gap shrinks with more steps.
+    """
     @_builtins.property
     def attribution(self) -> Global___Tensor:
         """[C, H, W] float32, in normalised-input units."""
@@ -1138,12 +1143,15 @@ class SaliencyResponse(_message.Message):
         target_value: _builtins.float = ...,
         modified_activations: _builtins.int = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        baseline_value: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "geometry", b"geometry", "heatmap", b"heatmap", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value", "attribution", b"attribution", "baseline_value", b"baseline_value", "geometry", b"geometry", "heatmap", b"heatmap", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "geometry", b"geometry", "heatmap", b"heatmap", "modified_activations", b"modified_activations", "notes", b"notes", "overlay_png", b"overlay_png", "predictions", b"predictions", "target", b"target", "target_value", b"target_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value", "attribution", b"attribution", "baseline_value", b"baseline_value", "geometry", b"geometry", "heatmap", b"heatmap", "modified_activations", b"modified_activations", "notes", b"notes", "overlay_png", b"overlay_png", "predictions", b"predictions", "target", b"target", "target_value", b"target_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__baseline_value: _TypeAlias = _typing.Literal["baseline_value"]  # noqa: Y015
+    _WhichOneofArgType__baseline_value: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__baseline_value) -> _WhichOneofReturnType__baseline_value | None: ...
 
 Global___SaliencyResponse: _TypeAlias = SaliencyResponse  # noqa: Y015
 

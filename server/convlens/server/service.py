@@ -15,7 +15,7 @@ from PIL import Image
 
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.render import overlay
-from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult
+from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, validate_options
 from convlens.server.engine.targets import Target, validate_target
 from convlens.server.errors import FailedPrecondition, InvalidArgument
 from convlens.server.models.model import ServedModel
@@ -97,6 +97,7 @@ class Inspector:
             )
         if query.image is None:
             raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
+        validate_options(query.options)
         layer_shapes = {s.name: s.output_shape for s in model.layers}
         validate_target(model.module, query.target, num_classes=model.num_classes, layer_shapes=layer_shapes)
         if query.options.cam_layer is not None:

@@ -7,9 +7,10 @@
 The default layer is the last module, in execution order, whose output is a 4-D map larger than 1x1 and
 that is not a pooling / dropout / identity layer (nor a container whose output is such a layer's): the
 deepest conv block before global pooling. For ResNets that is `layer4`, for VGG the last ReLU of
-`features`, for EfficientNet-Lite0 the head (`_bn1`, or the head activation when it is a module; with a
-functional activation the map is the pre-activation head, which ranks positions the same way where the
-activation is linear).
+`features`, for the served EfficientNet-Lite0 `_act1`: the head's ReLU6 after `_conv_head` / `_bn1`,
+7x7 at 224 px, just before `_avg_pooling`. (A Lite port that applies the head activation functionally
+gets `_bn1`, the pre-activation head map.) A module that runs several times per forward counts by its
+last run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Integrated gradients (Sundararajan et al. 2017): (x - b) * integral over a of grad f(b + a (x - b)).
 
 The integral uses Gauss-Legendre quadrature with `steps` nodes, Captum's default method, so results
-match `captum.attr.IntegratedGradients` and completeness (attributions sum to f(x) - f(b)) holds closely
-with few steps.
+match `captum.attr.IntegratedGradients`. Completeness (attributions sum to f(x) - f(b)) is only as good
+as the quadrature: on deep ReLU6 nets the integrand is rough near a black baseline. Measured on the
+served EfficientNet-Lite0, skimage's chelsea, class 281, black baseline (Captum gives the same numbers):
+sum vs f(x) - f(b) off by +4% at 32 steps, +20% at 64, -4% at 128, +1% at 256 (trapezoid: +107%, -5%,
+-7%, +3%). Ask for 200+ steps where completeness matters.
 """
 
 from __future__ import annotations

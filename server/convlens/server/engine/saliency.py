@@ -73,6 +73,7 @@ class SaliencyResult:
     logits: torch.Tensor  # [K] float32 cpu
     modified_activations: int  # ReLU-family activations whose backward was modified, else 0
     notes: list[str] = field(default_factory=list)
+    baseline_value: float | None = None  # integrated gradients: the target on the baseline
 
 
 def validate_options(options: SaliencyOptions) -> None:
@@ -139,6 +140,7 @@ class _Computed:
     targets: list[Target]
     modified: int = 0
     notes: list[str] = field(default_factory=list)
+    baseline_values: torch.Tensor | None = None  # integrated gradients: the target on each baseline
 
 
 def _saliency(
@@ -201,7 +203,8 @@ def _integrated(model: nn.Module, inputs: torch.Tensor, targets: list[Target | N
     if options.method == "integrated_gradients":
         assert ig_baselines is not None
         attribution = integrated_gradients(model, inputs, resolved, ig_baselines, options.ig_steps)
-        return _Computed(attribution, logits, values, resolved)
+        _, baseline_values, _ = evaluate(model, ig_baselines, resolved)
+        return _Computed(attribution, logits, values, resolved, baseline_values=baseline_values)
     attribution, modified = smoothgrad(
         model, inputs, resolved, base=options.smooth_base, samples=options.smooth_samples,
         noise=options.smooth_noise, std=space.std, seed=options.seed, baselines=ig_baselines,
@@ -240,6 +243,7 @@ def _results(done: _Computed, notes: list[str], *, cam_map: bool) -> list[Salien
     heatmaps = attribution[:, 0] if cam_map else attribution.abs().amax(dim=1)
     logits = done.logits.detach().float().cpu()
     values = done.values.detach().float().cpu().tolist()
+    base = None if done.baseline_values is None else done.baseline_values.detach().float().cpu().tolist()
     return [
         SaliencyResult(
             attribution=attribution[i].clone(),
@@ -249,6 +253,7 @@ def _results(done: _Computed, notes: list[str], *, cam_map: bool) -> list[Salien
             logits=logits[i].clone(),
             modified_activations=done.modified,
             notes=list(notes),
+            baseline_value=None if base is None else float(base[i]),
         )
         for i in range(attribution.shape[0])
     ]

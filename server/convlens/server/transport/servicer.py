@@ -60,7 +60,8 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
             overlay_png=encode_png(answer.overlay) if answer.overlay is not None else b"",
             predictions=[codecs.prediction(p) for p in answer.predictions],
             geometry=codecs.geometry(answer.geometry), target=codecs.target_message(r.target),
-            target_value=r.target_value, modified_activations=r.modified_activations, notes=answer.notes)
+            target_value=r.target_value, modified_activations=r.modified_activations, notes=answer.notes,
+            baseline_value=r.baseline_value)
 
     async def TopActivations(self, request: pb.TopActivationsRequest, context: grpc.aio.ServicerContext
                              ) -> pb.TopActivationsResponse:
