@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from convlens.client import Client
+from convlens.client import Client, NotFoundError, UnavailableError
 from convlens.server.launcher import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_reflection_lists_the_services(server: ServerProcess) -> None:
 
 def test_metrics_count_rpcs_by_code_and_show_loaded_models(server: ServerProcess, client: Client) -> None:
     client.list_models()
-    with pytest.raises(Exception):
+    with pytest.raises(NotFoundError):
         client.get_model("nope")
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="ListModels"' in text
@@ -72,7 +72,7 @@ def test_sigterm_lets_the_in_flight_call_finish_then_exits(tmp_path) -> None:
         assert result["ok"].attribution.shape == (3, 224, 224)
         assert srv.proc.wait(60) == 0
         # and it no longer accepts calls
-        with Client(srv.address, timeout=5) as c, pytest.raises(Exception):
+        with Client(srv.address, timeout=5) as c, pytest.raises(UnavailableError):
             c.list_models()
     finally:
         srv.stop()

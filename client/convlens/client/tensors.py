@@ -33,11 +33,13 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
 def to_numpy(tensor: pb.Tensor) -> np.ndarray:
     dtype = _TO_NUMPY.get(tensor.dtype)
     if dtype is None:
-        raise TensorError(f"unsupported tensor dtype {pb.Dtype.Name(tensor.dtype) if tensor.dtype in pb.Dtype.values() else tensor.dtype}")
+        name = pb.Dtype.Name(tensor.dtype) if tensor.dtype in pb.Dtype.values() else str(tensor.dtype)
+        raise TensorError(f"unsupported tensor dtype {name}")
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise TensorError(f"negative dimension in shape {list(shape)}")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(tensor.data) != expected:
-        raise TensorError(f"shape {list(shape)} of {np.dtype(dtype).name} needs {expected} bytes, got {len(tensor.data)}")
+        raise TensorError(
+            f"shape {list(shape)} of {np.dtype(dtype).name} needs {expected} bytes, got {len(tensor.data)}")
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)

@@ -1,0 +1,49 @@
+"""The server's one error map: every domain error has its code; field violations travel as BadRequest."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+
+from convlens.client.tensors import TensorError
+from convlens.server import errors
+from convlens.server.transport.status import CODES, to_status
+
+
+def all_subclasses(cls: type) -> set[type]:
+    out = set()
+    for sub in cls.__subclasses__():
+        out |= {sub, *all_subclasses(sub)}
+    return out
+
+
+def test_every_domain_error_maps_to_its_own_status_code() -> None:
+    assert all_subclasses(errors.ConvLensError) == set(CODES)
+    assert len(set(CODES.values())) == len(CODES)
+    for cls, code in CODES.items():
+        status = to_status(cls("boom"))
+        assert status.code == code and status.details == "boom"
+
+
+def test_field_violations_travel_as_bad_request_details() -> None:
+    status = to_status(errors.InvalidArgument("channel 900 is out of range 0..111", field="target.unit.channel"))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    (md_key, blob), = status.trailing_metadata
+    assert md_key == "grpc-status-details-bin"
+    from google.rpc import status_pb2
+
+    rich = status_pb2.Status.FromString(blob)
+    bad = error_details_pb2.BadRequest()
+    assert rich.details[0].Unpack(bad)
+    assert [(v.field, v.description) for v in bad.field_violations] == [
+        ("target.unit.channel", "channel 900 is out of range 0..111")]
+
+
+def test_unknown_exceptions_become_internal_without_leaking_internals() -> None:
+    status = to_status(RuntimeError("secret path /home/x"))
+    assert status.code == grpc.StatusCode.INTERNAL and "secret" not in status.details
+
+
+def test_bad_tensors_are_invalid_arguments() -> None:
+    status = to_status(TensorError("shape [2] of float32 needs 8 bytes, got 3"))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT and "8 bytes" in status.details
