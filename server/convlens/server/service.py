@@ -115,7 +115,9 @@ class Inspector:
         result: SaliencyResult = await self.scheduler.submit(task)
         picture = None
         if query.render_overlay:
-            picture = await asyncio.to_thread(overlay, image.pixels, result.heatmap.numpy())
+            # Pixel attributions are smoothed for the picture (only); a Grad-CAM map already is smooth.
+            smooth = 0.0 if query.options.method == "grad_cam" else 2.5
+            picture = await asyncio.to_thread(overlay, image.pixels, result.heatmap.numpy(), smooth=smooth)
         return SaliencyAnswer(result, top_k(result.logits, model.labels, 5), image.geometry, picture,
                               list(result.notes))
 

@@ -40,7 +40,8 @@ def filter_grid(
 
     Three input channels: one RGB tile per filter, in a square-ish grid (first-layer filters).
     One input channel (depthwise): one grey tile per filter, square-ish grid.
-    Otherwise: one row per filter, one grey tile per input channel.
+    Otherwise: one row per filter, one grey tile per input channel (the first `max_input_channels`),
+    each row scaled on its own so a filter's channels compare with each other.
     """
     out_c, in_c, kh, kw = weights.shape
     n = min(out_c, max_filters)
@@ -54,9 +55,12 @@ def filter_grid(
         rows = int(np.ceil(n / cols))
         positions = [(i // cols, i % cols, tiles[i]) for i in range(n)]
     else:
+        # Scaled per filter (across its input channels), not per tile: a 1x1 tile alone is one value
+        # and would always come out mid-grey.
         m = min(in_c, max_input_channels)
         rows, cols = n, m
-        positions = [(i, j, _scale(weights[i, j][None], scaling)) for i in range(n) for j in range(m)]
+        scaled = [_scale(weights[i, :m], scaling) for i in range(n)]
+        positions = [(i, j, scaled[i][j][None]) for i in range(n) for j in range(m)]
 
     canvas = np.full((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, dtype=np.uint8)
     for r, c, tile in positions:
@@ -81,18 +85,31 @@ def colorize(heatmap: np.ndarray) -> np.ndarray:
     return rgb.round().clip(0, 255).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.6) -> Image.Image:
-    """The model-input image [H, W, 3] uint8 with the coloured heatmap blended on top.
+def blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of a [H, W] map, edges repeated."""
+    radius = max(1, int(3 * sigma + 0.5))
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    out = np.pad(image.astype(np.float32), radius, mode="edge")
+    out = np.apply_along_axis(lambda r: np.convolve(r, k, mode="valid"), 1, out)
+    return np.apply_along_axis(lambda c: np.convolve(c, k, mode="valid"), 0, out)
 
-    Pixel attributions are sparse, so they are clipped at their 99.5th percentile first;
-    otherwise a few extreme pixels would wash the rest out to black.
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, *, smooth: float = 0.0, alpha: float = 0.75) -> Image.Image:
+    """The model-input image [H, W, 3] uint8, greyed, with the coloured heatmap blended on top.
+
+    Pixel attributions are sparse speckle: `smooth` (a Gaussian sigma in pixels) turns them into regions
+    a reader can see, and the map is scaled to its 99th percentile so a few extreme pixels do not wash
+    the rest out. Where the map is strong the colour covers the image; where it is weak the image shows.
     """
-    h = heatmap.astype(np.float32)
-    cap = float(np.percentile(h, 99.5))
-    if cap > 0:
-        h = np.clip(h, 0, cap)
-    heat = colorize(h).astype(np.float32)
-    weight = alpha * (h / cap if cap > 0 else h)[..., None] ** 0.5
-    base = image.astype(np.float32) * 0.8
+    h = np.abs(heatmap.astype(np.float32))
+    if smooth > 0:
+        h = blur(h, smooth)
+    cap = float(np.percentile(h, 99))
+    t = np.clip(h / cap, 0, 1) if cap > 0 else np.zeros_like(h)
+    heat = colorize(t).astype(np.float32)
+    grey = image.astype(np.float32).mean(axis=2, keepdims=True)
+    base = 0.35 * image.astype(np.float32) + 0.45 * grey  # desaturated and darker: the colour carries the map
+    weight = alpha * t[..., None] ** 0.7
     out = base * (1 - weight) + heat * weight
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
