@@ -22,7 +22,8 @@ SLOW = {"method": "integrated_gradients", "steps": 24}  # about a second or more
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("small") / "server.log"
-    with ServerProcess(["--device", "cpu", "--max-queue", "2", "--batch", "cpu=1:0"], log_path=log) as srv:
+    args = ["--device", "cpu", "--max-queue", "2", "--batch", "cpu=1:0", "--max-message-mb", "1"]
+    with ServerProcess(args, log_path=log) as srv:
         yield srv
 
 
@@ -87,3 +88,16 @@ def test_a_cancelled_call_is_never_computed_and_does_not_block_the_next(small_se
     time.sleep(0.5)
     assert metric(small_server, "convlens_scheduler_rejections_total", reason="cancelled") == before_cancel + 1
     assert metric(small_server, "convlens_scheduler_tasks_total", rpc="Saliency") == before_done + 2
+
+
+def test_a_message_over_the_configured_limit_is_refused_and_the_server_goes_on(small_server: ServerProcess) -> None:
+    big = np.random.default_rng(1).integers(0, 256, (800, 800, 3), dtype=np.uint8)  # 1.9 MB raw > 1 MiB
+
+    async def run() -> None:
+        async with AsyncClient(small_server.address, timeout=60) as c:
+            with pytest.raises(exc.ResourceExhaustedError):
+                await c.saliency(big, "efficientnet_lite0")
+            ok = await c.saliency(IMAGE, "efficientnet_lite0")
+            assert ok.attribution.shape == (3, 224, 224)
+
+    asyncio.run(run())
