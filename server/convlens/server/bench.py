@@ -35,30 +35,32 @@ def sweep(server: ServerProcess, levels: tuple[int, ...], seconds: float) -> lis
 
 @dataclass(frozen=True)
 class Round:
+    concurrency: int
     raw: float
     on: float
     off: float
 
 
-def paired_rounds(model: torch.nn.Module, batch: int, on: ServerProcess, off: ServerProcess, concurrency: int,
-                  seconds: float, rounds: int, device: torch.device) -> list[Round]:
+def paired_rounds(model: torch.nn.Module, batch: int, on: ServerProcess, off: ServerProcess,
+                  levels: tuple[int, ...], seconds: float, rounds: int, device: torch.device) -> list[Round]:
     """Raw, batching on, batching off, back to back, several times: this machine's speed drifts by tens of
     percent over minutes, so only measurements taken side by side make honest ratios."""
     out = []
     for i in range(rounds):
-        raw = measure(model, 224, (batch,), seconds / 2, device)[0].images_per_second
-        a = sweep(on, (concurrency,), seconds)[0].throughput
-        b = sweep(off, (concurrency,), seconds)[0].throughput
-        out.append(Round(raw, a, b))
-        print(f"  round {i + 1}: raw {raw:.2f}/s, batching on {a:.2f}/s, off {b:.2f}/s")
+        for c in levels:
+            raw = measure(model, 224, (batch,), seconds / 2, device)[0].images_per_second
+            a = sweep(on, (c,), seconds)[0].throughput
+            b = sweep(off, (c,), seconds)[0].throughput
+            out.append(Round(c, raw, a, b))
+            print(f"  round {i + 1}, concurrency {c}: raw {raw:.2f}/s, batching on {a:.2f}/s, off {b:.2f}/s")
     return out
 
 
 def report(raw: list[RawPoint], on: list[LevelResult], off: list[LevelResult], rounds: list[Round],
            batch: str, device: str, seconds: float) -> str:
     best_raw = max(raw, key=lambda p: p.images_per_second)
-    best_on = max(on, key=lambda r: r.throughput)
     med = statistics.median
+    by = {c: [r for r in rounds if r.concurrency == c] for c in sorted({r.concurrency for r in rounds})}
     lines = [
         f"## {device} — {dt.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}",
@@ -84,18 +86,19 @@ def report(raw: list[RawPoint], on: list[LevelResult], off: list[LevelResult], r
         format_table(off).rstrip(),
         "```",
         "",
-        f"**Paired rounds** (raw at batch {best_raw.batch_size}, then the service at concurrency "
-        f"{best_on.concurrency} with batching on, then off; {len(rounds)} rounds):",
+        f"**Paired rounds** (raw at batch {best_raw.batch_size}, then the service with batching on, then off, "
+        "back to back):",
         "",
-        "| round | raw img/s | on req/s | off req/s | on / raw | on / off |",
+        "| concurrency | raw img/s | on req/s | off req/s | on / raw | on / off |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {i + 1} | {r.raw:.2f} | {r.on:.2f} | {r.off:.2f} | {r.on / r.raw:.2f} | {r.on / r.off:.2f} |"
-          for i, r in enumerate(rounds)),
+        *(f"| {r.concurrency} | {r.raw:.2f} | {r.on:.2f} | {r.off:.2f} | {r.on / r.raw:.2f} | "
+          f"{r.on / r.off:.2f} |" for r in rounds),
         "",
-        "| ratio | value |",
+        "| ratio (median of paired rounds) | value |",
         "| --- | ---: |",
-        f"| service / raw, median of paired rounds | {med([r.on / r.raw for r in rounds]):.2f} |",
-        f"| batching on / off, median of paired rounds | {med([r.on / r.off for r in rounds]):.2f} |",
+        *(f"| concurrency {c}: service (batching on) / raw | {med([r.on / r.raw for r in by[c]]):.2f} |"
+          for c in sorted(by)),
+        *(f"| concurrency {c}: batching on / off | {med([r.on / r.off for r in by[c]]):.2f} |" for c in sorted(by)),
         *(f"| batching on / off at concurrency {a.concurrency} (sweeps) | {a.throughput / b.throughput:.2f} |"
           for a, b in zip(on, off, strict=True)),
         "",
@@ -132,8 +135,9 @@ def main() -> int:
         print("(c) service, batching off (1:0)")
         off = sweep(off_srv, levels, args.seconds)
         best_c = max(on, key=lambda r: r.throughput).concurrency
-        print(f"paired rounds at concurrency {best_c}, raw batch {best_batch}")
-        rounds = paired_rounds(model, best_batch, on_srv, off_srv, best_c, args.seconds, args.rounds, device)
+        paired = tuple(sorted({1, best_c}))
+        print(f"paired rounds at concurrency {paired}, raw batch {best_batch}")
+        rounds = paired_rounds(model, best_batch, on_srv, off_srv, paired, args.seconds, args.rounds, device)
     text = report(raw, on, off, rounds, batch, args.device, args.seconds)
     print(text)
     header = "# Performance\n\nWritten by `make bench` (server/convlens/server/bench.py); newest run first.\n\n"
