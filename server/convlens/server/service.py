@@ -34,7 +34,6 @@ MAX_IMAGE_PIXELS = 40_000_000
 class PreparedImage:
     tensor: torch.Tensor  # normalised [3, H, W]
     geometry: Geometry
-    pixels: np.ndarray  # the model-input view, uint8 [H, W, 3]
 
 
 @dataclass
@@ -117,7 +116,8 @@ class Inspector:
         if query.render_overlay:
             # Pixel attributions are smoothed for the picture (only); a Grad-CAM map already is smooth.
             smooth = 0.0 if query.options.method == "grad_cam" else 2.5
-            picture = await asyncio.to_thread(overlay, image.pixels, result.heatmap.numpy(), smooth=smooth)
+            picture = await asyncio.to_thread(
+                lambda: overlay(denormalize(image.tensor, model.preprocess), result.heatmap.numpy(), smooth=smooth))
         return SaliencyAnswer(result, top_k(result.logits, model.labels, 5), image.geometry, picture,
                               list(result.notes))
 
@@ -137,7 +137,7 @@ class Inspector:
                 f"image is {array.shape[1]}x{array.shape[0]}; at most {MAX_IMAGE_PIXELS} pixels are accepted, "
                 "resize it first", field=field_name)
         tensor, geometry = prepare(array, model.preprocess)
-        return PreparedImage(tensor, geometry, denormalize(tensor, model.preprocess))
+        return PreparedImage(tensor, geometry)
 
 
 def deadline_from_timeout(remaining: float | None) -> float | None:

@@ -84,15 +84,20 @@ def prepare(image: np.ndarray, pre: Preprocess) -> tuple[torch.Tensor, Geometry]
     rgb = as_rgb(image)
     geo = plan_geometry(rgb.shape[0], rgb.shape[1], pre)
     # Float input may stray outside 0..255; the model was trained on pixels inside it.
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(torch.float32).clamp_(0.0, 255.0)
+    pixels = np.clip(rgb.astype(np.float32, copy=False), 0.0, 255.0)  # H, W, 3
     if (geo.resized_height, geo.resized_width) != (geo.original_height, geo.original_width):
         # Antialiased bicubic matches PIL's resize closely; bicubic overshoots, hence the clamp.
-        x = F.interpolate(x[None], size=(geo.resized_height, geo.resized_width), mode="bicubic",
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(geo.resized_height, geo.resized_width), mode="bicubic",
                           align_corners=False, antialias=True)[0].clamp_(0.0, 255.0)
-    x = x[:, geo.crop_top:geo.crop_top + geo.input_height, geo.crop_left:geo.crop_left + geo.input_width]
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
-    return ((x / 255.0 - mean) / std).contiguous(), geo
+        pixels = x.permute(1, 2, 0).numpy()
+    crop = pixels[geo.crop_top:geo.crop_top + geo.input_height, geo.crop_left:geo.crop_left + geo.input_width]
+    # Normalised in numpy: torch would start an intra-op thread team here, on the request's thread, that
+    # competes with the device worker's for the same cores.
+    mean = np.asarray(pre.mean, dtype=np.float32) * 255.0
+    std = np.asarray(pre.std, dtype=np.float32) * 255.0
+    normalised = ((crop - mean) / std).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(normalised, dtype=np.float32)), geo
 
 
 def denormalize(tensor: torch.Tensor, pre: Preprocess) -> np.ndarray:
