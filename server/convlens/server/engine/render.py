@@ -62,7 +62,9 @@ def filter_grid(
         scaled = [_scale(weights[i, :m], scaling) for i in range(n)]
         positions = [(i, j, scaled[i][j][None]) for i in range(n) for j in range(m)]
 
-    canvas = np.full((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, dtype=np.uint8)
+    # A blue-grey frame: white and black tiles both stay visible against it.
+    canvas = np.empty((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), dtype=np.uint8)
+    canvas[:] = (48, 64, 96)
     for r, c, tile in positions:
         rgb = np.repeat(tile, 3, axis=0) if tile.shape[0] == 1 else tile
         img = (np.transpose(rgb, (1, 2, 0)) * 255).round().clip(0, 255).astype(np.uint8)
