@@ -20,30 +20,16 @@ from convlens.server.engine.integrated_gradients import black_baseline, gaussian
 from convlens.server.engine.saliency import InputSpace, SaliencyOptions, saliency
 from convlens.server.engine.targets import ClassTarget, UnitTarget
 
+from .helpers import CLASSES, close, differs, leaf
+
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks:UserWarning")  # Captum's notice
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """rtol 1e-4, atol 1e-5 of the reference's largest magnitude: scale-free, tight for tiny maps."""
-    expected = expected.detach()
-    atol = 1e-5 * float(expected.abs().max()) + 1e-12
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
-
-
-def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Clearly different: by more than 1% of the larger map's magnitude somewhere."""
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max()) > 0.01 * max(float(a.abs().max()), float(b.abs().max()))
-CLASSES = [1, 3, 0]
 
 
 def run(model: nn.Module, x: torch.Tensor, space: InputSpace, targets: list, **options: object) -> list:
     return saliency(model, x, targets, SaliencyOptions(**options), space)  # type: ignore[arg-type]
 
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    """Captum warns when it has to set requires_grad itself."""
-    return x.clone().requires_grad_(True)
 
 
 def stacked(results: list) -> torch.Tensor:

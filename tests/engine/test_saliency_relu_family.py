@@ -17,21 +17,11 @@ from torch import nn
 from convlens.server.engine.saliency import InputSpace, SaliencyOptions, saliency
 from convlens.server.engine.targets import ClassTarget, UnitTarget
 
+from .helpers import CLASSES, close, differs, leaf
+
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks:UserWarning")
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """rtol 1e-4, atol 1e-5 of the reference's largest magnitude: scale-free, tight for tiny maps."""
-    expected = expected.detach()
-    atol = 1e-5 * float(expected.abs().max()) + 1e-12
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
-
-
-def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Clearly different: by more than 1% of the larger map's magnitude somewhere."""
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max()) > 0.01 * max(float(a.abs().max()), float(b.abs().max()))
-CLASSES = [1, 3, 0]
 
 
 def attributions(model, x, space, method, targets=None):
@@ -39,9 +29,6 @@ def attributions(model, x, space, method, targets=None):
     results = saliency(model, x, targets, SaliencyOptions(method=method), space)
     return torch.stack([r.attribution for r in results]), results
 
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.clone().requires_grad_(True)
 
 
 class Clamp6(nn.Module):
