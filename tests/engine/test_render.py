@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convlens.server.engine.render import filter_grid, overlay
+from convlens.server.engine.render import DEAD_FRAME, filter_grid, overlay
 
 
 def test_rgb_filters_are_drawn_as_colour_tiles_with_per_filter_scaling() -> None:
@@ -33,3 +33,10 @@ def test_overlay_colours_where_the_heatmap_is_strong() -> None:
     out = np.asarray(overlay(image, heat)).astype(int)
     hot, cold = out[12, 12], out[28, 28]
     assert hot.sum() > cold.sum() + 150 and (cold == cold[0]).all()  # coloured vs plain grey
+
+
+def test_dead_filters_are_framed_in_red() -> None:
+    w = np.random.default_rng(1).normal(size=(4, 3, 2, 2)).astype(np.float32)
+    grid = np.asarray(filter_grid(w, cell_scale=4, dead=[3]))  # 2x2 layout, tiles 8 px, pad 1
+    assert tuple(grid[9, 9]) == DEAD_FRAME  # the frame pixel just above-left of tile 3 (row 1, col 1)
+    assert tuple(grid[0, 0]) != DEAD_FRAME  # tile 0 is alive

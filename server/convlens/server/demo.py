@@ -72,7 +72,7 @@ def main() -> int:
         sections.append(
             f"<h2>First-layer filters</h2><p>_conv_stem: {stem.weights.shape[0]} filters of "
             f"{stem.weights.shape[2]}x{stem.weights.shape[3]} RGB, per-filter min-max scaled. "
-            f"Dead channels (BatchNorm running_var = 0): {stem.dead_channels}.</p>"
+            f"Dead channels (BatchNorm running_var = 0, framed in red): {stem.dead_channels}.</p>"
             f"<img src='filters_stem.png' class='px'>")
         deeper = []
         for layer in DEEPER_LAYERS:

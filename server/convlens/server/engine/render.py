@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -11,6 +12,9 @@ from PIL import Image
 _HEAT_ANCHORS = np.array(
     [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32
 )
+
+
+DEAD_FRAME = (230, 40, 40)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -35,8 +39,9 @@ def filter_grid(
     max_filters: int = 64,
     max_input_channels: int = 16,
     cell_scale: int | None = None,
+    dead: Sequence[int] = (),
 ) -> Image.Image:
-    """A grid image of conv filters [out, in, kh, kw].
+    """A grid image of conv filters [out, in, kh, kw]; `dead` filters get a red frame.
 
     Three input channels: one RGB tile per filter, in a square-ish grid (first-layer filters).
     One input channel (depthwise): one grey tile per filter, square-ish grid.
@@ -53,23 +58,26 @@ def filter_grid(
         tiles = [_scale(weights[i], scaling) for i in range(n)]  # [in, kh, kw] each
         cols = int(np.ceil(np.sqrt(n)))
         rows = int(np.ceil(n / cols))
-        positions = [(i // cols, i % cols, tiles[i]) for i in range(n)]
+        positions = [(i, i // cols, i % cols, tiles[i]) for i in range(n)]
     else:
         # Scaled per filter (across its input channels), not per tile: a 1x1 tile alone is one value
         # and would always come out mid-grey.
         m = min(in_c, max_input_channels)
         rows, cols = n, m
         scaled = [_scale(weights[i, :m], scaling) for i in range(n)]
-        positions = [(i, j, scaled[i][j][None]) for i in range(n) for j in range(m)]
+        positions = [(i, i, j, scaled[i][j][None]) for i in range(n) for j in range(m)]
 
     # A blue-grey frame: white and black tiles both stay visible against it.
     canvas = np.empty((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), dtype=np.uint8)
     canvas[:] = (48, 64, 96)
-    for r, c, tile in positions:
+    dead_set = set(dead)
+    for i, r, c, tile in positions:
         rgb = np.repeat(tile, 3, axis=0) if tile.shape[0] == 1 else tile
         img = (np.transpose(rgb, (1, 2, 0)) * 255).round().clip(0, 255).astype(np.uint8)
         img = np.kron(img, np.ones((scale, scale, 1), dtype=np.uint8))  # nearest upscaling: crisp pixels
         y0, x0 = pad + r * (th + pad), pad + c * (tw + pad)
+        if i in dead_set:  # the frame around the tile: this filter's output never reaches the next layer
+            canvas[y0 - pad : y0 + th + pad, x0 - pad : x0 + tw + pad] = DEAD_FRAME
         canvas[y0 : y0 + th, x0 : x0 + tw] = img
     return Image.fromarray(canvas)
 

@@ -48,7 +48,8 @@ def compute_filters(model: ServedModel, queries: Sequence[FiltersQuery]) -> list
             f = conv_filters(model.module, q.layer, example if model.format != "onnx" else None)
             grid = (
                 filter_grid(f.weights, scaling=q.scaling, max_filters=q.max_filters,
-                            max_input_channels=q.max_input_channels, cell_scale=q.cell_scale)
+                            max_input_channels=q.max_input_channels, cell_scale=q.cell_scale,
+                            dead=f.dead_channels)
                 if q.render_grid else None
             )
             answers.append(FiltersAnswer(f, grid))
