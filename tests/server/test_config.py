@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from convlens.server.config import DEFAULT_POLICIES, DevicePolicy, from_args
+from convlens.server.config import DEFAULT_POLICIES, from_args
+from convlens.server.scheduler.policy import BatchPolicy
 
 
 def test_defaults() -> None:
@@ -24,8 +25,8 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("CONVLENS_BATCH", "cpu=2:1,cuda:0=64:8")
     cfg = from_args(["--port", "7000", "--batch", "cpu=3:0"])
     assert cfg.port == 7000 and cfg.device == "cpu" and cfg.model_repo == tmp_path
-    assert cfg.policy_for("cpu") == DevicePolicy(3, 0.0)
-    assert cfg.policy_for("cuda:0") == DevicePolicy(64, 8.0)
+    assert cfg.policy_for("cpu") == BatchPolicy(3, 0.0)
+    assert cfg.policy_for("cuda:0") == BatchPolicy(64, 0.008)
 
 
 @pytest.mark.parametrize("argv", [["--batch", "cpu"], ["--batch", "cpu=0:1"], ["--batch", "cpu=a:b"],

@@ -18,7 +18,6 @@ from convlens.server.config import ServerConfig, from_args
 from convlens.server.metrics import Metrics
 from convlens.server.models.repository import ModelRepository
 from convlens.server.scheduler.devices import parse_devices
-from convlens.server.scheduler.policy import BatchPolicy
 from convlens.server.scheduler.scheduler import Scheduler
 from convlens.server.service import Inspector
 from convlens.server.transport.interceptor import ServiceInterceptor
@@ -59,10 +58,7 @@ class ConvLensServer:
         if not repo.models():
             raise SystemExit("no model to serve: every model folder failed to load (see the errors above)")
 
-        policies = {}
-        for d in devices:
-            p = cfg.policy_for(str(d))
-            policies[str(d)] = BatchPolicy(max_batch_size=p.max_batch_size, max_batch_delay=p.max_batch_delay_ms / 1000)
+        policies = {str(d): cfg.policy_for(str(d)) for d in devices}
         self._scheduler = Scheduler(repo.get, devices, self.metrics, policies=policies, max_queue=cfg.max_queue)
         await self._scheduler.start()
 

@@ -119,7 +119,7 @@ def main() -> int:
     device = torch.device(args.device)
     levels = tuple(int(c) for c in args.concurrency.split(","))
     default = DEFAULT_POLICIES["cuda" if device.type == "cuda" else "cpu"]
-    batch = args.batch or f"{default.max_batch_size}:{default.max_batch_delay_ms:g}"
+    batch = args.batch or f"{default.max_batch_size}:{default.max_batch_delay * 1000:g}"
 
     print("(a) raw torch, forward + backward to the input")
     model = load_lite(MODEL).module.to(device).eval()

@@ -8,16 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class DevicePolicy:
-    max_batch_size: int
-    max_batch_delay_ms: float
-
+from convlens.server.scheduler.policy import BatchPolicy
 
 # Defaults per device kind. CPU: measured with `make bench` on 2 cores (docs/performance.md) — batching
 # gains little there, so batches stay small and the delay short. GPU: larger batches pay off.
-DEFAULT_POLICIES = {"cpu": DevicePolicy(4, 2.0), "cuda": DevicePolicy(32, 5.0)}
+DEFAULT_POLICIES = {"cpu": BatchPolicy(4, 0.002), "cuda": BatchPolicy(32, 0.005)}
 
 
 @dataclass(frozen=True)
@@ -32,10 +27,10 @@ class ServerConfig:
     max_message_mb: int = 64
     max_queue: int = 256
     grace_seconds: float = 10.0
-    policies: dict[str, DevicePolicy] = field(default_factory=dict)  # per device string, overrides defaults
+    policies: dict[str, BatchPolicy] = field(default_factory=dict)  # per device string, overrides defaults
     log_level: str = "INFO"
 
-    def policy_for(self, device: str) -> DevicePolicy:
+    def policy_for(self, device: str) -> BatchPolicy:
         return self.policies.get(device) or DEFAULT_POLICIES["cuda" if device.startswith("cuda") else "cpu"]
 
 
@@ -43,19 +38,17 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"CONVLENS_{name}", default)
 
 
-def _policy(text: str) -> tuple[str, DevicePolicy]:
+def _policy(text: str) -> tuple[str, BatchPolicy]:
     """DEVICE=SIZE[:DELAY_MS], e.g. cpu=4:2 or cuda:0=32:5."""
     device, sep, rest = text.rpartition("=")
     if not sep or not device:
         raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[:DELAY_MS], got {text!r}")
     size, _, delay = rest.partition(":")
     try:
-        policy = DevicePolicy(int(size), float(delay) if delay else 2.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[:DELAY_MS] with numbers, got {text!r}") from None
-    if policy.max_batch_size < 1 or policy.max_batch_delay_ms < 0:
-        raise argparse.ArgumentTypeError(f"batch size must be >= 1 and delay >= 0 in {text!r}")
-    return device, policy
+        return device, BatchPolicy(int(size), (float(delay) if delay else 2.0) / 1000)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[:DELAY_MS] with size >= 1 and delay >= 0, "
+                                         f"got {text!r} ({exc})") from None
 
 
 def parser() -> argparse.ArgumentParser:

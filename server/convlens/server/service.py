@@ -97,8 +97,7 @@ class Inspector:
         if query.image is None:
             raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
         validate_options(query.options)
-        layer_shapes = {s.name: s.output_shape for s in model.layers}
-        validate_target(model.module, query.target, num_classes=model.num_classes, layer_shapes=layer_shapes)
+        validate_target(model.module, query.target, num_classes=model.num_classes, layer_shapes=model.layer_shapes)
         if query.options.cam_layer is not None:
             model.layer(query.options.cam_layer, field_name="grad_cam.layer")
         image = await asyncio.to_thread(self.prepare_image, model, query.image, "image")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,12 +54,22 @@ def conv_filters(model: nn.Module, layer: str, example: torch.Tensor | None = No
     )
 
 
+# Served weights never change, so each conv's answer is computed once (the key dies with the module).
+_DEAD: weakref.WeakKeyDictionary[nn.Module, list[int]] = weakref.WeakKeyDictionary()
+
+
 def dead_channels(model: nn.Module, conv: nn.Module, example: torch.Tensor) -> list[int]:
     """Output channels of `conv` that its following BatchNorm zeroes out (running_var == 0).
 
     "Following" is found from the data flow of one forward pass (the BatchNorm whose input is the
     conv's output tensor), not from registration order, so any architecture is read correctly.
     """
+    if conv not in _DEAD:
+        _DEAD[conv] = _find_dead_channels(model, conv, example)
+    return list(_DEAD[conv])
+
+
+def _find_dead_channels(model: nn.Module, conv: nn.Module, example: torch.Tensor) -> list[int]:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not isinstance(model, nn.Module):
         return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -82,10 +83,18 @@ class ServedModel:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
+    @cached_property
+    def layer_index(self) -> dict[str, LayerSpec]:
+        return {spec.name: spec for spec in self.layers}
+
+    @cached_property
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {spec.name: spec.output_shape for spec in self.layers}
+
     def layer(self, name: str, *, field_name: str = "layer") -> LayerSpec:
-        for spec in self.layers:
-            if spec.name == name:
-                return spec
+        spec = self.layer_index.get(name)
+        if spec is not None:
+            return spec
         raise NotFound(
             f"model {self.name!r} has no layer {name!r}; list its layers with GetModel "
             f"(`convlens layers {self.name}`)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -39,52 +40,38 @@ class ServiceInterceptor(ServerInterceptor):
                 response_serializer=handler.response_serializer)
         return handler  # stream-request RPCs: none in this service (health Watch is unary_stream)
 
-    def _begin(self, kind: str, service: str, method: str) -> float:
+    @asynccontextmanager
+    async def _observed(self, kind: str, service: str, method: str,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Count and time the call; turn any exception from its body into the caller's status."""
         self.metrics.started.labels(kind, service, method).inc()
-        return time.perf_counter()
-
-    def _end(self, kind: str, service: str, method: str, started: float, code: grpc.StatusCode) -> None:
-        self.metrics.handled.labels(kind, service, method, code.name).inc()
-        self.metrics.handling_seconds.labels(kind, service, method).observe(time.perf_counter() - started)
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # every failure is reported as a status
+            status = to_status(exc)
+            code = status.code
+            await context.abort_with_status(status)
+        finally:
+            self.metrics.handled.labels(kind, service, method, code.name).inc()
+            self.metrics.handling_seconds.labels(kind, service, method).observe(time.perf_counter() - started)
 
     def _unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = self._begin("unary", service, method)
-            code = grpc.StatusCode.OK
-            try:
+            async with self._observed("unary", service, method, context):
                 return await behavior(request, context)
-            except AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:  # every failure is reported as a status
-                status = to_status(exc)
-                code = status.code
-                await context.abort_with_status(status)
-            finally:
-                self._end("unary", service, method, started, code)
         return wrapper
 
     def _stream(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = self._begin("server_stream", service, method)
-            code = grpc.StatusCode.OK
-            try:
+            async with self._observed("server_stream", service, method, context):
                 async for response in behavior(request, context):
                     yield response
-            except AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                status = to_status(exc)
-                code = status.code
-                await context.abort_with_status(status)
-            finally:
-                self._end("server_stream", service, method, started, code)
         return wrapper
-
