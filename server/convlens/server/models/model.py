@@ -79,7 +79,7 @@ class ServedModel:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    @property
+    @cached_property  # weights never change while served; summing them per ListModels cost ~0.2 ms a model
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
