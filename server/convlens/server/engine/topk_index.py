@@ -1,0 +1,378 @@
+"""A per-channel top-k index of a layer's activations over a dataset, mergeable exactly.
+
+For every channel of one layer it keeps the `k_max` best entries (value, image, y, x) under three
+rankings, plus summary statistics:
+
+- "max":     one entry per image, its spatial max (first position in row-major order on ties);
+- "mean":    one entry per image, its spatial mean (positioned at the spatial argmax, for the box);
+- "regions": up to `per_image` entries per image, its strongest local maxima (3x3 peaks), so one
+             photo can contribute several distinct regions.
+
+Entries are totally ordered by (value desc, image id asc, y asc, x asc), with image ids that are
+stable across processes (dataset-relative path + content digest). A top-k under a total order is
+associative and commutative, so merging the indexes of any split of a dataset into shards gives exactly
+the index of one pass. The statistics merge exactly too: counts are integers, maxima are maxima, and the
+per-image means are rounded to multiples of 2**-20 before they are summed in float64, so every partial
+sum is exact (while |sum| < 2**33) and the order of additions does not matter.
+
+Memory is O(channels x k_max) whatever the dataset size: only the ids of images that some channel still
+holds are kept. Which images were scanned is summarised by a count and an order-independent digest
+(`coverage`), so a complete index can be told from a partial one without listing the images.
+Pure numpy (and torch only to turn a batch of activations into candidates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RANKINGS = ("max", "mean", "regions")
+DEFAULT_K_MAX = 64
+DEFAULT_PER_IMAGE = 4
+MEAN_QUANTUM = 2.0 ** -20  # per-image means are summed on this grid: exact, order-free float64 sums
+_COVERAGE_MOD = 1 << 128
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, order=True)
+class ImageId:
+    """A dataset image, independent of loader order: its dataset-relative path and a content digest."""
+
+    path: str
+    digest: str
+
+    def token(self) -> int:
+        """A 128-bit number for the order-independent coverage digest."""
+        return int.from_bytes(hashlib.sha256(f"{self.path}\0{self.digest}".encode()).digest()[:16], "big")
+
+
+def coverage_of(ids: Iterable[ImageId]) -> int:
+    """The coverage digest of a set of images (what an index that scanned exactly them reports)."""
+    return sum(i.token() for i in ids) % _COVERAGE_MOD
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: float
+    image: ImageId
+    y: int
+    x: int
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    images: int
+    mean: float  # mean activation over every position of every image
+    max: float
+    positive_fraction: float  # fraction of positions > 0 (0 for a unit dead on this dataset)
+
+
+@dataclass
+class Table:
+    """One ranking: [C, K] arrays, best first; unused slots hold value -inf and image -1."""
+
+    values: np.ndarray  # float32
+    images: np.ndarray  # int32, index into TopKIndex.images
+    ys: np.ndarray  # int32
+    xs: np.ndarray  # int32
+
+    @classmethod
+    def empty(cls, channels: int, k: int) -> Table:
+        return cls(np.full((channels, k), -np.inf, np.float32), np.full((channels, k), -1, np.int32),
+                   np.full((channels, k), -1, np.int32), np.full((channels, k), -1, np.int32))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.values, self.images, self.ys, self.xs
+
+
+@dataclass
+class Candidates:
+    """One batch's contribution, before it is merged: per image and channel (see `candidates`)."""
+
+    max_value: np.ndarray  # [B, C] float32
+    max_pos: np.ndarray  # [B, C] int64, flat position of the first spatial max
+    mean_value: np.ndarray  # [B, C] float32
+    region_value: np.ndarray  # [B, C, P] float32 (-inf where an image has fewer peaks)
+    region_pos: np.ndarray  # [B, C, P] int64
+    positive: np.ndarray  # [B, C] int64, positions > 0
+    positions: int  # positions per image and channel (H * W)
+
+
+@dataclass
+class TopKIndex:
+    layer: str
+    channels: int
+    map_hw: tuple[int, int]  # (1, 1) for a vector layer (logits)
+    k_max: int = DEFAULT_K_MAX
+    per_image: int = DEFAULT_PER_IMAGE
+    images: list[ImageId] = field(default_factory=list)  # sorted; only those some table references
+    tables: dict[str, Table] = field(default_factory=dict)
+    count: int = 0  # images scanned
+    coverage: int = 0
+    sum_mean: np.ndarray | None = None  # [C] float64, sum of quantised per-image means
+    max: np.ndarray | None = None  # [C] float32
+    positive: np.ndarray | None = None  # [C] int64
+    meta: dict[str, str] = field(default_factory=dict)  # free-form provenance (model, digests, ...)
+
+    def __post_init__(self) -> None:
+        if self.k_max < 1 or self.per_image < 1:
+            raise ValueError("k_max and per_image must be >= 1")
+        for name in RANKINGS:
+            self.tables.setdefault(name, Table.empty(self.channels, self.k_max))
+        if self.sum_mean is None:
+            self.sum_mean = np.zeros(self.channels, np.float64)
+        if self.max is None:
+            self.max = np.full(self.channels, -np.inf, np.float32)
+        if self.positive is None:
+            self.positive = np.zeros(self.channels, np.int64)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def like(cls, other: TopKIndex) -> TopKIndex:
+        return cls(other.layer, other.channels, other.map_hw, other.k_max, other.per_image,
+                   meta=dict(other.meta))
+
+    def add(self, ids: Sequence[ImageId], batch: Candidates) -> None:
+        """Fold one scanned batch into the index (in place)."""
+        part = from_candidates(self, ids, batch)
+        merged = merge([self, part])
+        self.__dict__.update(merged.__dict__)
+
+    # ------------------------------------------------------------------ querying
+
+    def top(self, channel: int, k: int, *, ranking: str = "max", max_per_image: int = 1) -> list[Entry]:
+        """The best k entries of a channel, at most `max_per_image` per image, best first.
+
+        From the "regions" table when more than one region per image is allowed; that table holds the
+        top k_max under a cap of `per_image`, so a greedy pass under a smaller cap is a prefix of the
+        exact answer (it may hold fewer than k entries when a few images dominate the channel).
+        """
+        if ranking not in ("max", "mean"):
+            raise ValueError(f"ranking must be max or mean, got {ranking!r}")
+        name = "regions" if ranking == "max" and max_per_image > 1 else ranking
+        t = self.tables[name]
+        out: list[Entry] = []
+        taken: dict[int, int] = {}
+        for v, img, y, x in zip(t.values[channel], t.images[channel], t.ys[channel], t.xs[channel],
+                                strict=True):
+            if img < 0 or len(out) >= k:
+                break
+            if taken.get(int(img), 0) >= max_per_image:
+                continue
+            taken[int(img)] = taken.get(int(img), 0) + 1
+            out.append(Entry(float(v), self.images[int(img)], int(y), int(x)))
+        return out
+
+    def stats(self, channel: int) -> ChannelStats:
+        assert self.sum_mean is not None and self.max is not None and self.positive is not None
+        if self.count == 0:
+            return ChannelStats(0, 0.0, 0.0, 0.0)
+        positions = self.count * self.map_hw[0] * self.map_hw[1]
+        return ChannelStats(self.count, float(self.sum_mean[channel] / self.count), float(self.max[channel]),
+                            float(self.positive[channel] / positions))
+
+    def same_as(self, other: TopKIndex) -> bool:
+        """Exactly equal content (entries, ids, statistics, coverage)."""
+        if (self.layer, self.channels, self.map_hw, self.k_max, self.per_image, self.count, self.coverage) != \
+                (other.layer, other.channels, other.map_hw, other.k_max, other.per_image, other.count,
+                 other.coverage) or self.images != other.images:
+            return False
+        for name in RANKINGS:
+            for a, b in zip(self.tables[name].arrays(), other.tables[name].arrays(), strict=True):
+                if not np.array_equal(a, b):
+                    return False
+        return all(np.array_equal(getattr(self, n), getattr(other, n)) for n in ("sum_mean", "max", "positive"))
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: Path) -> None:
+        """Atomically: a reader sees the old file or the new one, never half of one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"version": FORMAT_VERSION, "layer": self.layer, "channels": self.channels,
+                  "map_hw": list(self.map_hw), "k_max": self.k_max, "per_image": self.per_image,
+                  "count": self.count, "coverage": str(self.coverage), "meta": self.meta,
+                  "images": [[i.path, i.digest] for i in self.images]}
+        arrays: dict[str, np.ndarray] = {"sum_mean": self.sum_mean, "max": self.max,  # type: ignore[dict-item]
+                                         "positive": self.positive}  # type: ignore[dict-item]
+        for name in RANKINGS:
+            for part, a in zip(("values", "images", "ys", "xs"), self.tables[name].arrays(), strict=True):
+                arrays[f"{name}.{part}"] = a
+        buf = io.BytesIO()
+        np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> TopKIndex:
+        with np.load(Path(path), allow_pickle=False) as z:
+            header = json.loads(z["header"].tobytes().decode())
+            if header.get("version") != FORMAT_VERSION:
+                raise ValueError(f"{path}: index format {header.get('version')}, expected {FORMAT_VERSION}")
+            tables = {name: Table(*(z[f"{name}.{p}"] for p in ("values", "images", "ys", "xs")))
+                      for name in RANKINGS}
+            return cls(header["layer"], header["channels"], tuple(header["map_hw"]),  # type: ignore[arg-type]
+                       header["k_max"], header["per_image"], [ImageId(p, d) for p, d in header["images"]],
+                       tables, header["count"], int(header["coverage"]), z["sum_mean"], z["max"],
+                       z["positive"], dict(header["meta"]))
+
+
+# ---------------------------------------------------------------------- candidates from activations
+
+def as_map(acts: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] as is; a vector layer's [B, N] as [B, N, 1, 1]."""
+    if acts.ndim == 2:
+        return acts[:, :, None, None]
+    if acts.ndim != 4:
+        raise ValueError(f"expected a [B, C, H, W] map or a [B, N] vector, got {tuple(acts.shape)}")
+    return acts
+
+
+@torch.no_grad()
+def candidates(acts: torch.Tensor, per_image: int = DEFAULT_PER_IMAGE) -> Candidates:
+    """Per image and channel: the spatial max and its first position, the mean, the top local peaks."""
+    a = as_map(acts).float()
+    a = torch.nan_to_num(a, nan=-torch.inf)  # a NaN never ranks
+    b, c, h, w = a.shape
+    flat = a.reshape(b, c, h * w)
+    max_value, max_pos = flat.max(dim=2)  # ties: torch returns the first maximal index
+    # Exact first index on ties, whatever the backend: the smallest position holding the max.
+    positions = torch.arange(h * w, device=a.device).expand_as(flat)
+    max_pos = torch.where(flat == max_value[..., None], positions, h * w).amin(dim=2)
+    mean_value = flat.mean(dim=2)
+    peaks = a == F.max_pool2d(a, 3, stride=1, padding=1) if h * w > 1 else torch.ones_like(a, dtype=torch.bool)
+    masked = torch.where(peaks, a, -torch.inf).reshape(b, c, h * w)
+    region_value = torch.full((b, c, per_image), -torch.inf, device=a.device)
+    region_pos = torch.zeros((b, c, per_image), dtype=torch.long, device=a.device)
+    for p in range(min(per_image, h * w)):
+        v, _ = masked.max(dim=2)
+        i = torch.where(masked == v[..., None], positions, h * w).amin(dim=2).clamp_max(h * w - 1)
+        region_value[..., p] = v
+        region_pos[..., p] = i
+        masked.scatter_(2, i[..., None], -torch.inf)
+    positive = (flat > 0).sum(dim=2)
+    return Candidates(max_value.cpu().numpy(), max_pos.cpu().numpy(), mean_value.cpu().numpy(),
+                      region_value.cpu().numpy(), region_pos.cpu().numpy(), positive.cpu().numpy(), h * w)
+
+
+def from_candidates(shape_of: TopKIndex, ids: Sequence[ImageId], batch: Candidates) -> TopKIndex:
+    """A small index holding one batch (same layer and sizes as `shape_of`)."""
+    b, c = batch.max_value.shape
+    if b != len(ids) or c != shape_of.channels:
+        raise ValueError(f"batch of {b} images x {c} channels for {len(ids)} ids and "
+                         f"{shape_of.channels} channels")
+    if len(set(ids)) != len(ids):
+        raise ValueError("an image appears twice in one batch")
+    w = shape_of.map_hw[1]
+    order = sorted(range(b), key=lambda i: ids[i])
+    rank = np.empty(b, np.int32)
+    rank[order] = np.arange(b, dtype=np.int32)
+    part = TopKIndex.like(shape_of)
+    part.images = [ids[i] for i in order]
+    img = np.broadcast_to(rank[:, None], (b, c))
+
+    def table(values: np.ndarray, pos: np.ndarray, imgs: np.ndarray) -> Table:
+        # [B, C, ...] candidates -> [C, B*...] rows, then the per-channel top k_max.
+        v = np.moveaxis(values, 0, 1).reshape(c, -1).astype(np.float32)
+        p = np.moveaxis(pos, 0, 1).reshape(c, -1)
+        i = np.moveaxis(imgs, 0, 1).reshape(c, -1).astype(np.int32)
+        t = Table(v, i, (p // w).astype(np.int32), (p % w).astype(np.int32))
+        return _top(_canonical(t), shape_of.k_max)
+
+    part.tables = {
+        "max": table(batch.max_value, batch.max_pos, img),
+        "mean": table(batch.mean_value, batch.max_pos, img),
+        "regions": table(batch.region_value, batch.region_pos,
+                         np.broadcast_to(rank[:, None, None], batch.region_value.shape)),
+    }
+    means = np.nan_to_num(batch.mean_value.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    part.sum_mean = (np.round(means / MEAN_QUANTUM) * MEAN_QUANTUM).sum(axis=0)
+    part.max = batch.max_value.max(axis=0).astype(np.float32)
+    part.positive = batch.positive.sum(axis=0).astype(np.int64)
+    part.count = b
+    part.coverage = coverage_of(ids)
+    return _compact(part)
+
+
+# ---------------------------------------------------------------------- merging
+
+def merge(parts: Sequence[TopKIndex]) -> TopKIndex:
+    """The index of the union of the parts' (disjoint) image sets; exact and order-independent."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.layer, p.channels, p.map_hw, p.k_max, p.per_image) != \
+                (first.layer, first.channels, first.map_hw, first.k_max, first.per_image):
+            raise ValueError(f"cannot merge indexes of different shapes: {p.layer} {p.channels}x{p.map_hw} "
+                             f"k={p.k_max}/{p.per_image} vs {first.layer} {first.channels}x{first.map_hw} "
+                             f"k={first.k_max}/{first.per_image}")
+    out = TopKIndex.like(first)
+    out.images = sorted(set().union(*(p.images for p in parts)))
+    where = {img: i for i, img in enumerate(out.images)}
+    for name in RANKINGS:
+        pieces = []
+        for p in parts:
+            remap = np.array([where[i] for i in p.images] + [-1], np.int32)  # -1 stays -1
+            t = p.tables[name]
+            pieces.append(Table(t.values, remap[t.images], t.ys, t.xs))
+        joined = Table(*(np.concatenate(a, axis=1) for a in zip(*(t.arrays() for t in pieces), strict=True)))
+        out.tables[name] = _top(joined, first.k_max)
+    out.count = sum(p.count for p in parts)
+    out.coverage = sum(p.coverage for p in parts) % _COVERAGE_MOD
+    out.sum_mean = np.sum([p.sum_mean for p in parts], axis=0)
+    out.max = np.max([p.max for p in parts], axis=0).astype(np.float32)
+    out.positive = np.sum([p.positive for p in parts], axis=0).astype(np.int64)
+    return _compact(out)
+
+
+def _canonical(t: Table) -> Table:
+    """Slots that hold nothing (value -inf) all look alike, so they sort alike."""
+    empty = ~(t.values > -np.inf)
+    return Table(np.where(empty, -np.inf, t.values).astype(np.float32), np.where(empty, -1, t.images),
+                 np.where(empty, -1, t.ys), np.where(empty, -1, t.xs))
+
+
+def _top(t: Table, k: int) -> Table:
+    """Per row: sort by (value desc, image asc, y asc, x asc), empty slots last; keep k columns."""
+    empty = t.images < 0
+    # Images are indices into a sorted id list, so comparing indices compares ids.
+    order = np.lexsort((t.xs, t.ys, np.where(empty, np.iinfo(np.int32).max, t.images), -t.values.astype(np.float64),
+                        empty), axis=-1)[:, :k]
+    picked = Table(*(np.take_along_axis(a, order, axis=1) for a in t.arrays()))
+    if picked.values.shape[1] < k:  # fewer candidates than k: pad with empty slots
+        pad = Table.empty(t.values.shape[0], k - picked.values.shape[1])
+        picked = Table(*(np.concatenate(ab, axis=1) for ab in zip(picked.arrays(), pad.arrays(), strict=True)))
+    return picked
+
+
+def _compact(index: TopKIndex) -> TopKIndex:
+    """Drop the ids no table references any more (memory stays O(C x k_max))."""
+    used = np.unique(np.concatenate([index.tables[n].images.ravel() for n in RANKINGS]))
+    used = used[used >= 0]
+    if len(used) == len(index.images):
+        return index
+    remap = np.full(len(index.images) + 1, -1, np.int32)
+    remap[used] = np.arange(len(used), dtype=np.int32)
+    index.images = [index.images[i] for i in used]
+    for name in RANKINGS:
+        t = index.tables[name]
+        index.tables[name] = Table(t.values, remap[t.images], t.ys, t.xs)
+    return index
