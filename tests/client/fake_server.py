@@ -20,9 +20,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from convlens.client.tensors import to_numpy, to_tensor
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
+from convlens.wire.tensors import to_numpy, to_tensor
 
 MODEL = "efficientnet_lite0"
 WEIGHTS = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)

@@ -74,15 +74,6 @@ def test_gradients_on_onnx_are_a_failed_precondition(client: Client) -> None:
     assert "onnx" in e.value.message.lower()
 
 
-def test_rpcs_not_built_yet_are_unimplemented_with_a_message(client: Client) -> None:
-    with pytest.raises(exc.UnimplementedError) as e:
-        client.top_activations("efficientnet_lite0", "_blocks.10", 3)
-    assert "TopActivations" in e.value.message
-    with pytest.raises(exc.UnimplementedError) as e:  # a server-streaming RPC goes through the same path
-        client.dream(IMAGE, "efficientnet_lite0", "_blocks.10")
-    assert "Dream" in e.value.message
-
-
 def test_raw_stub_bad_tensor_shape_and_missing_image(server) -> None:
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.InspectionServiceStub(channel)

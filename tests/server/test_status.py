@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2
 
-from convlens.client.tensors import TensorError
 from convlens.server import errors
 from convlens.server.transport.status import CODES, to_status
+from convlens.wire.tensors import TensorError
 
 
 def all_subclasses(cls: type) -> set[type]:

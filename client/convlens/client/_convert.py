@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from convlens.client.tensors import to_numpy
 from convlens.v1 import convlens_pb2 as pb
+from convlens.wire.tensors import to_numpy
 
 from ._images import png_to_pil, to_image
 from ._types import (

@@ -21,8 +21,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from convlens.client.tensors import to_tensor
 from convlens.v1 import convlens_pb2 as pb
+from convlens.wire.tensors import to_tensor
 
 from ._types import ImageInput
 

@@ -19,7 +19,7 @@ from convlens.server.metrics import Metrics
 from convlens.server.models.repository import ModelRepository
 from convlens.server.scheduler.devices import parse_devices
 from convlens.server.scheduler.scheduler import Scheduler
-from convlens.server.service import Inspector
+from convlens.server.service import ServiceContext, Services
 from convlens.server.transport.interceptor import ServiceInterceptor
 from convlens.server.transport.servicer import InspectionServicer
 from convlens.v1 import convlens_pb2 as pb
@@ -67,7 +67,8 @@ class ConvLensServer:
             interceptors=[ServiceInterceptor(self.metrics)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
-        pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(Inspector(repo, self._scheduler)), server)
+        services = Services.build(ServiceContext(repo, self._scheduler, cfg))
+        pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(services), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

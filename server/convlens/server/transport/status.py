@@ -9,8 +9,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from convlens.client.tensors import TensorError
 from convlens.server import errors
+from convlens.wire.tensors import TensorError
 
 log = logging.getLogger("convlens.server")
 

@@ -1,0 +1,36 @@
+"""The application service: what each RPC does, in domain terms (no grpc, no protobuf).
+
+One module per RPC. Each holds a small class built from the shared `ServiceContext` (the model
+repository and the scheduler); the transport converts messages to its calls and back. Compute goes through
+the scheduler. `Services` gathers them for the servicer; an RPC that lands adds one field here and one
+handler in transport/servicer.py. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from convlens.server.service.catalog import CatalogService
+from convlens.server.service.context import ServiceContext
+from convlens.server.service.filters import FiltersService
+from convlens.server.service.saliency import SaliencyService
+
+
+@dataclass
+class Services:
+    context: ServiceContext
+    catalog: CatalogService
+    filters: FiltersService
+    saliency: SaliencyService
+
+    @classmethod
+    def build(cls, context: ServiceContext) -> Services:
+        return cls(
+            context=context,
+            catalog=CatalogService(context),
+            filters=FiltersService(context),
+            saliency=SaliencyService(context),
+        )
+
+
+__all__ = ["ServiceContext", "Services"]

@@ -1,0 +1,76 @@
+"""Saliency: which input pixels a unit or class logit depends on, batched across callers."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from convlens.server.engine.predictions import Prediction, top_k
+from convlens.server.engine.render import overlay
+from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, validate_options
+from convlens.server.engine.targets import Target, validate_target
+from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.models.preprocess import Geometry, denormalize
+from convlens.server.ops.saliency import SaliencyPayload, compute_saliency
+from convlens.server.scheduler.task import Task
+from convlens.server.service.context import ServiceContext
+from convlens.server.service.images import ImageInput, prepare_image
+
+
+@dataclass
+class SaliencyQuery:
+    model: str
+    image: ImageInput | None
+    target: Target | None
+    options: SaliencyOptions
+    baseline_image: ImageInput | None = None
+    render_overlay: bool = False
+
+
+@dataclass
+class SaliencyAnswer:
+    result: SaliencyResult
+    predictions: list[Prediction]
+    geometry: Geometry
+    overlay: Image.Image | None
+    notes: list[str] = field(default_factory=list)
+
+
+class SaliencyService:
+    def __init__(self, context: ServiceContext) -> None:
+        self.repository = context.repository
+        self.scheduler = context.scheduler
+
+    async def __call__(self, query: SaliencyQuery, deadline: float | None) -> SaliencyAnswer:
+        model = self.repository.get(query.model)
+        if not model.supports_gradients:
+            raise FailedPrecondition(
+                f"model {model.name!r} is served in the {model.format} format, which runs forward-only here; "
+                "gradient techniques need a torchvision, TorchScript or embedded model"
+            )
+        if query.image is None:
+            raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
+        validate_options(query.options)
+        validate_target(model.module, query.target, num_classes=model.num_classes, layer_shapes=model.layer_shapes)
+        if query.options.cam_layer is not None:
+            model.layer(query.options.cam_layer, field_name="grad_cam.layer")
+        image = await asyncio.to_thread(prepare_image, model, query.image, "image")
+        baseline = None
+        if query.options.ig_baseline == "image":
+            if query.baseline_image is None:
+                raise InvalidArgument("baseline BASELINE_IMAGE needs baseline_image", field="baseline_image")
+            baseline = (await asyncio.to_thread(prepare_image, model, query.baseline_image, "baseline_image")).tensor
+        payload = SaliencyPayload(query.options, image.tensor, query.target, baseline)
+        task = Task(model=model.name, rpc="Saliency", key=payload.batch_key, payload=payload,
+                    compute=compute_saliency, deadline=deadline)
+        result: SaliencyResult = await self.scheduler.submit(task)
+        picture = None
+        if query.render_overlay:
+            # Pixel attributions are smoothed for the picture (only); a Grad-CAM map already is smooth.
+            smooth = 0.0 if query.options.method == "grad_cam" else 2.5
+            picture = await asyncio.to_thread(
+                lambda: overlay(denormalize(image.tensor, model.preprocess), result.heatmap.numpy(), smooth=smooth))
+        return SaliencyAnswer(result, top_k(result.logits, model.labels, 5), image.geometry, picture,
+                              list(result.notes))

@@ -1,0 +1,29 @@
+"""GetFilters messages."""
+
+from __future__ import annotations
+
+from convlens.server.ops.filters import FiltersAnswer, FiltersQuery
+from convlens.server.transport.codecs.common import enum, png, tensor
+from convlens.v1 import convlens_pb2 as pb
+
+SCALINGS = {pb.FILTER_SCALING_UNSPECIFIED: "minmax", pb.FILTER_SCALING_PER_FILTER_MINMAX: "minmax",
+            pb.FILTER_SCALING_SYMMETRIC: "symmetric"}
+
+
+def query(request: pb.GetFiltersRequest) -> FiltersQuery:
+    return FiltersQuery(
+        layer=request.layer,
+        render_grid=request.render_grid,
+        scaling=enum(SCALINGS, request.scaling, "scaling", "FilterScaling"),
+        max_filters=request.max_filters or 64,
+        max_input_channels=request.max_input_channels or 16,
+        cell_scale=request.cell_scale or None,
+    )
+
+
+def response(answer: FiltersAnswer) -> pb.GetFiltersResponse:
+    f = answer.filters
+    return pb.GetFiltersResponse(
+        weights=tensor(f.weights), bias=tensor(f.bias) if f.bias is not None else None,
+        grid_png=png(answer.grid), dead_channels=f.dead_channels, layer_type=f.layer_type, groups=f.groups,
+        stride=list(f.stride), padding=list(f.padding), dilation=list(f.dilation))

@@ -1,0 +1,73 @@
+"""Saliency messages."""
+
+from __future__ import annotations
+
+from convlens.server.engine.saliency import SaliencyOptions
+from convlens.server.errors import InvalidArgument
+from convlens.server.service.saliency import SaliencyAnswer, SaliencyQuery
+from convlens.server.transport.codecs.common import (
+    enum,
+    geometry,
+    optional_image,
+    png,
+    prediction,
+    target,
+    target_message,
+    tensor,
+)
+from convlens.v1 import convlens_pb2 as pb
+
+METHODS = {
+    pb.SALIENCY_METHOD_UNSPECIFIED: "gradient",
+    pb.SALIENCY_METHOD_GRADIENT: "gradient",
+    pb.SALIENCY_METHOD_GUIDED_BACKPROP: "guided_backprop",
+    pb.SALIENCY_METHOD_DECONVNET: "deconvnet",
+    pb.SALIENCY_METHOD_SMOOTHGRAD: "smoothgrad",
+    pb.SALIENCY_METHOD_INTEGRATED_GRADIENTS: "integrated_gradients",
+    pb.SALIENCY_METHOD_GRAD_CAM: "grad_cam",
+    pb.SALIENCY_METHOD_GUIDED_GRAD_CAM: "guided_grad_cam",
+}
+SMOOTH_BASES = ("gradient", "guided_backprop", "deconvnet", "integrated_gradients")
+BASELINES = {pb.BASELINE_UNSPECIFIED: "black", pb.BASELINE_BLACK: "black", pb.BASELINE_BLURRED: "blurred",
+             pb.BASELINE_IMAGE: "image"}
+
+
+def options(request: pb.SaliencyRequest) -> SaliencyOptions:
+    method = enum(METHODS, request.method, "method", "SaliencyMethod")
+    sg, ig = request.smoothgrad, request.integrated_gradients
+    base = enum(METHODS, sg.base_method, "smoothgrad.base_method", "SaliencyMethod")
+    if method == "smoothgrad" and base not in SMOOTH_BASES:
+        raise InvalidArgument(f"smoothgrad.base_method must be one of {', '.join(SMOOTH_BASES)}",
+                              field="smoothgrad.base_method")
+    return SaliencyOptions(
+        method=method,
+        smooth_base=base,
+        smooth_samples=sg.samples or 16,
+        smooth_noise=sg.noise_level if sg.noise_level else 0.15,
+        seed=int(sg.seed),
+        ig_steps=ig.steps or 50,
+        ig_baseline=enum(BASELINES, ig.baseline, "integrated_gradients.baseline", "Baseline"),
+        ig_blur_sigma=ig.blur_sigma or 10.0,
+        cam_layer=request.grad_cam.layer or None,
+    )
+
+
+def query(request: pb.SaliencyRequest) -> SaliencyQuery:
+    return SaliencyQuery(
+        model=request.model,
+        image=optional_image(request, "image"),
+        target=target(request.target, request.HasField("target")),
+        options=options(request),
+        baseline_image=optional_image(request, "baseline_image"),
+        render_overlay=request.render_overlay,
+    )
+
+
+def response(answer: SaliencyAnswer) -> pb.SaliencyResponse:
+    r = answer.result
+    return pb.SaliencyResponse(
+        attribution=tensor(r.attribution.numpy()), heatmap=tensor(r.heatmap.numpy()),
+        overlay_png=png(answer.overlay), predictions=[prediction(p) for p in answer.predictions],
+        geometry=geometry(answer.geometry), target=target_message(r.target),
+        target_value=r.target_value, modified_activations=r.modified_activations, notes=answer.notes,
+        baseline_value=r.baseline_value)
