@@ -1,0 +1,185 @@
+"""A dataset is a sorted list of stable image ids plus a way to read each image at full resolution.
+
+Ids are (dataset-relative path, content digest), never a loader position, so shards built in different
+processes name the same image the same way. The dataset digest covers every id, so an index keyed by it
+is rebuilt when any file's content changes (not when a timestamp does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from convlens.server.engine.topk_index import ImageId
+
+log = logging.getLogger("convlens.datasets")
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass(frozen=True)
+class Listing:
+    images: list[ImageId]  # sorted
+    skipped: dict[str, str]  # relative path -> why it is not part of the dataset
+    digest: str  # hex; changes when any image's path or content does
+
+    @classmethod
+    def of(cls, images: list[ImageId], skipped: dict[str, str]) -> Listing:
+        images = sorted(images)
+        h = hashlib.sha256()
+        for i in images:
+            h.update(f"{i.path}\0{i.digest}\n".encode())
+        return cls(images, skipped, h.hexdigest())
+
+
+class Dataset:
+    """Base: `listing()` (cached, thread-safe), `read(id)` -> HxWx3 uint8 RGB at original resolution."""
+
+    def __init__(self, name: str, description: str) -> None:
+        self.name = name
+        self.description = description
+        self._lock = threading.Lock()
+        self._listing: Listing | None = None
+
+    def listing(self) -> Listing:
+        with self._lock:
+            if self._listing is None:
+                started = time.monotonic()
+                self._listing = self._list()
+                log.info("dataset %s: %d images, %d skipped, digest %s (%.1f s)", self.name,
+                         len(self._listing.images), len(self._listing.skipped), self._listing.digest[:12],
+                         time.monotonic() - started)
+            return self._listing
+
+    def refresh(self) -> Listing:
+        """List again (contents may have changed); unchanged files are not re-hashed where possible."""
+        with self._lock:
+            self._listing = None
+        return self.listing()
+
+    def _list(self) -> Listing:
+        raise NotImplementedError
+
+    def read(self, image: ImageId) -> np.ndarray:
+        raise NotImplementedError
+
+
+class DirectoryDataset(Dataset):
+    """Every jpg/jpeg/png/webp under `root`, recursively; unreadable files are skipped and counted."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name, f"images under {root}")
+        self.root = Path(root)
+        self._digests: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, digest)
+
+    def _list(self) -> Listing:
+        if not self.root.is_dir():
+            return Listing.of([], {".": f"{self.root} is not a directory any more"})
+        images, skipped = [], {}
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if not fn.lower().endswith(EXTENSIONS) or fn.startswith("."):
+                    continue
+                full = Path(dirpath) / fn
+                rel = full.relative_to(self.root).as_posix()
+                try:
+                    st = full.stat()
+                    cached = self._digests.get(rel)
+                    if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+                        digest = cached[2]
+                    else:
+                        data = full.read_bytes()
+                        with Image.open(io.BytesIO(data)) as img:
+                            img.verify()  # header and structure; pixels are decoded when scanned
+                        digest = hashlib.sha256(data).hexdigest()[:32]
+                        self._digests[rel] = (st.st_size, st.st_mtime_ns, digest)
+                    images.append(ImageId(rel, digest))
+                except Exception as exc:
+                    skipped[rel] = f"{type(exc).__name__}: {exc}"
+        if skipped:
+            log.warning("dataset %s: skipped %d unreadable file(s), e.g. %s", self.name, len(skipped),
+                        next(iter(skipped.items())))
+        return Listing.of(images, skipped)
+
+    def read(self, image: ImageId) -> np.ndarray:
+        with Image.open(self.root / image.path) as img:
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
+
+
+def _skimage(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        value = getattr(skimage.data, name)()
+        return value[0] if isinstance(value, tuple) else value  # stereo pairs: the left view
+
+    return load
+
+
+def _sklearn(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(name))
+
+    return load
+
+
+# Real photographs that ship inside the wheels (no network). eagle, lily, kidney, skin... need a fetch.
+SAMPLES: dict[str, Callable[[], np.ndarray]] = {
+    **{f"skimage/{n}.png": _skimage(n) for n in (
+        "astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
+        "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "stereo_motorcycle",
+        "text")},
+    "sklearn/china.jpg": _sklearn("china.jpg"),
+    "sklearn/flower.jpg": _sklearn("flower.jpg"),
+}
+
+
+def _rgb(array: np.ndarray) -> np.ndarray:
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+class SamplesDataset(Dataset):
+    """The photos that ship with scikit-image and scikit-learn; those that fail to load are skipped."""
+
+    def __init__(self, name: str = "samples") -> None:
+        super().__init__(name, "photos shipped inside scikit-image and scikit-learn (no download)")
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def _list(self) -> Listing:
+        images, skipped = [], {}
+        for path, load in SAMPLES.items():
+            try:
+                array = self._arrays.get(path)
+                if array is None:
+                    array = _rgb(load())
+                    self._arrays[path] = array
+                digest = hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()[:32]
+                images.append(ImageId(path, digest))
+            except Exception as exc:  # a sample that needs a network fetch
+                skipped[path] = f"{type(exc).__name__}: {exc}"
+        return Listing.of(images, skipped)
+
+    def refresh(self) -> Listing:
+        return self.listing()  # shipped inside packages: cannot change while we run
+
+    def read(self, image: ImageId) -> np.ndarray:
+        self.listing()
+        return self._arrays[image.path]

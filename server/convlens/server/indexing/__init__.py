@@ -1,0 +1,1 @@
+"""Building, storing and sharing per-unit top-k indexes (model x dataset x layer)."""
