@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -20,6 +20,10 @@ from convlens.server.models.repository import ModelRepository
 from convlens.server.scheduler.devices import parse_devices
 from convlens.server.scheduler.scheduler import Scheduler
 from convlens.server.service import ServiceContext, Services
+from convlens.server.transport import access_log
+from convlens.server.transport.auth import TokenAuth
+from convlens.server.transport.connections import keepalive_options, server_credentials
+from convlens.server.transport.drain import Drain
 from convlens.server.transport.interceptor import ServiceInterceptor
 from convlens.server.transport.servicer import InspectionServicer
 from convlens.v1 import convlens_pb2 as pb
@@ -42,6 +46,7 @@ class ConvLensServer:
         self._server: grpc.aio.Server | None = None
         self._scheduler: Scheduler | None = None
         self._metrics_http = None
+        self.drain = Drain()
 
     async def start(self) -> int:
         cfg = self.config
@@ -63,38 +68,55 @@ class ConvLensServer:
         await self._scheduler.start()
 
         limit = cfg.max_message_mb * 1024 * 1024
+        auth = None
+        if cfg.auth_tokens_file is not None or cfg.auth_tokens:
+            auth = TokenAuth(path=cfg.auth_tokens_file, env_tokens=cfg.auth_tokens, exempt=cfg.auth_exempt)
+        interceptor = ServiceInterceptor(self.metrics, auth=auth, access_log=access_log.AccessLog(cfg.log_format),
+                                         drain=self.drain)
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics)],
+            interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0), *keepalive_options(cfg.max_connection_age_s)])
         services = Services.build(ServiceContext(repo, self._scheduler, cfg))
         pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(services), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = (server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+                     if cfg.tls_cert is not None and cfg.tls_key is not None else server.add_insecure_port(address))
         if self.port == 0:
             raise SystemExit(f"cannot bind {cfg.host}:{cfg.port}")
         await server.start()
         self._server = server
         if cfg.metrics:
-            httpd, _ = start_http_server(cfg.metrics_port, registry=self.metrics.registry)
+            httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
             self._metrics_http, self.metrics_port = httpd, httpd.server_port
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (devices %s; metrics on :%d)", ", ".join(repo.names()), cfg.host,
-                 self.port, ", ".join(map(str, devices)), self.metrics_port)
+        log.info("serving %s on %s:%d%s%s (devices %s; metrics on %s:%d)", ", ".join(repo.names()), cfg.host,
+                 self.port, " with TLS" if cfg.tls_cert else "", " and client certificates" if cfg.tls_client_ca
+                 else "", ", ".join(map(str, devices)), cfg.metrics_host, self.metrics_port)
+        if auth is not None:
+            log.info("bearer tokens required (exempt: %s)", ", ".join(cfg.auth_exempt) or "nothing")
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        """Drain: health NOT_SERVING and new calls refused at once; calls in flight get `grace` seconds.
+
+        The listener closes and every connection gets a GOAWAY at once, so balancing clients move their
+        new calls to other replicas (a call that still reaches us answers UNAVAILABLE, which they retry).
+        Shortly before the grace ends, calls still running are cut: each answers UNAVAILABLE saying how far
+        it got. Then health Watch streams end and the scheduler stops.
+        """
         grace = self.config.grace_seconds if grace is None else grace
+        end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self.drain.shut_down(self._server, grace)
         if self._scheduler is not None:
-            await self._scheduler.stop(grace)
+            await self._scheduler.stop(max(end - time.monotonic(), 0.1))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -113,14 +135,17 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stopping.set)
     print(f"convlens: serving on port {server.port}, metrics on port {server.metrics_port}", flush=True)
     await stopping.wait()
-    log.info("shutting down: in-flight calls get %.0f s", config.grace_seconds)
+    log.info("draining: health NOT_SERVING, new calls refused, %d in flight get %g s",
+             server.drain.in_flight, config.grace_seconds)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the calls still running now
+        loop.add_signal_handler(sig, lambda: log.warning("second signal: cut %d calls", server.drain.cut()))
     await server.stop()
+    log.info("drained; exiting")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = from_args(argv)
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access_log.configure(config.log_format, config.log_level)
     asyncio.run(serve(config))
     return 0
 

@@ -29,6 +29,17 @@ class ServerConfig:
     grace_seconds: float = 10.0
     policies: dict[str, BatchPolicy] = field(default_factory=dict)  # per device string, overrides defaults
     log_level: str = "INFO"
+    # Operations (deploy/, README "Running in production").
+    metrics_host: str = "0.0.0.0"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate signed by it (mTLS)
+    auth_tokens_file: Path | None = None
+    auth_tokens: str | None = None  # CONVLENS_AUTH_TOKENS: "name:token,token2", beside or instead of the file
+    auth_exempt: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                                    "/grpc.reflection.v1.ServerReflection/")
+    log_format: str = "plain"
+    max_connection_age_s: float = 0.0  # 0: connections live forever
 
     def policy_for(self, device: str) -> BatchPolicy:
         return self.policies.get(device) or DEFAULT_POLICIES["cuda" if device.startswith("cuda") else "cpu"]
@@ -77,6 +88,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=float(_env("GRACE", "10") or 10),
                    help="seconds in-flight calls get to finish on SIGTERM/SIGINT (default 10)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    p.add_argument("--log-format", choices=["plain", "json"], default=_env("LOG_FORMAT", "plain"),
+                   help="server and access log lines as text or one JSON object per line (default plain)")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "0.0.0.0"),
+                   help="address the metrics port binds to (default 0.0.0.0; 127.0.0.1 keeps it local)")
+    p.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT"), metavar="PEM",
+                   help="serve TLS with this certificate chain (needs --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"), metavar="PEM", help="the certificate's key")
+    p.add_argument("--tls-client-ca", type=Path, default=_env("TLS_CLIENT_CA"), metavar="PEM",
+                   help="mutual TLS: clients must present a certificate signed by this CA")
+    p.add_argument("--auth-tokens", type=Path, default=_env("AUTH_TOKENS_FILE"), metavar="FILE",
+                   help="require 'authorization: Bearer <token>'; FILE has one token per line, optionally "
+                        "name:token, and is re-read when it changes (env CONVLENS_AUTH_TOKENS_FILE; "
+                        "CONVLENS_AUTH_TOKENS holds tokens themselves, comma separated)")
+    p.add_argument("--auth-exempt", default=_env("AUTH_EXEMPT", ",".join(ServerConfig.auth_exempt)),
+                   metavar="PREFIXES",
+                   help="comma-separated method prefixes that need no token (default: health and "
+                        "reflection; 'none' exempts nothing)")
+    p.add_argument("--max-connection-age", type=float, default=float(_env("MAX_CONNECTION_AGE", "0") or 0),
+                   metavar="SECONDS",
+                   help="close each connection (GOAWAY; calls in flight finish) after this long so clients "
+                        "re-resolve and spread onto new replicas (default 0: never)")
     return p
 
 
@@ -93,4 +125,19 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         host=args.host, port=args.port, metrics_port=args.metrics_port, metrics=not args.no_metrics,
         model_repo=Path(args.model_repo) if args.model_repo else None, embedded=not args.no_embedded,
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue,
-        grace_seconds=args.grace, policies=policies, log_level=args.log_level)
+        grace_seconds=args.grace, policies=policies, log_level=args.log_level,
+        **_operations(p, args))
+
+
+def _operations(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, object]:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    exempt = tuple(x.strip() for x in args.auth_exempt.split(",") if x.strip() and x.strip() != "none")
+    if args.max_connection_age < 0:
+        p.error("--max-connection-age must be >= 0")
+    return dict(metrics_host=args.metrics_host, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                tls_client_ca=args.tls_client_ca, auth_tokens_file=args.auth_tokens,
+                auth_tokens=_env("AUTH_TOKENS") or None, auth_exempt=exempt, log_format=args.log_format,
+                max_connection_age_s=args.max_connection_age)

@@ -1,77 +1,254 @@
-"""One server interceptor: counts and times every RPC, and turns domain errors into statuses."""
+"""One server interceptor around every RPC: request id, drain, bearer token, metrics, access log, and
+domain errors turned into statuses.
+
+Per call it does as little as it can: the wrapped handler, its labelled metric children and its flags are
+built once per method and cached (handlers never change after start), so a call pays for a dict lookup,
+two counter increments, one histogram observation and — for non-health calls — one log line.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 from grpc.aio import AbortError, ServerInterceptor
 
+from convlens.server.errors import Unavailable
 from convlens.server.metrics import Metrics
+from convlens.server.transport.access_log import HEALTH_PREFIX, AccessLog
+from convlens.server.transport.auth import TokenAuth, Unauthenticated
+from convlens.server.transport.drain import Drain, InFlight
 from convlens.server.transport.status import to_status
+
+REQUEST_ID = "x-request-id"
+_OK = grpc.StatusCode.OK
+
+
+def _request_id(metadata: Any) -> str:
+    """The caller's x-request-id when it is sane (printable, at most 128 characters), else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID:
+            if isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
+                return value
+            break
+    return uuid.uuid4().hex
+
+
+def _model(request: Any) -> str:
+    try:
+        return str(request.model)
+    except AttributeError:
+        return ""
+
+
+class _Method:
+    """What the interceptor needs per method, computed once."""
+
+    def __init__(self, full: str, kind: str, metrics: Metrics, auth: TokenAuth | None) -> None:
+        service, _, method = full.lstrip("/").rpartition("/")
+        self.full = full
+        self.health = full.startswith(HEALTH_PREFIX)
+        self.stream = kind == "server_stream"
+        self.needs_token = auth is not None and not auth.is_exempt(full)
+        self.started = metrics.started.labels(kind, service, method)
+        self.seconds = metrics.handling_seconds.labels(kind, service, method)
+        self._handled = metrics.handled
+        self._labels = (kind, service, method)
+        self._by_code: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._handled.labels(*self._labels, code.name)
+        return child
+
+
+class _Outcome:
+    """A call's result as the log and metrics see it."""
+
+    __slots__ = ("code", "error", "caller", "request_id", "model")
+
+    def __init__(self) -> None:
+        self.code = _OK
+        self.error = ""
+        self.caller = ""
+        self.request_id = ""
+        self.model = ""
 
 
 class ServiceInterceptor(ServerInterceptor):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, auth: TokenAuth | None = None, access_log: AccessLog | None = None,
+                 drain: Drain | None = None) -> None:
         self.metrics = metrics
+        self.auth = auth
+        self.access_log = access_log or AccessLog()
+        self.drain = drain or Drain()
+        self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+        wrapped = self._handlers.get(details.method)
+        if wrapped is None and details.method not in self._handlers:
+            wrapped = self._wrap(await continuation(details), details.method)
+            self._handlers[details.method] = wrapped
+        return wrapped  # type: ignore[return-value]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler | None, full: str) -> grpc.RpcMethodHandler | None:
         if handler is None:
-            return handler
-        service, _, method = details.method.lstrip("/").rpartition("/")
+            return None  # unknown method: grpc answers UNIMPLEMENTED
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, service, method),
+                self._unary(handler.unary_unary, _Method(full, "unary", self.metrics, self.auth)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, service, method),
+                self._stream(handler.unary_stream, _Method(full, "server_stream", self.metrics, self.auth)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler  # stream-request RPCs: none in this service (health Watch is unary_stream)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._bidi(handler.stream_stream, _Method(full, "bidi_stream", self.metrics, self.auth)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # client-streaming: none served
 
-    @asynccontextmanager
-    async def _observed(self, kind: str, service: str, method: str,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count and time the call; turn any exception from its body into the caller's status."""
-        self.metrics.started.labels(kind, service, method).inc()
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            yield
-        except AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # every failure is reported as a status
-            status = to_status(exc)
-            code = status.code
-            await context.abort_with_status(status)
-        finally:
-            self.metrics.handled.labels(kind, service, method, code.name).inc()
-            self.metrics.handling_seconds.labels(kind, service, method).observe(time.perf_counter() - started)
+    # ------------------------------------------------------------------ before and after the body
 
-    def _unary(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+    def _admit(self, m: _Method, request: Any, context: grpc.aio.ServicerContext,
+               out: _Outcome) -> InFlight | None:
+        """Request id, drain and token checks; raises what the caller should see. Health calls are not
+        tracked for the drain: a Watch stream lasts as long as its caller, and probes must keep working."""
+        metadata = context.invocation_metadata()
+        out.request_id = _request_id(metadata)
+        context.set_trailing_metadata(((REQUEST_ID, out.request_id),))
+        out.model = _model(request)
+        if self.drain.draining and not m.health:
+            raise Unavailable("server is shutting down (draining); retry on another replica")
+        if m.needs_token:
+            assert self.auth is not None
+            out.caller = self.auth.check(metadata)
+        return None if m.health else self.drain.enter()
+
+    async def _fail(self, exc: BaseException, call: InFlight | None, context: grpc.aio.ServicerContext,
+                    out: _Outcome) -> None:
+        """Answer `exc` as a status (always raises AbortError), recording the code for log and metrics."""
+        if isinstance(exc, Unauthenticated):
+            out.code, out.error = grpc.StatusCode.UNAUTHENTICATED, str(exc)
+            await context.abort(out.code, out.error)
+        if isinstance(exc, asyncio.CancelledError):  # only cut calls get here
+            assert call is not None
+            exc = Unavailable(f"server shut down before this call finished: the drain grace of "
+                              f"{self.drain.grace_seconds:g} s ran out {call.progress_text()}; retry")
+        status = to_status(exc)
+        out.code, out.error = status.code, status.details
+        await context.abort_with_status(status)
+
+    def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None) -> None:
+        if call is not None:
+            self.drain.leave(call)
+        seconds = time.perf_counter() - started
+        m.handled(out.code).inc()
+        m.seconds.observe(seconds)
+        if self.access_log.enabled_for(m.full):
+            self.access_log.record(method=m.full, code=out.code.name, ms=seconds * 1e3, model=out.model,
+                                   peer=peer, request_id=out.request_id, caller=out.caller, error=out.error,
+                                   responses=call.responses if m.stream and call is not None else None)
+
+    # ------------------------------------------------------------------ the two call shapes
+
+    def _unary(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._observed("unary", service, method, context):
+            m.started.inc()
+            started = time.perf_counter()
+            out = _Outcome()
+            call = None
+            try:
+                call = self._admit(m, request, context, out)
                 return await behavior(request, context)
+            except AbortError:
+                out.code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError as exc:
+                if call is None or not call.cut:
+                    out.code = grpc.StatusCode.CANCELLED
+                    raise
+                await self._fail(exc, call, context, out)
+            except Exception as exc:  # every failure is reported as a status
+                await self._fail(exc, call, context, out)
+            finally:
+                self._done(m, started, context.peer(), out, call)
         return wrapper
 
-    def _stream(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
+    def _stream(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._observed("server_stream", service, method, context):
-                async for response in behavior(request, context):
+            m.started.inc()
+            started = time.perf_counter()
+            out = _Outcome()
+            call = None
+            try:
+                call = self._admit(m, request, context, out)
+                responses = behavior(request, context)
+                if not hasattr(responses, "__aiter__"):  # a handler that writes with context.write()
+                    await responses  # (health Watch)
+                    return
+                async for response in responses:
+                    if call is not None:
+                        call.responses += 1
+                        _note_progress(call, response)
                     yield response
+            except AbortError:
+                out.code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError as exc:
+                if call is None or not call.cut:
+                    out.code = grpc.StatusCode.CANCELLED
+                    raise
+                await self._fail(exc, call, context, out)
+            except Exception as exc:
+                await self._fail(exc, call, context, out)
+            finally:
+                self._done(m, started, context.peer(), out, call)
         return wrapper
+
+    def _bidi(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
+        """Reflection: token, metrics and log only (its requests carry no model)."""
+        async def wrapper(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            m.started.inc()
+            started = time.perf_counter()
+            out = _Outcome()
+            call = None
+            try:
+                call = self._admit(m, None, context, out)
+                async for response in behavior(requests, context):
+                    yield response
+            except AbortError:
+                out.code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError as exc:
+                if call is None or not call.cut:
+                    out.code = grpc.StatusCode.CANCELLED
+                    raise
+                await self._fail(exc, call, context, out)
+            except Exception as exc:
+                await self._fail(exc, call, context, out)
+            finally:
+                self._done(m, started, context.peer(), out, call)
+        return wrapper
+
+
+def _note_progress(call: InFlight, response: Any) -> None:
+    """Streaming responses of this service carry `progress` events (step, total_steps) before the result."""
+    try:
+        if response.WhichOneof("event") != "progress":
+            return
+    except (AttributeError, ValueError):
+        return
+    call.step, call.total_steps = response.progress.step, response.progress.total_steps

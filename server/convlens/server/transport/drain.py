@@ -1,0 +1,97 @@
+"""The calls in flight, so a shutdown can wait for them and, when the grace runs out, end them cleanly.
+
+The interceptor registers every call it lets through (`enter`/`leave`). On SIGTERM the server sets
+`draining` (calls that still slip in get UNAVAILABLE, which a balancing client retries elsewhere), waits
+until no call is in flight, and shortly before the grace ends `cut()`s the rest: each is cancelled and
+answers UNAVAILABLE saying how far it got, instead of the bare CANCELLED grpc would send at the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+log = logging.getLogger("convlens.server")
+
+
+@dataclass(eq=False)
+class InFlight:
+    """One call being served. Streams count their responses and remember the last progress step."""
+
+    task: asyncio.Task[object] | None
+    responses: int = 0
+    step: int = 0
+    total_steps: int = 0
+    cut: bool = False
+
+    def progress_text(self) -> str:
+        if self.total_steps:
+            return f"after step {self.step} of {self.total_steps} ({self.responses} responses sent)"
+        return f"after {self.responses} responses"
+
+
+class Drain:
+    def __init__(self) -> None:
+        self.draining = False
+        self.grace_seconds = 0.0
+        self._calls: set[InFlight] = set()
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    def enter(self) -> InFlight:
+        call = InFlight(asyncio.current_task())
+        self._calls.add(call)
+        return call
+
+    def leave(self, call: InFlight) -> None:
+        self._calls.discard(call)
+        if not self._calls and self._idle is not None:
+            self._idle.set()
+
+    def start(self, grace_seconds: float) -> None:
+        self.draining = True
+        self.grace_seconds = grace_seconds
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no call is in flight (at once, or within `timeout` seconds)."""
+        if not self._calls:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(timeout, 0.0))
+        except TimeoutError:
+            return not self._calls
+        return True
+
+    def cut(self) -> int:
+        """Cancel every call still in flight; each answers UNAVAILABLE with its progress. Returns how many."""
+        calls = [c for c in self._calls if c.task is not None and not c.task.done()]
+        for c in calls:
+            c.cut = True
+            assert c.task is not None
+            c.task.cancel()
+        return len(calls)
+
+    async def shut_down(self, server: grpc.aio.Server, grace: float) -> None:
+        """Stop `server` within `grace` seconds, losing no call that was accepted before the end.
+
+        grpc's own stop closes the listener and sends every connection a GOAWAY at once, so balancing
+        clients move new calls elsewhere; calls in flight go on. Those still running shortly before the
+        grace ends are cut (UNAVAILABLE with their progress) rather than left to grpc's bare CANCELLED.
+        """
+        end = time.monotonic() + grace
+        self.start(grace)
+        stopping = asyncio.create_task(server.stop(grace))
+        margin = min(1.0, grace / 10)
+        if not await self.wait_idle(end - margin - time.monotonic()):
+            log.warning("drain: the grace of %g s ran out; ending %d calls with UNAVAILABLE", grace, self.cut())
+            await self.wait_idle(end - time.monotonic())
+        await server.stop(0)  # what is left: health Watch streams, which last as long as their callers
+        await stopping
