@@ -109,9 +109,20 @@ class FakeServicer(pb_grpc.InspectionServiceServicer):
         self._record(request, context)
         if request.dataset == "none":
             _abort(context, code_pb2.UNIMPLEMENTED, "TopActivations is not implemented yet")
-        return pb.TopActivationsResponse(images_scanned=17, activations=[
-            pb.TopActivation(image_index=3, image_name="chelsea", score=9.5, y=4, x=5,
-                             box=pb.Box(x0=1, y0=2, x1=30, y1=40), crop_png=png(Image.new("RGB", (8, 8))))])
+        return pb.TopActivationsResponse(
+            images_scanned=17, channels=40, dataset=request.dataset,
+            stats=pb.ChannelStats(images=17, mean=0.5, max=9.5, positive_fraction=0.25),
+            activations=[pb.TopActivation(image_index=-1, source="skimage/chelsea.png", score=9.5, y=4, x=5,
+                                          box=pb.Box(x0=1, y0=2, x1=30, y1=40),
+                                          original_box=pb.Box(x0=2, y0=4, x1=60, y1=80), digest="ab12",
+                                          crop_png=png(Image.new("RGB", (8, 8))))])
+
+    def ListDatasets(self, request: Any, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:  # noqa: N802
+        self._record(request, context)
+        return pb.ListDatasetsResponse(datasets=[pb.DatasetInfo(
+            name="samples", description="photos", image_count=19, skipped_count=1, digest="ff",
+            indexes=[pb.IndexInfo(model=MODEL, layer="_blocks.2", state=pb.INDEX_STATE_BUILDING, images_done=3,
+                                  images_total=19)])])
 
     def Saliency(self, request: Any, context: grpc.ServicerContext) -> pb.SaliencyResponse:  # noqa: N802
         self._record(request, context)

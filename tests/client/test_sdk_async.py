@@ -32,7 +32,8 @@ async def test_unary_calls(server: FakeServer) -> None:
         np.testing.assert_array_equal(server.rec.images[-1], RGB)
         assert s.attribution.shape == (3, 12, 16) and s.target == Unit("_blocks.2", 1, 0, 1)
         top = await c.top_activations(MODEL, "_blocks.2", 1)
-        assert top.activations[0].image_name == "chelsea"
+        assert top[0].source == "skimage/chelsea.png"
+        assert (await c.list_datasets())[0].name == "samples"
 
 
 async def test_errors(server: FakeServer) -> None:

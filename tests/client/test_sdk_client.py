@@ -222,13 +222,26 @@ def test_deadline(server: FakeServer) -> None:
 
 
 def test_top_activations(server: FakeServer, client: Client) -> None:
-    top = client.top_activations(MODEL, "_blocks.3", 7, k=4, crops=True, images=[RGB, Image.fromarray(RGB)])
-    assert top.images_scanned == 17
-    a = top.activations[0]
-    assert (a.image_name, a.score, a.y, a.x, a.box) == ("chelsea", 9.5, 4, 5, (1, 2, 30, 40))
+    top = client.top_activations(MODEL, "_blocks.3", 7, k=4, crops=True, images=[RGB, Image.fromarray(RGB)],
+                                 ranking="mean", max_per_image=2)
+    assert top.images_scanned == 17 and top.channels == 40 and len(top) == 1
+    assert top.stats is not None and (top.stats.images, top.stats.max, top.stats.positive_fraction) == (17, 9.5, 0.25)
+    a = top[0]
+    assert (a.source, a.score, a.y, a.x, a.box, a.original_box, a.digest) == (
+        "skimage/chelsea.png", 9.5, 4, 5, (1, 2, 30, 40), (2, 4, 60, 80), "ab12")
     assert isinstance(a.crop, Image.Image) and a.image is None
     req = server.rec.requests[-1]
-    assert (req.layer, req.channel, req.k, req.include_crops, len(req.images)) == ("_blocks.3", 7, 4, True, 2)
+    assert (req.layer, req.channel, req.k, req.include_crops, len(req.images), req.dataset) == (
+        "_blocks.3", 7, 4, True, 2, "samples")
+    assert (req.ranking, req.max_per_image) == (pb.RANKING_MEAN, 2)
+    with pytest.raises(ValueError, match="ranking"):
+        client.top_activations(MODEL, "_blocks.3", 7, ranking="median")
+
+
+def test_list_datasets(client: Client) -> None:
+    (d,) = client.list_datasets()
+    assert (d.name, d.image_count, d.skipped_count, d.digest) == ("samples", 19, 1, "ff")
+    assert [(i.layer, i.state, i.images_done, i.images_total) for i in d.indexes] == [("_blocks.2", "building", 3, 19)]
 
 
 def test_streaming_progress_then_result(server: FakeServer, client: Client) -> None:

@@ -13,9 +13,10 @@ from convlens.client import loadtest
 from .fake_server import FakeServer
 
 PUBLIC = [
-    "SALIENCY_METHODS", "TLS", "AsyncClient", "Client", "ConvLensError", "DeadlineExceededError",
+    "SALIENCY_METHODS", "TLS", "AsyncClient", "ChannelStats", "Client", "ConvLensError", "DatasetInfo",
+    "DeadlineExceededError",
     "DreamResult",
-    "FailedPreconditionError", "FieldViolation", "Filters", "Geometry", "ImageInput", "InternalError",
+    "FailedPreconditionError", "FieldViolation", "Filters", "Geometry", "ImageInput", "IndexInfo", "InternalError",
     "InvalidArgumentError", "LayerInfo", "MaximizeResult", "ModelDetails", "ModelInfo", "NotFoundError",
     "PermissionDeniedError", "Prediction", "Progress", "ReceptiveField", "RequestCancelledError",
     "ResourceExhaustedError", "SaliencyResult", "StyleTransferResult", "Timeout", "TopActivation",

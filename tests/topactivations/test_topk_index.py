@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from convlens.server.engine.topk_index import (
-    Entry, ImageId, TopKIndex, candidates, coverage_of, from_candidates, merge)
+from convlens.server.engine.topk_index import Entry, ImageId, TopKIndex, candidates, coverage_of, from_candidates, merge
 
 C, H, W = 5, 4, 6
 

@@ -22,6 +22,7 @@ from . import _convert as cv
 from ._config import ChannelConfig, TimeoutArg, TLSArg
 from ._exceptions import ConvLensError, InternalError, _map_rpc_error
 from ._types import (
+    DatasetInfo,
     DreamOptions,
     DreamResult,
     Filters,
@@ -138,13 +139,21 @@ class Client:
         return cv.filters(self._unary("GetFilters", req, timeout))
 
     def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
-                        dataset: str | None = "probe", images: Sequence[ImageInput] | None = None,
-                        crops: bool = False, include_images: bool = False,
-                        timeout: float | None = None) -> TopActivations:
-        """The k probe images (or `images`) that most excite one channel, best first."""
+                        dataset: str | None = "samples", ranking: str = "max", max_per_image: int = 1,
+                        images: Sequence[ImageInput] | None = None, crops: bool = False,
+                        include_images: bool = False, timeout: float | None = None) -> TopActivations:
+        """The k dataset regions (or regions of `images`) that most excite one channel, best first.
+
+        A list of entries with .source .score .y .x .box .crop .image; `.stats` summarises the channel.
+        """
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
-                                         crops=crops, include_images=include_images)
+                                         crops=crops, include_images=include_images, ranking=ranking,
+                                         max_per_image=max_per_image)
         return cv.top_activations(self._unary("TopActivations", req, timeout))
+
+    def list_datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
+        """The datasets TopActivations ranks on, with their image counts and indexes."""
+        return cv.datasets(self._unary("ListDatasets", pb.ListDatasetsRequest(), timeout))
 
     def saliency(self, image: ImageInput, model: str, *, target: Target | None = None,
                  method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
@@ -287,12 +296,16 @@ class AsyncClient:
         return cv.filters(await self._unary("GetFilters", req, timeout))
 
     async def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
-                              dataset: str | None = "probe", images: Sequence[ImageInput] | None = None,
-                              crops: bool = False, include_images: bool = False,
-                        timeout: float | None = None) -> TopActivations:
+                              dataset: str | None = "samples", ranking: str = "max", max_per_image: int = 1,
+                              images: Sequence[ImageInput] | None = None, crops: bool = False,
+                              include_images: bool = False, timeout: float | None = None) -> TopActivations:
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
-                                         crops=crops, include_images=include_images)
+                                         crops=crops, include_images=include_images, ranking=ranking,
+                                         max_per_image=max_per_image)
         return cv.top_activations(await self._unary("TopActivations", req, timeout))
+
+    async def list_datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
+        return cv.datasets(await self._unary("ListDatasets", pb.ListDatasetsRequest(), timeout))
 
     async def saliency(self, image: ImageInput, model: str, *, target: Target | None = None,
                        method: str = "gradient", samples: int | None = None, noise_level: float | None = None,

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from convlens.client._types import ChannelStats, DatasetInfo, IndexInfo
 from convlens.v1 import convlens_pb2 as pb
 from convlens.wire.tensors import to_numpy
 
@@ -47,6 +48,8 @@ SALIENCY_METHODS: dict[str, int] = {
     "grad_cam": pb.SALIENCY_METHOD_GRAD_CAM,
     "guided_grad_cam": pb.SALIENCY_METHOD_GUIDED_GRAD_CAM,
 }
+RANKINGS = {"max": pb.RANKING_MAX, "mean": pb.RANKING_MEAN}
+_INDEX_STATES = {pb.INDEX_STATE_READY: "ready", pb.INDEX_STATE_BUILDING: "building", pb.INDEX_STATE_ABSENT: "absent"}
 _SCALINGS = {"minmax": pb.FILTER_SCALING_PER_FILTER_MINMAX, "symmetric": pb.FILTER_SCALING_SYMMETRIC}
 _BASELINES = {"black": pb.BASELINE_BLACK, "blurred": pb.BASELINE_BLURRED}
 _REDUCTIONS = {"mean": pb.REDUCTION_MEAN, "max": pb.REDUCTION_MAX}
@@ -90,12 +93,13 @@ def filters_request(model: str, layer: str, *, grid: bool, scaling: str, max_fil
 
 
 def top_activations_request(model: str, layer: str, channel: int, *, k: int, dataset: str | None,
-                            images: Sequence[ImageInput] | None, crops: bool,
-                            include_images: bool) -> pb.TopActivationsRequest:
+                            images: Sequence[ImageInput] | None, crops: bool, include_images: bool,
+                            ranking: str = "max", max_per_image: int = 1) -> pb.TopActivationsRequest:
     return pb.TopActivationsRequest(
         model=model, layer=layer, channel=channel, k=k, dataset=dataset or "",
         images=[to_image(img, what=f"images[{i}]") for i, img in enumerate(images or ())],
-        include_crops=crops, include_images=include_images)
+        include_crops=crops, include_images=include_images, ranking=_choice(RANKINGS, ranking, "ranking"),
+        max_per_image=max_per_image)
 
 
 def saliency_request(image: ImageInput, model: str, *, target: Target | None, method: str,
@@ -221,12 +225,29 @@ def saliency(r: pb.SaliencyResponse) -> SaliencyResult:
                           baseline_value=r.baseline_value if r.HasField("baseline_value") else None)
 
 
+def _box(b: pb.Box) -> tuple[int, int, int, int]:
+    return (b.x0, b.y0, b.x1, b.y1)
+
+
+def _geometry(g: pb.Geometry) -> Geometry:
+    return Geometry(g.original_height, g.original_width, g.resized_height, g.resized_width, g.crop_top,
+                    g.crop_left, g.input_height, g.input_width, g.scale)
+
+
 def top_activations(r: pb.TopActivationsResponse) -> TopActivations:
+    s = r.stats
     return TopActivations(
-        activations=[TopActivation(a.image_index, a.image_name, a.score, a.y, a.x,
-                                   (a.box.x0, a.box.y0, a.box.x1, a.box.y1),
-                                   png_to_pil(a.crop_png), png_to_pil(a.image_png)) for a in r.activations],
-        images_scanned=r.images_scanned)
+        [TopActivation(a.image_index, a.source, a.score, a.y, a.x, _box(a.box), _box(a.original_box),
+                       png_to_pil(a.crop_png), png_to_pil(a.image_png), a.digest,
+                       _geometry(a.geometry) if a.HasField("geometry") else None) for a in r.activations],
+        images_scanned=r.images_scanned, channels=r.channels, dataset=r.dataset,
+        stats=ChannelStats(s.images, s.mean, s.max, s.positive_fraction) if r.HasField("stats") else None)
+
+
+def datasets(r: pb.ListDatasetsResponse) -> list[DatasetInfo]:
+    return [DatasetInfo(d.name, d.description, d.image_count, d.skipped_count,
+                        [IndexInfo(i.model, i.layer, _INDEX_STATES.get(i.state, "unknown"), i.images_done,
+                                   i.images_total) for i in d.indexes], d.digest) for d in r.datasets]
 
 
 def progress(p: pb.Progress) -> Progress:

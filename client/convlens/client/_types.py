@@ -7,7 +7,7 @@ is where protobuf messages become these and back.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -154,20 +154,64 @@ class SaliencyResult:
 
 @dataclass(frozen=True, eq=False)
 class TopActivation:
-    image_index: int
-    image_name: str
+    """One entry of a unit's top list: an image region and how strongly it excites the unit."""
+
+    image_index: int  # index into the caller's images, -1 for a dataset image
+    source: str  # dataset-relative path (e.g. "skimage/coffee.png"), or "images[i]"
     score: float
-    y: int  # argmax position in the layer's output map
+    y: int  # position in the layer's output map
     x: int
-    box: tuple[int, int, int, int]  # receptive field (x0, y0, x1, y1) in model-input pixels
-    crop: Image.Image | None
-    image: Image.Image | None
+    box: tuple[int, int, int, int]  # receptive field (x0, y0, x1, y1) in model-input pixels, clipped
+    original_box: tuple[int, int, int, int]  # the same box in original-image pixels, clipped
+    crop: Image.Image | None  # cut from the original-resolution image (crops=True)
+    image: Image.Image | None  # the original image (<= 640 px) with the box drawn (include_images=True)
+    digest: str = ""  # content digest: with `source`, the image's stable id
+    geometry: Geometry | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class TopActivations:
-    activations: list[TopActivation]  # best first
-    images_scanned: int
+@dataclass(frozen=True)
+class ChannelStats:
+    """A channel over a whole dataset: a unit dead on it has max <= 0 and positive_fraction 0."""
+
+    images: int
+    mean: float
+    max: float
+    positive_fraction: float
+
+
+class TopActivations(list[TopActivation]):
+    """The entries, best first (a plain list), plus the channel's statistics over the dataset."""
+
+    def __init__(self, entries: Iterable[TopActivation] = (), *, images_scanned: int = 0,
+                 stats: ChannelStats | None = None, channels: int = 0, dataset: str = "") -> None:
+        super().__init__(entries)
+        self.images_scanned = images_scanned
+        self.stats = stats
+        self.channels = channels
+        self.dataset = dataset
+
+    @property
+    def activations(self) -> list[TopActivation]:
+        return list(self)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    model: str
+    layer: str
+    state: str  # "ready" | "building" | "absent"
+    images_done: int
+    images_total: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    description: str
+    image_count: int
+    skipped_count: int
+    indexes: list[IndexInfo]
+    digest: str
 
 
 @dataclass(frozen=True, eq=False)

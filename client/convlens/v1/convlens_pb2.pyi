@@ -99,6 +99,61 @@ FILTER_SCALING_SYMMETRIC: FilterScaling.ValueType  # 2
 """Symmetric around zero (grey = 0), per filter."""
 Global___FilterScaling: _TypeAlias = FilterScaling  # noqa: Y015
 
+class _Ranking:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RankingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ranking.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RANKING_UNSPECIFIED: _Ranking.ValueType  # 0
+    """Defaults to RANKING_MAX."""
+    RANKING_MAX: _Ranking.ValueType  # 1
+    """Each image's spatial max of the channel (the classic "top regions")."""
+    RANKING_MEAN: _Ranking.ValueType  # 2
+    """Each image's spatial mean of the channel."""
+
+class Ranking(_Ranking, metaclass=_RankingEnumTypeWrapper):
+    """---------------------------------------------------------------- top activations
+
+    Ranking orders a unit's dataset entries.
+    """
+
+RANKING_UNSPECIFIED: Ranking.ValueType  # 0
+"""Defaults to RANKING_MAX."""
+RANKING_MAX: Ranking.ValueType  # 1
+"""Each image's spatial max of the channel (the classic "top regions")."""
+RANKING_MEAN: Ranking.ValueType  # 2
+"""Each image's spatial mean of the channel."""
+Global___Ranking: _TypeAlias = Ranking  # noqa: Y015
+
+class _IndexState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IndexStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IndexState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INDEX_STATE_UNSPECIFIED: _IndexState.ValueType  # 0
+    """Not reported."""
+    INDEX_STATE_READY: _IndexState.ValueType  # 1
+    """Built: queries answer from it at once."""
+    INDEX_STATE_BUILDING: _IndexState.ValueType  # 2
+    """A scan is running; see images_done / images_total."""
+    INDEX_STATE_ABSENT: _IndexState.ValueType  # 3
+    """Not built (the first query builds it, or `convlens index build`)."""
+
+class IndexState(_IndexState, metaclass=_IndexStateEnumTypeWrapper):
+    """IndexState says whether a (model, layer) index of a dataset can answer now."""
+
+INDEX_STATE_UNSPECIFIED: IndexState.ValueType  # 0
+"""Not reported."""
+INDEX_STATE_READY: IndexState.ValueType  # 1
+"""Built: queries answer from it at once."""
+INDEX_STATE_BUILDING: IndexState.ValueType  # 2
+"""A scan is running; see images_done / images_total."""
+INDEX_STATE_ABSENT: IndexState.ValueType  # 3
+"""Not built (the first query builds it, or `convlens index build`)."""
+Global___IndexState: _TypeAlias = IndexState  # noqa: Y015
+
 class _SaliencyMethod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -827,10 +882,7 @@ Global___GetFiltersResponse: _TypeAlias = GetFiltersResponse  # noqa: Y015
 
 @_typing.final
 class TopActivationsRequest(_message.Message):
-    """---------------------------------------------------------------- top activations
-
-    TopActivationsRequest asks which probe images most excite a unit.
-    """
+    """TopActivationsRequest asks which dataset images (and regions) most excite a unit."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -842,18 +894,27 @@ class TopActivationsRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     INCLUDE_CROPS_FIELD_NUMBER: _builtins.int
     INCLUDE_IMAGES_FIELD_NUMBER: _builtins.int
+    RANKING_FIELD_NUMBER: _builtins.int
+    MAX_PER_IMAGE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     layer: _builtins.str
     channel: _builtins.int
+    """Channel of the layer (a class index for the logits layer)."""
     k: _builtins.int
-    """Default 9."""
+    """Default 9; at most the index's k_max (64)."""
     dataset: _builtins.str
-    """Probe dataset name; default "probe" (the photos that ship with scikit-image and scikit-learn)."""
+    """Dataset name (ListDatasets); default "samples" (photos shipped inside scikit-image and scikit-learn)."""
     include_crops: _builtins.bool
+    """Return each entry's receptive-field crop, cut from the original-resolution image."""
     include_images: _builtins.bool
+    """Return each entry's original image (downscaled to at most 640 px) with the box drawn."""
+    ranking: Global___Ranking.ValueType
+    """Default RANKING_MAX."""
+    max_per_image: _builtins.int
+    """Distinct regions one image may contribute (RANKING_MAX only); default 1, at most 4."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
-        """Caller's own images instead of a named dataset."""
+        """The caller's own images, ranked directly instead of a dataset (at most 64)."""
 
     def __init__(
         self,
@@ -866,10 +927,12 @@ class TopActivationsRequest(_message.Message):
         images: _abc.Iterable[Global___Image] | None = ...,
         include_crops: _builtins.bool = ...,
         include_images: _builtins.bool = ...,
+        ranking: Global___Ranking.ValueType = ...,
+        max_per_image: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "max_per_image", b"max_per_image", "model", b"model", "ranking", b"ranking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -877,50 +940,104 @@ Global___TopActivationsRequest: _TypeAlias = TopActivationsRequest  # noqa: Y015
 
 @_typing.final
 class TopActivation(_message.Message):
-    """TopActivation is one probe image's strongest response."""
+    """TopActivation is one entry of a unit's top list: an image region and how strongly it excites the unit."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     IMAGE_INDEX_FIELD_NUMBER: _builtins.int
-    IMAGE_NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     Y_FIELD_NUMBER: _builtins.int
     X_FIELD_NUMBER: _builtins.int
     BOX_FIELD_NUMBER: _builtins.int
     CROP_PNG_FIELD_NUMBER: _builtins.int
     IMAGE_PNG_FIELD_NUMBER: _builtins.int
+    ORIGINAL_BOX_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    GEOMETRY_FIELD_NUMBER: _builtins.int
     image_index: _builtins.int
-    image_name: _builtins.str
+    """Index into the request's images, or -1 for a dataset image."""
+    source: _builtins.str
+    """Dataset-relative path of the image (e.g. "skimage/coffee.png"), or "images[i]"."""
     score: _builtins.float
+    """The unit's activation: spatial max at (y, x), or the spatial mean for RANKING_MEAN."""
     y: _builtins.int
-    """Argmax position in the layer's output map."""
+    """Position in the layer's output map (0, 0 for a vector layer)."""
     x: _builtins.int
     crop_png: _builtins.bytes
+    """PNG crop of original_box from the original-resolution image (include_crops)."""
     image_png: _builtins.bytes
-    """Model-input image with the box drawn."""
+    """PNG of the original image, downscaled to at most 640 px, with the box drawn (include_images)."""
+    digest: _builtins.str
+    """Content digest of the image (hex), part of its stable id."""
     @_builtins.property
     def box(self) -> Global___Box:
-        """Receptive field of (y, x), clipped to the model-input image."""
+        """Receptive field of (y, x) in model-input pixels, clipped to the input."""
+
+    @_builtins.property
+    def original_box(self) -> Global___Box:
+        """The same box in original-image pixels, clipped to the image."""
+
+    @_builtins.property
+    def geometry(self) -> Global___Geometry:
+        """How the original image became the model input."""
 
     def __init__(
         self,
         *,
         image_index: _builtins.int = ...,
-        image_name: _builtins.str = ...,
+        source: _builtins.str = ...,
         score: _builtins.float = ...,
         y: _builtins.int = ...,
         x: _builtins.int = ...,
         box: Global___Box | None = ...,
         crop_png: _builtins.bytes = ...,
         image_png: _builtins.bytes = ...,
+        original_box: Global___Box | None = ...,
+        digest: _builtins.str = ...,
+        geometry: Global___Geometry | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["box", b"box"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "geometry", b"geometry", "original_box", b"original_box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "crop_png", b"crop_png", "image_index", b"image_index", "image_name", b"image_name", "image_png", b"image_png", "score", b"score", "x", b"x", "y", b"y"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "crop_png", b"crop_png", "digest", b"digest", "geometry", b"geometry", "image_index", b"image_index", "image_png", b"image_png", "original_box", b"original_box", "score", b"score", "source", b"source", "x", b"x", "y", b"y"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TopActivation: _TypeAlias = TopActivation  # noqa: Y015
+
+@_typing.final
+class ChannelStats(_message.Message):
+    """ChannelStats summarise a channel over the whole dataset, so units dead on it are visible."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    POSITIVE_FRACTION_FIELD_NUMBER: _builtins.int
+    images: _builtins.int
+    """Images scanned."""
+    mean: _builtins.float
+    """Mean activation over every position of every image."""
+    max: _builtins.float
+    """Largest activation anywhere."""
+    positive_fraction: _builtins.float
+    """Fraction of positions with an activation > 0."""
+    def __init__(
+        self,
+        *,
+        images: _builtins.int = ...,
+        mean: _builtins.float = ...,
+        max: _builtins.float = ...,
+        positive_fraction: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "max", b"max", "mean", b"mean", "positive_fraction", b"positive_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelStats: _TypeAlias = ChannelStats  # noqa: Y015
 
 @_typing.final
 class TopActivationsResponse(_message.Message):
@@ -930,22 +1047,151 @@ class TopActivationsResponse(_message.Message):
 
     ACTIVATIONS_FIELD_NUMBER: _builtins.int
     IMAGES_SCANNED_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
     images_scanned: _builtins.int
+    channels: _builtins.int
+    """Channels of the layer (valid channel range is 0..channels-1)."""
+    dataset: _builtins.str
+    """Dataset answered from ("" for the caller's images)."""
     @_builtins.property
     def activations(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopActivation]: ...
+    @_builtins.property
+    def stats(self) -> Global___ChannelStats:
+        """The channel over the dataset (or over the caller's images)."""
+
     def __init__(
         self,
         *,
         activations: _abc.Iterable[Global___TopActivation] | None = ...,
         images_scanned: _builtins.int = ...,
+        stats: Global___ChannelStats | None = ...,
+        channels: _builtins.int = ...,
+        dataset: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "images_scanned", b"images_scanned"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "channels", b"channels", "dataset", b"dataset", "images_scanned", b"images_scanned", "stats", b"stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TopActivationsResponse: _TypeAlias = TopActivationsResponse  # noqa: Y015
+
+@_typing.final
+class IndexInfo(_message.Message):
+    """IndexInfo is one (model, layer) index of a dataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    IMAGES_DONE_FIELD_NUMBER: _builtins.int
+    IMAGES_TOTAL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    layer: _builtins.str
+    state: Global___IndexState.ValueType
+    images_done: _builtins.int
+    """Progress of a building index."""
+    images_total: _builtins.int
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        layer: _builtins.str = ...,
+        state: Global___IndexState.ValueType = ...,
+        images_done: _builtins.int = ...,
+        images_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images_done", b"images_done", "images_total", b"images_total", "layer", b"layer", "model", b"model", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexInfo: _TypeAlias = IndexInfo  # noqa: Y015
+
+@_typing.final
+class DatasetInfo(_message.Message):
+    """DatasetInfo describes one dataset and its indexes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IMAGE_COUNT_FIELD_NUMBER: _builtins.int
+    SKIPPED_COUNT_FIELD_NUMBER: _builtins.int
+    INDEXES_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    description: _builtins.str
+    image_count: _builtins.int
+    """Images in the dataset."""
+    skipped_count: _builtins.int
+    """Files skipped because they could not be read."""
+    digest: _builtins.str
+    """Content digest (hex): changes when any image does."""
+    @_builtins.property
+    def indexes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexInfo]:
+        """Indexes that exist (ready) or are being built, for the served models' current weights."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        image_count: _builtins.int = ...,
+        skipped_count: _builtins.int = ...,
+        indexes: _abc.Iterable[Global___IndexInfo] | None = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "digest", b"digest", "image_count", b"image_count", "indexes", b"indexes", "name", b"name", "skipped_count", b"skipped_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetInfo: _TypeAlias = DatasetInfo  # noqa: Y015
+
+@_typing.final
+class ListDatasetsRequest(_message.Message):
+    """ListDatasetsRequest takes no arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsRequest: _TypeAlias = ListDatasetsRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetsResponse(_message.Message):
+    """ListDatasetsResponse lists the datasets this server can rank units on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetInfo]: ...
+    def __init__(
+        self,
+        *,
+        datasets: _abc.Iterable[Global___DatasetInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsResponse: _TypeAlias = ListDatasetsResponse  # noqa: Y015
 
 @_typing.final
 class SmoothGradOptions(_message.Message):

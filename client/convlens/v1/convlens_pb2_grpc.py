@@ -55,6 +55,11 @@ class InspectionServiceStub:
                 request_serializer=convlens_dot_v1_dot_convlens__pb2.TopActivationsRequest.SerializeToString,
                 response_deserializer=convlens_dot_v1_dot_convlens__pb2.TopActivationsResponse.FromString,
                 _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/convlens.v1.InspectionService/ListDatasets',
+                request_serializer=convlens_dot_v1_dot_convlens__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=convlens_dot_v1_dot_convlens__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
         self.Saliency = channel.unary_unary(
                 '/convlens.v1.InspectionService/Saliency',
                 request_serializer=convlens_dot_v1_dot_convlens__pb2.SaliencyRequest.SerializeToString,
@@ -104,6 +109,13 @@ class InspectionServiceServicer:
 
     def TopActivations(self, request, context):
         """TopActivations returns the probe images (and regions) that most excite a unit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """ListDatasets lists the datasets TopActivations ranks on, with their indexes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,6 +171,11 @@ def add_InspectionServiceServicer_to_server(servicer, server):
                     servicer.TopActivations,
                     request_deserializer=convlens_dot_v1_dot_convlens__pb2.TopActivationsRequest.FromString,
                     response_serializer=convlens_dot_v1_dot_convlens__pb2.TopActivationsResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=convlens_dot_v1_dot_convlens__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=convlens_dot_v1_dot_convlens__pb2.ListDatasetsResponse.SerializeToString,
             ),
             'Saliency': grpc.unary_unary_rpc_method_handler(
                     servicer.Saliency,
@@ -290,6 +307,33 @@ class InspectionService:
             '/convlens.v1.InspectionService/TopActivations',
             convlens_dot_v1_dot_convlens__pb2.TopActivationsRequest.SerializeToString,
             convlens_dot_v1_dot_convlens__pb2.TopActivationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convlens.v1.InspectionService/ListDatasets',
+            convlens_dot_v1_dot_convlens__pb2.ListDatasetsRequest.SerializeToString,
+            convlens_dot_v1_dot_convlens__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

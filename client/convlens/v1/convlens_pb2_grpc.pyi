@@ -47,6 +47,8 @@ class InspectionServiceStub:
     """GetFilters returns a convolution layer's weights, optionally rendered as a grid image."""
     TopActivations: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.TopActivationsRequest, _convlens_pb2.TopActivationsResponse]
     """TopActivations returns the probe images (and regions) that most excite a unit."""
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.ListDatasetsRequest, _convlens_pb2.ListDatasetsResponse]
+    """ListDatasets lists the datasets TopActivations ranks on, with their indexes."""
     Saliency: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.SaliencyRequest, _convlens_pb2.SaliencyResponse]
     """Saliency attributes a unit or class logit to the input pixels."""
     MaximizeUnit: _grpc.UnaryStreamMultiCallable[_convlens_pb2.MaximizeUnitRequest, _convlens_pb2.MaximizeUnitResponse]
@@ -69,6 +71,8 @@ class InspectionServiceAsyncStub(InspectionServiceStub):
     """GetFilters returns a convolution layer's weights, optionally rendered as a grid image."""
     TopActivations: _aio.UnaryUnaryMultiCallable[_convlens_pb2.TopActivationsRequest, _convlens_pb2.TopActivationsResponse]  # type: ignore[assignment]
     """TopActivations returns the probe images (and regions) that most excite a unit."""
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_convlens_pb2.ListDatasetsRequest, _convlens_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """ListDatasets lists the datasets TopActivations ranks on, with their indexes."""
     Saliency: _aio.UnaryUnaryMultiCallable[_convlens_pb2.SaliencyRequest, _convlens_pb2.SaliencyResponse]  # type: ignore[assignment]
     """Saliency attributes a unit or class logit to the input pixels."""
     MaximizeUnit: _aio.UnaryStreamMultiCallable[_convlens_pb2.MaximizeUnitRequest, _convlens_pb2.MaximizeUnitResponse]  # type: ignore[assignment]
@@ -112,6 +116,14 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_convlens_pb2.TopActivationsResponse, _abc.Awaitable[_convlens_pb2.TopActivationsResponse]]:
         """TopActivations returns the probe images (and regions) that most excite a unit."""
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _convlens_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_convlens_pb2.ListDatasetsResponse, _abc.Awaitable[_convlens_pb2.ListDatasetsResponse]]:
+        """ListDatasets lists the datasets TopActivations ranks on, with their indexes."""
 
     @_abc_1.abstractmethod
     def Saliency(

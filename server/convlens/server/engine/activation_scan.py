@@ -14,8 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from convlens.server.engine.topk_index import (DEFAULT_PER_IMAGE, Candidates, ImageId, TopKIndex, candidates,
-                                               from_candidates)
+from convlens.server.engine.topk_index import (
+    DEFAULT_PER_IMAGE,
+    Candidates,
+    ImageId,
+    TopKIndex,
+    candidates,
+    from_candidates,
+)
 from convlens.server.errors import NotFound
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from convlens.server.errors import InvalidArgument, NotFound
+from convlens.server.engine.layers import LayerResolver
 
 
 @dataclass
@@ -24,28 +23,16 @@ class FilterWeights:
     dilation: tuple[int, ...]
 
 
-def get_submodule(model: nn.Module, layer: str, *, field: str = "layer") -> nn.Module:
-    try:
-        return model.get_submodule(layer) if layer else model
-    except AttributeError:
-        raise NotFound(f"no layer {layer!r}; list the layers with GetModel", field=field) from None
-
-
-def conv_filters(model: nn.Module, layer: str, example: torch.Tensor | None = None) -> FilterWeights:
+def conv_filters(lookup: LayerResolver, layer: str, example: torch.Tensor | None = None) -> FilterWeights:
     """The weights of `layer`; `example` (one normalised input) lets us find the BatchNorm it feeds."""
-    module = get_submodule(model, layer)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise InvalidArgument(
-            f"layer {layer!r} ({type(module).__name__}) has no convolution weights; "
-            "choose a layer whose catalog entry has has_filters = true",
-            field="layer",
-        )
+    module = lookup.conv(layer, field="layer")
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
     bias = getattr(module, "bias", None)
     return FilterWeights(
-        weights=weight.detach().float().cpu().numpy().copy(),
+        weights=weight.detach().float().cpu().contiguous().numpy().copy(),
         bias=bias.detach().float().cpu().numpy().copy() if isinstance(bias, torch.Tensor) else None,
-        dead_channels=dead_channels(model, module, example) if example is not None else [],
+        dead_channels=dead_channels(lookup, layer, example) if example is not None else [],
         layer_type=type(module).__name__,
         groups=int(getattr(module, "groups", 1)),
         stride=_pair(getattr(module, "stride", (1, 1))),
@@ -54,19 +41,17 @@ def conv_filters(model: nn.Module, layer: str, example: torch.Tensor | None = No
     )
 
 
-# Served weights never change, so each conv's answer is computed once (the key dies with the module).
-_DEAD: weakref.WeakKeyDictionary[nn.Module, list[int]] = weakref.WeakKeyDictionary()
-
-
-def dead_channels(model: nn.Module, conv: nn.Module, example: torch.Tensor) -> list[int]:
-    """Output channels of `conv` that its following BatchNorm zeroes out (running_var == 0).
+def dead_channels(lookup: LayerResolver, layer: str, example: torch.Tensor) -> list[int]:
+    """Output channels of conv `layer` that its following BatchNorm zeroes out (running_var == 0).
 
     "Following" is found from the data flow of one forward pass (the BatchNorm whose input is the
-    conv's output tensor), not from registration order, so any architecture is read correctly.
+    conv's output tensor), not from registration order, so any architecture is read correctly. Served
+    weights never change, so the answer is remembered by the model's resolver.
     """
-    if conv not in _DEAD:
-        _DEAD[conv] = _find_dead_channels(model, conv, example)
-    return list(_DEAD[conv])
+    conv = lookup.conv(layer, field="layer")
+    found = lookup.remember(("filters.dead_channels", layer),
+                            lambda: _find_dead_channels(lookup.model, conv, example))
+    return list(found)
 
 
 def _find_dead_channels(model: nn.Module, conv: nn.Module, example: torch.Tensor) -> list[int]:

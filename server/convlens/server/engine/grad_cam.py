@@ -15,7 +15,6 @@ last run.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.server.engine.hooks import eval_mode, forward_hooks
-from convlens.server.errors import InvalidArgument, NotFound
+from convlens.server.engine.layers import LayerResolver, not_a_map, resolver_for
+from convlens.server.errors import InvalidArgument
 
 _NOT_A_MAP = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -32,22 +32,16 @@ _NOT_A_MAP = (
     nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
 )
 
-# model -> {(H, W): layer}; weak so that unloading a model frees its entry.
-_DEFAULT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], str]] = (
-    weakref.WeakKeyDictionary()
-)
+def default_cam_layer(model: nn.Module, *, input_size: tuple[int, int] = (224, 224),
+                      resolver: LayerResolver | None = None) -> str:
+    """The default Grad-CAM layer for inputs of `input_size` (one no-grad probe, remembered by the
+    model's resolver)."""
+    lookup = resolver_for(model, resolver)
+    return lookup.remember(("grad_cam.default_layer", tuple(input_size)),
+                           lambda: _probe_default(model, lookup, input_size))
 
 
-def default_cam_layer(model: nn.Module, *, input_size: tuple[int, int] = (224, 224)) -> str:
-    """The default Grad-CAM layer for inputs of `input_size` (found by one no-grad probe, then cached)."""
-    cache = _DEFAULT_CACHE.setdefault(model, {})
-    if input_size not in cache:
-        cache[input_size] = _probe_default(model, input_size)
-    return cache[input_size]
-
-
-def _probe_default(model: nn.Module, input_size: tuple[int, int]) -> str:
-    names = {m: n for n, m in model.named_modules()}
+def _probe_default(model: nn.Module, lookup: LayerResolver, input_size: tuple[int, int]) -> str:
     excluded: list[torch.Tensor] = []  # outputs of pooling-like layers (kept alive for `is` checks)
     best: list[str] = []
 
@@ -57,13 +51,14 @@ def _probe_default(model: nn.Module, input_size: tuple[int, int]) -> str:
         if isinstance(module, _NOT_A_MAP) or any(output is t for t in excluded):
             excluded.append(output)
         elif output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-            best.append(names[module])
+            best.append(lookup.name_of(module) or "")
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
-    with torch.no_grad(), eval_mode(model), forward_hooks((m, hook) for m in names):
+    modules = {id(m): m for _, m in lookup.items()}.values()  # each module once, even if registered twice
+    with torch.no_grad(), eval_mode(model), forward_hooks((m, hook) for m in modules):
         model(probe)
     if not best:
         raise InvalidArgument(
@@ -74,24 +69,17 @@ def _probe_default(model: nn.Module, input_size: tuple[int, int]) -> str:
     return best[-1]
 
 
-def check_cam_layer(model: nn.Module, layer: str) -> None:
-    if layer not in dict(model.named_modules()):
-        raise NotFound(
-            f"no layer {layer!r} for Grad-CAM; list the model's layers with GetModel "
-            "(`convlens layers MODEL`) and pick a conv block",
-            field="grad_cam.layer",
-        )
+def check_cam_layer(lookup: LayerResolver, layer: str) -> None:
+    lookup.module(layer, field="grad_cam.layer")
+    lookup.map_shape(layer, field="grad_cam.layer", hint="; Grad-CAM needs a conv block")
 
 
 def cam_from(activation: torch.Tensor | None, gradient: torch.Tensor | None, layer: str,
              size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """([N, 1, H, W] upsampled CAM, (h, w)) from the layer's output A and d target / d A, [N, K, h, w]."""
     if activation is None or activation.dim() != 4:
-        shape = "no tensor" if activation is None else f"shape {tuple(activation.shape[1:])} per image"
-        raise InvalidArgument(
-            f"Grad-CAM needs a layer whose output is a (C, H, W) map; {layer!r} gives {shape}",
-            field="grad_cam.layer",
-        )
+        shape = None if activation is None else tuple(activation.shape[1:])
+        raise not_a_map(layer, shape, "grad_cam.layer", hint="; Grad-CAM needs a conv block")
     if gradient is None:  # the target does not depend on this layer (e.g. a unit before it)
         gradient = torch.zeros_like(activation)
     weights = gradient.mean(dim=(2, 3), keepdim=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from convlens.server.engine.hooks import capture_outputs
+from convlens.server.engine.layers import LayerResolver, resolver_for
 from convlens.server.engine.relu_rules import modified_relus
 from convlens.server.engine.targets import Target, UnitTarget, resolve_targets, target_values
 
@@ -43,14 +44,17 @@ def backprop(
     rule: str | None = None,
     layer: str | None = None,
     chunk: int = CHUNK,
+    resolver: LayerResolver | None = None,
 ) -> Backprop:
     """Gradients of each row's target w.r.t. its input row (and w.r.t. `layer`'s output, if given).
 
     `rule` is a relu_rules rule (guided_backprop / deconvnet) or None for the plain gradient. The model
-    must already be in eval mode, and `layer` a module of it (grad_cam.check_cam_layer).
+    must already be in eval mode, and `layer` a module of it (grad_cam.check_cam_layer). Layer names are
+    resolved by `resolver` (the served model's; built once here for a bare module).
     """
+    lookup = resolver_for(model, resolver)
     parts = [
-        _backprop_chunk(model, inputs[s:s + chunk], targets[s:s + chunk], rule, layer)
+        _backprop_chunk(model, inputs[s:s + chunk], targets[s:s + chunk], rule, layer, lookup)
         for s in range(0, inputs.shape[0], chunk)
     ]
     if len(parts) == 1:
@@ -73,6 +77,7 @@ def _backprop_chunk(
     targets: Sequence[Target | None],
     rule: str | None,
     layer: str | None,
+    lookup: LayerResolver,
 ) -> Backprop:
     # A fresh leaf: callers may hand us inference-mode or grad-requiring tensors.
     with torch.inference_mode(False), torch.enable_grad():
@@ -80,7 +85,7 @@ def _backprop_chunk(
         # One hook per module even when a unit and Grad-CAM share a layer: chained capture hooks would
         # each clone, and the unit's value would then bypass the tensor Grad-CAM differentiates.
         layers = [t.layer for t in targets if isinstance(t, UnitTarget)] + ([layer] if layer else [])
-        with capture_outputs(model, layers) as captured, modified_relus(rule) as modified:
+        with capture_outputs(model, layers, resolver=lookup) as captured, modified_relus(rule) as modified:
             logits = model(x)
         resolved = resolve_targets(logits, targets)
         values = target_values(logits, captured.outputs, resolved)
@@ -112,14 +117,15 @@ def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: nn.Module, inputs: torch.Tensor, targets: Sequence[Target | None], *,
-             chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[Target]]:
+             chunk: int = CHUNK, resolver: LayerResolver | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, list[Target]]:
     """(logits [N, K], target values [N], resolved targets) without gradients: the unperturbed pass of
     the methods that differentiate elsewhere (SmoothGrad, integrated gradients)."""
     logits, values, resolved = [], [], []
     for s in range(0, inputs.shape[0], chunk):
         part = targets[s:s + chunk]
         layers = [t.layer for t in part if isinstance(t, UnitTarget)]
-        with torch.no_grad(), capture_outputs(model, layers) as captured:
+        with torch.no_grad(), capture_outputs(model, layers, resolver=resolver) as captured:
             out = model(inputs[s:s + chunk])
             chosen = resolve_targets(out, part)
             values.append(target_values(out, captured.outputs, chosen))
@@ -139,6 +145,7 @@ def accumulate(
     *,
     rule: str | None = None,
     chunk: int = CHUNK,
+    resolver: LayerResolver | None = None,
 ) -> int:
     """Stream (group, input row [C, H, W], weight) rows through the model in chunks; call
     on_done(group, sum of weight * gradient) as each group completes. Returns the ReLU-family calls
@@ -149,6 +156,7 @@ def accumulate(
     and each group's sum runs in row order whatever the chunking, so a sample's result does not depend
     on its batch companions.
     """
+    lookup = resolver_for(model, resolver)
     keys: list[Key] = []
     xs: list[torch.Tensor] = []
     weights: list[float] = []
@@ -159,7 +167,8 @@ def accumulate(
     def flush() -> None:
         nonlocal modified
         if xs:
-            bp = backprop(model, torch.stack(xs), [target_of(k) for k in keys], rule=rule, chunk=chunk)
+            bp = backprop(model, torch.stack(xs), [target_of(k) for k in keys], rule=rule, chunk=chunk,
+                          resolver=lookup)
             modified = max(modified, bp.modified)
             for key, weight, grad in zip(keys, weights, bp.grads, strict=True):
                 sums[key] = sums[key] + weight * grad if key in sums else weight * grad

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from convlens.server.errors import NotFound
+from convlens.server.engine.layers import LayerResolver, resolver_for
 
 ForwardHook = Callable[[nn.Module, Any, Any], Any]
 
@@ -46,25 +46,24 @@ class Captured:
 
 @contextmanager
 def capture_outputs(
-    model: nn.Module, layers: Iterable[str], *, field: str = "target.unit.layer"
+    model: nn.Module, layers: Iterable[str], *, field: str = "target.unit.layer",
+    resolver: LayerResolver | None = None,
 ) -> Iterator[Captured]:
     """Capture the outputs of the named modules.
 
     The hook hands a clone downstream and keeps the original, so an inplace op after the layer (e.g.
     `ReLU(inplace=True)` after a conv) cannot overwrite what we captured: gradients and values are those
     of the layer itself (Captum clones for the same reason). A module called several times in one forward
-    (a shared activation) keeps its last call's output.
+    (a shared activation) keeps its last call's output. Names are resolved by `resolver` (the served
+    model's; one is built for a bare module).
     """
     captured = Captured()
-    modules = dict(model.named_modules())
-    hooks: list[tuple[nn.Module, ForwardHook]] = []
-    for name in dict.fromkeys(layers):
-        if name not in modules:
-            raise NotFound(
-                f"no layer {name!r}; list the model's layers with GetModel (`convlens layers MODEL`)",
-                field=field,
-            )
-        hooks.append((modules[name], _capture_hook(name, captured)))
+    names = list(dict.fromkeys(layers))
+    if not names:  # nothing to capture: no lookup at all (the common class-logit case)
+        yield captured
+        return
+    lookup = resolver_for(model, resolver)
+    hooks = [(lookup.module(name, field=field), _capture_hook(name, captured)) for name in names]
     with forward_hooks(hooks):
         yield captured
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.server.engine.gradients import CHUNK, Key, accumulate
+from convlens.server.engine.layers import LayerResolver
 from convlens.server.engine.targets import Target
 
 BASELINES = ("black", "blurred", "image")
@@ -71,6 +72,7 @@ def integrated_gradients(
     steps: int,
     *,
     chunk: int = CHUNK,
+    resolver: LayerResolver | None = None,
 ) -> torch.Tensor:
     """[B, C, H, W] attributions; `targets` resolved, `baselines` like `inputs`."""
     out = torch.empty_like(inputs)
@@ -79,5 +81,5 @@ def integrated_gradients(
         out[i] = (inputs[i] - baselines[i]) * integral
 
     rows = (row for i in range(inputs.shape[0]) for row in path_rows(i, inputs[i], baselines[i], steps))
-    accumulate(model, rows, targets.__getitem__, done, chunk=chunk)
+    accumulate(model, rows, targets.__getitem__, done, chunk=chunk, resolver=resolver)
     return out

@@ -31,7 +31,29 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from convlens.server.models.model import ReceptiveField
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Receptive field of one output position, in input pixels.
+
+    Output position (y, x) is centred on input (offset_y + y * jump_y, offset_x + x * jump_x)
+    and spans size_y x size_x pixels around that centre.
+    """
+
+    size_y: int
+    size_x: int
+    jump_y: int
+    jump_x: int
+    offset_y: float
+    offset_x: float
+
+    def box(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), half-open, unclipped, of output position (y, x)."""
+        cy = self.offset_y + y * self.jump_y
+        cx = self.offset_x + x * self.jump_x
+        y0 = int(round(cy - (self.size_y - 1) / 2))
+        x0 = int(round(cx - (self.size_x - 1) / 2))
+        return x0, y0, x0 + self.size_x, y0 + self.size_y
 
 
 @dataclass(frozen=True)

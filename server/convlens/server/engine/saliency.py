@@ -23,6 +23,7 @@ from convlens.server.engine.integrated_gradients import (
     gaussian_blur,
     integrated_gradients,
 )
+from convlens.server.engine.layers import LayerResolver, resolver_for
 from convlens.server.engine.relu_rules import RULES
 from convlens.server.engine.smoothgrad import BASES, smoothgrad
 from convlens.server.engine.targets import Target
@@ -119,17 +120,20 @@ def saliency(
     space: InputSpace,
     *,
     baselines: torch.Tensor | None = None,
+    resolver: LayerResolver | None = None,
 ) -> list[SaliencyResult]:
     """One result per sample of `inputs` [B, 3, H, W] (on the model's device); results on the CPU.
 
     `targets[i]` is sample i's target (None: its top-1 class); kinds may be mixed within a batch.
     `baselines` [B, 3, H, W], in the model-input space, is required for ig_baseline == "image".
+    `resolver` is the served model's layer resolver (one is built for a bare module).
     """
     validate_options(options)
     if inputs.dim() != 4 or len(targets) != inputs.shape[0]:
         raise ValueError(f"inputs {tuple(inputs.shape)} need one target per sample, got {len(targets)}")
     with eval_mode(model):
-        return _saliency(model, inputs, list(targets), options, space, baselines)
+        return _saliency(model, inputs, list(targets), options, space, baselines,
+                         resolver_for(model, resolver))
 
 
 @dataclass
@@ -150,15 +154,16 @@ def _saliency(
     options: SaliencyOptions,
     space: InputSpace,
     baselines: torch.Tensor | None,
+    lookup: LayerResolver,
 ) -> list[SaliencyResult]:
     method = options.method
     if method in ("gradient", "guided_backprop", "deconvnet"):
-        bp = backprop(model, inputs, targets, rule=_relu_rule(options))
+        bp = backprop(model, inputs, targets, rule=_relu_rule(options), resolver=lookup)
         done = _Computed(bp.grads, bp.logits, bp.values, bp.targets, bp.modified, _reused(bp.reused_layers))
     elif method in ("grad_cam", "guided_grad_cam"):
-        done = _grad_cam(model, inputs, targets, options)
+        done = _grad_cam(model, inputs, targets, options, lookup)
     else:
-        done = _integrated(model, inputs, targets, options, space, baselines)
+        done = _integrated(model, inputs, targets, options, space, baselines, lookup)
     notes = _script_note(model) + done.notes
     rule = _relu_rule(options)
     if rule is not None and done.modified == 0:
@@ -178,37 +183,39 @@ def _relu_rule(options: SaliencyOptions) -> str | None:
 
 
 def _grad_cam(model: nn.Module, inputs: torch.Tensor, targets: list[Target | None],
-              options: SaliencyOptions) -> _Computed:
+              options: SaliencyOptions, lookup: LayerResolver) -> _Computed:
     size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
-    layer = options.cam_layer or default_cam_layer(model, input_size=size)
-    check_cam_layer(model, layer)
-    bp = backprop(model, inputs, targets, layer=layer)
+    layer = options.cam_layer or default_cam_layer(model, input_size=size, resolver=lookup)
+    check_cam_layer(lookup, layer)
+    bp = backprop(model, inputs, targets, layer=layer, resolver=lookup)
     cam, (h, w) = cam_from(bp.layer_outputs, bp.layer_grads, layer, size)
     done = _Computed(cam, bp.logits, bp.values, bp.targets, 0, _reused(bp.reused_layers))
     done.notes.insert(0, f"Grad-CAM at layer {layer!r} ({h}x{w} map, upsampled bilinearly)")
     if options.method == "guided_grad_cam":
         # A separate pass: Grad-CAM's layer gradients must come from the plain backward (as Captum).
-        guided = backprop(model, inputs, bp.targets, rule="guided_backprop")
+        guided = backprop(model, inputs, bp.targets, rule="guided_backprop", resolver=lookup)
         done.attribution, done.modified = guided.grads * cam, guided.modified
     return done
 
 
 def _integrated(model: nn.Module, inputs: torch.Tensor, targets: list[Target | None],
-                options: SaliencyOptions, space: InputSpace, baselines: torch.Tensor | None) -> _Computed:
+                options: SaliencyOptions, space: InputSpace, baselines: torch.Tensor | None,
+                lookup: LayerResolver) -> _Computed:
     """SmoothGrad and integrated gradients: an unperturbed pass for values, then many perturbed ones."""
-    logits, values, resolved = evaluate(model, inputs, targets)
+    logits, values, resolved = evaluate(model, inputs, targets, resolver=lookup)
     ig_baselines = None
     if "integrated_gradients" in (options.method, options.smooth_base):
         ig_baselines = _baselines(inputs, options, space, baselines)
     if options.method == "integrated_gradients":
         assert ig_baselines is not None
-        attribution = integrated_gradients(model, inputs, resolved, ig_baselines, options.ig_steps)
-        _, baseline_values, _ = evaluate(model, ig_baselines, resolved)
+        attribution = integrated_gradients(model, inputs, resolved, ig_baselines, options.ig_steps,
+                                           resolver=lookup)
+        _, baseline_values, _ = evaluate(model, ig_baselines, resolved, resolver=lookup)
         return _Computed(attribution, logits, values, resolved, baseline_values=baseline_values)
     attribution, modified = smoothgrad(
         model, inputs, resolved, base=options.smooth_base, samples=options.smooth_samples,
         noise=options.smooth_noise, std=space.std, seed=options.seed, baselines=ig_baselines,
-        steps=options.ig_steps)
+        steps=options.ig_steps, resolver=lookup)
     return _Computed(attribution, logits, values, resolved, modified)
 
 
@@ -239,7 +246,8 @@ def _script_note(model: nn.Module) -> list[str]:
 
 
 def _results(done: _Computed, notes: list[str], *, cam_map: bool) -> list[SaliencyResult]:
-    attribution = done.attribution.detach().float().cpu()
+    # Contiguous whatever layout the replica computed in: callers read raw bytes off these tensors.
+    attribution = done.attribution.detach().float().cpu().contiguous()
     heatmaps = attribution[:, 0] if cam_map else attribution.abs().amax(dim=1)
     logits = done.logits.detach().float().cpu()
     values = done.values.detach().float().cpu().tolist()

@@ -15,6 +15,7 @@ from torch import nn
 
 from convlens.server.engine.gradients import CHUNK, accumulate
 from convlens.server.engine.integrated_gradients import path_rows
+from convlens.server.engine.layers import LayerResolver
 from convlens.server.engine.targets import Target
 
 BASES = ("gradient", "guided_backprop", "deconvnet", "integrated_gradients")
@@ -44,6 +45,7 @@ def smoothgrad(
     baselines: torch.Tensor | None = None,  # for base integrated_gradients
     steps: int = 50,
     chunk: int = CHUNK,
+    resolver: LayerResolver | None = None,
 ) -> tuple[torch.Tensor, int]:
     """([B, C, H, W] mean attribution, ReLU-family calls modified per forward)."""
     out = torch.zeros_like(inputs)
@@ -58,7 +60,8 @@ def smoothgrad(
         def done(i: int, total: torch.Tensor) -> None:
             out[i] = total / samples
 
-        modified = accumulate(model, rows(), targets.__getitem__, done, rule=_RULES[base], chunk=chunk)
+        modified = accumulate(model, rows(), targets.__getitem__, done, rule=_RULES[base], chunk=chunk,
+                              resolver=resolver)
         return out, modified
 
     # Integrated gradients per noisy copy: (copy - b) * integral, averaged. The baseline stays that of
@@ -76,5 +79,5 @@ def smoothgrad(
         i = key[0]
         out[i] += (pending.pop(key) - baselines[i]) * integral / samples
 
-    accumulate(model, ig_rows(), lambda key: targets[key[0]], ig_done, chunk=chunk)
+    accumulate(model, ig_rows(), lambda key: targets[key[0]], ig_done, chunk=chunk, resolver=resolver)
     return out, 0

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from convlens.server.errors import InvalidArgument, NotFound
+from convlens.server.engine.layers import LayerResolver, not_a_map
+from convlens.server.errors import InvalidArgument
 
 REDUCTIONS = ("mean", "max")
 _LIST_LAYERS = "list the model's layers with GetModel (`convlens layers MODEL`)"
@@ -44,15 +44,15 @@ Target = ClassTarget | UnitTarget
 
 
 def validate_target(
-    model: nn.Module,
+    layers: LayerResolver,
     target: Target | None,
     *,
     num_classes: int,
-    layer_shapes: Mapping[str, tuple[int, ...]],
 ) -> None:
     """Raise InvalidArgument / NotFound naming the proto field when `target` cannot be computed.
 
-    `layer_shapes` gives one image's output shape per layer: (C, H, W) for maps, (N,) for vectors.
+    `layers` is the model's resolver, which knows one image's output shape per layer: (C, H, W) for
+    maps, (N,) for vectors.
     """
     if target is None:
         return
@@ -64,10 +64,9 @@ def validate_target(
                 field="target.class_index",
             )
         return
-    modules = dict(model.named_modules())
-    if target.layer not in modules or target.layer not in layer_shapes:
-        raise NotFound(f"no layer {target.layer!r}; {_LIST_LAYERS}", field="target.unit.layer")
-    _validate_unit(target, layer_shapes[target.layer])
+    shape = layers.output_shape(target.layer, field="target.unit.layer")
+    if shape is not None:
+        _validate_unit(target, shape)
 
 
 def _validate_unit(target: UnitTarget, shape: tuple[int, ...]) -> None:
@@ -91,11 +90,7 @@ def _validate_unit(target: UnitTarget, shape: tuple[int, ...]) -> None:
         )
     if target.y is not None and target.x is not None:
         if len(shape) != 3:
-            raise InvalidArgument(
-                f"layer {target.layer!r} outputs shape {tuple(shape)} per image, not a (C, H, W) map; "
-                "leave y and x unset for it",
-                field="target.unit.y",
-            )
+            raise not_a_map(target.layer, shape, "target.unit.y", hint="; leave y and x unset for it")
         height, width = shape[1], shape[2]
         for name, value, size in (("y", target.y, height), ("x", target.x, width)):
             if not 0 <= value < size:

@@ -146,4 +146,4 @@ def cached_or_build(model: ServedModel, dataset: Dataset, layer: str, root: Path
 
 
 __all__ = ["Timings", "build_index", "cached_or_build", "index_key", "layer_shape", "merge_shards", "shard_of",
-           "prepare_one", "np"]
+           "prepare_one"]
