@@ -20,7 +20,8 @@ from ._types import Target, Unit
 
 _DEFAULT_SERVER = "localhost:50051"
 # Global options that take a value: needed to find the command word before argparse sees `serve`'s args.
-_VALUE_OPTS = ("-s", "--server", "--token", "--timeout", "--root-certs")
+_VALUE_OPTS = ("-s", "--server", "--token", "--timeout", "--root-certs", "--client-cert", "--client-key",
+               "--server-name")
 
 _EPILOG = """\
 The server address is -s/--server (env CONVLENS_SERVER, then CONVLENS_TARGET); `saliency --target`
@@ -48,10 +49,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="bearer token (env CONVLENS_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     p.add_argument("--root-certs", metavar="PEM", help="use TLS with these root certificates")
+    p.add_argument("--client-cert", metavar="PEM", default=os.environ.get("CONVLENS_CLIENT_CERT"),
+                   help="mutual TLS: this client certificate chain (with --client-key; implies TLS)")
+    p.add_argument("--client-key", metavar="PEM", default=os.environ.get("CONVLENS_CLIENT_KEY"),
+                   help="mutual TLS: the client certificate's key")
+    p.add_argument("--server-name", metavar="NAME", help="TLS: check the server certificate against this name")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("models", help="list the served models")
+
+    s = sub.add_parser("health", help="gRPC health check: prints the status; exit 0 only when SERVING")
+    s.add_argument("--service", default="", help="service to ask about (default: the whole server)")
 
     s = sub.add_parser("layers", help="a model's layer catalog")
     s.add_argument("model")
@@ -122,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if i is not None and argv[i] == "serve":
         return _serve(argv[i + 1:])  # everything after `serve` belongs to the server's own parser
     args = _parser().parse_args(argv)
-    tls: TLSArg = TLS.from_files(args.root_certs) if args.root_certs else bool(args.tls)
+    tls = _tls(args)
     try:
         if args.command == "loadtest":
             return _loadtest(args, tls)
@@ -140,6 +149,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:  # local: bad file, bad argument
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _tls(args: argparse.Namespace) -> TLSArg:
+    if (args.client_cert is None) != (args.client_key is None):
+        raise SystemExit("error: --client-cert and --client-key go together")
+    if args.root_certs or args.client_cert or args.server_name:
+        return TLS.from_files(args.root_certs, private_key=args.client_key, certificate_chain=args.client_cert,
+                              server_name=args.server_name)
+    return bool(args.tls)
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    try:
+        status = client.health(args.service)
+    except ConvLensError as e:  # not reachable, or refused: unhealthy for a probe, with the reason
+        print(f"unhealthy: {e.code.name}: {e.message}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def _silence_stdout() -> None:
@@ -280,7 +308,7 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-_COMMANDS = {"models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency}
+_COMMANDS = {"health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency}
 
 
 if __name__ == "__main__":

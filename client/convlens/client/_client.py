@@ -86,6 +86,17 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's gRPC health status ("SERVING", "NOT_SERVING", ...), or `service`'s."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service), metadata=self._config.metadata,
+                timeout=_pick(timeout, self._config.timeout.unary))
+        except grpc.RpcError as err:
+            raise _map_rpc_error(err) from err
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
     # ------------------------------------------------------------ plumbing
 
     def _unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,35 @@ from typing import Any
 import grpc
 
 _USER_AGENT = "convlens-python"
+_SERVICE = "convlens.v1.InspectionService"
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retry policy for UNAVAILABLE (a replica draining, restarting or unreachable), as gRPC service config.
+
+    gRPC retries only calls the server has not answered with any message yet, so a stream that already
+    sent progress is never silently restarted. Every ConvLens RPC is a read: repeating one is safe.
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    backoff_multiplier: float = 2.0
+
+    def service_config(self) -> str:
+        return json.dumps({"methodConfig": [{
+            "name": [{"service": _SERVICE}],
+            "retryPolicy": {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff}s",
+                            "maxBackoff": f"{self.max_backoff}s", "backoffMultiplier": self.backoff_multiplier,
+                            "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
+# Keepalive: ping every 30 s while calls are active (a 10-minute optimisation stream notices a vanished
+# server in 40 s, not at its deadline); the server accepts pings from 10 s on.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.keepalive_time_ms", 30_000),
+                                                  ("grpc.keepalive_timeout_ms", 10_000),
+                                                  ("grpc.keepalive_permit_without_calls", 0))
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,9 @@ class ChannelConfig:
             ("grpc.max_send_message_length", size),
             ("grpc.max_receive_message_length", size),
             ("grpc.primary_user_agent", _USER_AGENT),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", Retry().service_config()),
+            *KEEPALIVE_OPTIONS,
         ]
         if _is_multi_address(self.target):
             # Several replicas (a comma list, or a DNS name such as a headless Kubernetes Service): spread

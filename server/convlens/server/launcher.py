@@ -28,7 +28,8 @@ class ServerProcess:
     """`with ServerProcess(["--model-repo", d]) as srv: Client(srv.address)`."""
 
     def __init__(self, args: Sequence[str] = (), *, startup_timeout: float = 180.0,
-                 log_path: Path | None = None, env: dict[str, str] | None = None) -> None:
+                 log_path: Path | None = None, env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
@@ -36,6 +37,7 @@ class ServerProcess:
         self.startup_timeout = startup_timeout
         self.log_path = log_path
         self.env = env
+        self.credentials = credentials  # for a TLS server: how the health check connects
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
 
@@ -67,7 +69,8 @@ class ServerProcess:
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with (grpc.secure_channel(self.address, self.credentials) if self.credentials is not None
+              else grpc.insecure_channel(self.address)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 assert self.proc is not None
