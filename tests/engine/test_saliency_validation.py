@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from convlens.server.engine.grad_cam import default_cam_layer
+from convlens.server.engine.layers import LayerResolver
 from convlens.server.engine.saliency import SaliencyOptions, saliency
 from convlens.server.engine.targets import ClassTarget, UnitTarget, validate_target
 from convlens.server.errors import InvalidArgument, NotFound
@@ -87,7 +88,7 @@ def test_default_cam_layer_on_torchvision_resnet():
 ])
 def test_validate_target_errors(relu_net, target, error, field, hint):
     with pytest.raises(error) as info:
-        validate_target(relu_net, target, num_classes=5, layer_shapes=SHAPES)
+        validate_target(LayerResolver(relu_net, shapes=SHAPES), target, num_classes=5)
     assert field_of(info.value) == field
     assert hint in info.value.message
 
@@ -97,7 +98,7 @@ def test_validate_target_errors(relu_net, target, error, field, hint):
     UnitTarget("head", 4),
 ])
 def test_validate_target_accepts(relu_net, target):
-    validate_target(relu_net, target, num_classes=5, layer_shapes=SHAPES)
+    validate_target(LayerResolver(relu_net, shapes=SHAPES), target, num_classes=5)
 
 
 def test_bad_unit_is_refused_at_compute_time_too(relu_net, images, space):

@@ -14,13 +14,13 @@ from convlens.server.scheduler import Task
 
 
 class FakeModel:
-    """Enough of a ServedModel for the scheduler: a name and .replica(device)."""
+    """Enough of a ServedModel for the scheduler: a name and .replica(device, memory_format=)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.replicas: list[torch.device] = []
 
-    def replica(self, device: torch.device) -> FakeModel:
+    def replica(self, device: torch.device, memory_format: torch.memory_format | None = None) -> FakeModel:
         self.replicas.append(device)
         return self
 

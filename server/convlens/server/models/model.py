@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
 from torch import nn
 
-from convlens.server.errors import NotFound
+from convlens.server.engine.layers import LayerResolver, not_found
+from convlens.server.engine.receptive_field import ReceptiveField
 
 
 @dataclass(frozen=True)
@@ -25,30 +27,6 @@ class Preprocess:
     resize: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-
-
-@dataclass(frozen=True)
-class ReceptiveField:
-    """Receptive field of one output position, in input pixels.
-
-    Output position (y, x) is centred on input (offset_y + y * jump_y, offset_x + x * jump_x)
-    and spans size_y x size_x pixels around that centre.
-    """
-
-    size_y: int
-    size_x: int
-    jump_y: int
-    jump_x: int
-    offset_y: float
-    offset_x: float
-
-    def box(self, y: int, x: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1), half-open, unclipped, of output position (y, x)."""
-        cy = self.offset_y + y * self.jump_y
-        cx = self.offset_x + x * self.jump_x
-        y0 = int(round(cy - (self.size_y - 1) / 2))
-        x0 = int(round(cx - (self.size_x - 1) / 2))
-        return x0, y0, x0 + self.size_x, y0 + self.size_y
 
 
 @dataclass(frozen=True)
@@ -74,6 +52,7 @@ class ServedModel:
     layers: list[LayerSpec] = field(default_factory=list)
     description: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    memory_format: torch.memory_format = torch.contiguous_format  # of the weights (and of `batch`)
 
     @property
     def num_classes(self) -> int:
@@ -91,19 +70,37 @@ class ServedModel:
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
         return {spec.name: spec.output_shape for spec in self.layers}
 
+    @cached_property
+    def resolver(self) -> LayerResolver:
+        """The engine's view of the layers (name -> module, shape, field) and the place per-model facts
+        are cached; built once per replica (a replica is a new ServedModel, so it gets its own)."""
+        return LayerResolver(self.module, shapes=self.layer_shapes,
+                             fields={s.name: s.receptive_field for s in self.layers}, model_name=self.name)
+
     def layer(self, name: str, *, field_name: str = "layer") -> LayerSpec:
         spec = self.layer_index.get(name)
         if spec is not None:
             return spec
-        raise NotFound(
-            f"model {self.name!r} has no layer {name!r}; list its layers with GetModel "
-            f"(`convlens layers {self.name}`)",
-            field=field_name,
-        )
+        raise not_found(name, field_name, self.name)
 
-    def replica(self, device: torch.device) -> ServedModel:
-        """This model on `device` (the same object when it is already there)."""
-        if device == self.device:
+    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack [3, H, W] images into the batch this replica runs best on (its device and layout)."""
+        return torch.stack(list(images)).to(device=self.device, memory_format=self.memory_format)
+
+    def replica(self, device: torch.device, memory_format: torch.memory_format | None = None) -> ServedModel:
+        """This model on `device`, its weights in `memory_format` (default: as they are); the same object
+        when nothing changes. A changed layout copies the module: the repository's stays untouched."""
+        memory_format = self.memory_format if memory_format is None else memory_format
+        if not self.layout_applies:
+            memory_format = torch.contiguous_format
+        if device == self.device and memory_format == self.memory_format:
             return self
         module = copy.deepcopy(self.module).to(device).eval()
-        return replace(self, module=module, device=device)
+        if memory_format != torch.contiguous_format:
+            module = module.to(memory_format=memory_format)
+        return replace(self, module=module, device=device, memory_format=memory_format)
+
+    @property
+    def layout_applies(self) -> bool:
+        """Whether the weights may change memory layout: ONNX models run in onnxruntime with their own."""
+        return self.format != "onnx"

@@ -45,7 +45,7 @@ def compute_filters(model: ServedModel, queries: Sequence[FiltersQuery]) -> list
     answers: list[FiltersAnswer | Exception] = []
     for q in queries:
         try:
-            f = conv_filters(model.module, q.layer, example if model.format != "onnx" else None)
+            f = conv_filters(model.resolver, q.layer, example if model.format != "onnx" else None)
             grid = (
                 filter_grid(f.weights, scaling=q.scaling, max_filters=q.max_filters,
                             max_input_channels=q.max_input_channels, cell_scale=q.cell_scale,

@@ -29,9 +29,10 @@ class SaliencyPayload:
 def compute_saliency(model: ServedModel, payloads: Sequence[SaliencyPayload]) -> list[SaliencyResult]:
     """One batch; every payload shares `batch_key`, hence the options."""
     options = payloads[0].options
-    inputs = torch.stack([p.image for p in payloads]).to(model.device)
+    inputs = model.batch([p.image for p in payloads])
     baselines = None
     if options.ig_baseline == "image":
-        baselines = torch.stack([p.image if p.baseline is None else p.baseline for p in payloads]).to(model.device)
+        baselines = model.batch([p.image if p.baseline is None else p.baseline for p in payloads])
     space = InputSpace(mean=model.preprocess.mean, std=model.preprocess.std)
-    return saliency(model.module, inputs, [p.target for p in payloads], options, space, baselines=baselines)
+    return saliency(model.module, inputs, [p.target for p in payloads], options, space, baselines=baselines,
+                    resolver=model.resolver)

@@ -20,7 +20,7 @@ from convlens.server.errors import ConvLensError
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.batcher import Batcher, Entry
-from convlens.server.scheduler.policy import BatchPolicy
+from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
 
 # (entry, error or None, result): what the thread sends back for one task.
 Outcome = tuple[Entry, BaseException | None, Any]
@@ -138,7 +138,8 @@ class Worker:
     def _replica(self, name: str) -> ServedModel:
         replica = self._replicas.get(name)
         if replica is None:  # made lazily, on this thread, so a slow copy to a GPU never blocks the loop
-            replica = self._replicas[name] = self._models(name).replica(self.device)
+            replica = self._replicas[name] = self._models(name).replica(
+                self.device, memory_format=memory_format_for(self.device))
         return replica
 
 

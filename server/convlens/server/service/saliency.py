@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from convlens.server.engine.grad_cam import check_cam_layer
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.render import overlay
 from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, validate_options
@@ -53,9 +54,9 @@ class SaliencyService:
         if query.image is None:
             raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
         validate_options(query.options)
-        validate_target(model.module, query.target, num_classes=model.num_classes, layer_shapes=model.layer_shapes)
+        validate_target(model.resolver, query.target, num_classes=model.num_classes)
         if query.options.cam_layer is not None:
-            model.layer(query.options.cam_layer, field_name="grad_cam.layer")
+            check_cam_layer(model.resolver, query.options.cam_layer)
         image = await asyncio.to_thread(prepare_image, model, query.image, "image")
         baseline = None
         if query.options.ig_baseline == "image":
