@@ -10,6 +10,8 @@ from torch import nn
 from convlens.server.engine import dream as D
 from convlens.server.engine.hooks import leftover_hooks
 from convlens.server.engine.layer_features import PixelSpace
+from convlens.server.engine.optimize.job import StepLoss
+from convlens.server.engine.optimize.runner import run_step
 from convlens.server.errors import InvalidArgument
 
 SPACE = PixelSpace(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
@@ -67,39 +69,48 @@ class Probe(nn.Module):
         return self.head(self.layer(x).mean(dim=(2, 3)))
 
 
+def job(image: torch.Tensor, settings: D.DreamSettings, objective: D.LayerObjective | None = None) -> D.DreamJob:
+    return D.DreamJob(image, settings, objective or D.l2_objective(), mean=SPACE.mean, std=SPACE.std)
+
+
 def test_normalised_step_and_clip_by_hand() -> None:
     settings = D.DreamSettings(layer="layer", octaves=1, steps_per_octave=1, jitter=0, step_size=1.5)
     image = photo(32, 36)
-    state = D.start(image, settings, D.l2_objective())
-    D.dream_step(Probe().eval(), SPACE, [state])
+    dreamer = job(image, settings)
+    report = run_step(Probe().eval(), [dreamer])[0]
     std = torch.tensor(SPACE.std).view(3, 1, 1)
     z = SPACE.normalize(image[None])[0]
     g = 2 * z / z.numel() / (255 * std)  # d mean(z^2) / d pixels
-    expected = (image + 1.5 * g / g.abs().mean()).clamp(0, 255)
-    torch.testing.assert_close(state.pixels, expected, rtol=1e-5, atol=1e-4)
-    assert state.done and state.last_objective == pytest.approx(float(z.pow(2).mean()), rel=1e-5)
+    expected = (image + 1.5 * g / (g.abs().mean() + 1e-8)).clamp(0, 255)  # the core's NormalizedGradient eps
+    torch.testing.assert_close(dreamer.picture(), expected, rtol=1e-5, atol=1e-4)
+    assert dreamer.done and report.done and report.step == report.total_steps == 1
+    assert report.terms["objective"] == pytest.approx(float(z.pow(2).mean()), rel=1e-5)
 
 
 def test_detail_is_carried_to_the_next_octave() -> None:
     settings = D.DreamSettings(layer="layer", octaves=2, steps_per_octave=1, octave_scale=1.5)
-    state = D.start(photo(48, 60), settings, D.l2_objective())
-    small = state.bases[0]
-    state.advance(small + 10.0, 0.0)  # the octave's only step added a constant 10
-    assert state.octave == 1
-    torch.testing.assert_close(state.pixels, state.bases[1] + 10.0)
+    dreamer = job(photo(48, 60) * 0.7, settings)  # below 245: the +10 is not clipped
+    assert dreamer.key == ("dream", "layer", (32, 40))
+    with torch.no_grad():
+        dreamer.pixels += 10.0  # as if the octave's only step added a constant 10
+    dreamer.after_step([], StepLoss(torch.tensor(0.0), {"objective": torch.tensor(0.0)}))
+    assert dreamer.octave == 1 and dreamer.key == ("dream", "layer", (48, 60))
+    torch.testing.assert_close(dreamer.picture(), (dreamer.bases[1] + 10.0).clamp(0, 255))
 
 
 def test_batched_steps_equal_single_steps(lite_net: nn.Module) -> None:
     settings = [D.DreamSettings(layer="_blocks.0", octaves=2, steps_per_octave=3, seed=s, jitter=4)
                 for s in (1, 2, 3)]
     images = [photo(40, 40, seed=i) for i in range(3)]
-    alone = [D.dream(lite_net, SPACE, im, st, D.l2_objective()) for im, st in zip(images, settings, strict=True)]
-    together = [D.start(im, st, D.l2_objective()) for im, st in zip(images, settings, strict=True)]
+    alone = [D.dream(lite_net, im, st, D.l2_objective(), mean=SPACE.mean, std=SPACE.std)
+             for im, st in zip(images, settings, strict=True)]
+    together = [job(im, st) for im, st in zip(images, settings, strict=True)]
     while not together[0].done:
-        D.dream_step(lite_net, SPACE, together)
+        assert len({j.key for j in together}) == 1
+        run_step(lite_net, together)
     for a, b in zip(alone, together, strict=True):
-        torch.testing.assert_close(a.pixels, b.pixels, rtol=0, atol=1e-2)
-    assert not torch.allclose(alone[0].pixels, alone[1].pixels)
+        torch.testing.assert_close(a.picture(), b.picture(), rtol=0, atol=1e-2)
+    assert not torch.allclose(alone[0].picture(), alone[1].picture())
     assert leftover_hooks(lite_net) == []
 
 
@@ -107,14 +118,15 @@ def test_same_seed_same_dream_and_objective_rises(lite_net: nn.Module) -> None:
     layer = "_blocks.0._depthwise_conv"  # before the ReLU6: the toy net saturates little there
     settings = D.DreamSettings(layer=layer, octaves=2, steps_per_octave=10, jitter=2, seed=7)
     image = photo(48, 48) * 0.2 + 100  # a smooth grey start, far from the clip
-    a = D.dream(lite_net, SPACE, image, settings, D.l2_objective())
-    b = D.dream(lite_net, SPACE, image, settings, D.l2_objective())
-    assert torch.equal(a.pixels, b.pixels)
-    before = D.layer_objective(lite_net, SPACE, D.resize(image, a.size), layer, D.l2_objective())
-    after = D.layer_objective(lite_net, SPACE, a.pixels, layer, D.l2_objective())
+    a = D.dream(lite_net, image, settings, D.l2_objective(), mean=SPACE.mean, std=SPACE.std)
+    b = D.dream(lite_net, image, settings, D.l2_objective(), mean=SPACE.mean, std=SPACE.std)
+    assert torch.equal(a.picture(), b.picture())
+    out = a.picture()
+    before = D.layer_objective(lite_net, SPACE, D.resize(image, tuple(out.shape[-2:])), layer, D.l2_objective())
+    after = D.layer_objective(lite_net, SPACE, out, layer, D.l2_objective())
     assert after > 1.1 * before  # the toy net saturates (ReLU6); Lite0 is measured in docs/quality.md
-    assert a.pixels.min() >= 0 and a.pixels.max() <= 255
-    assert a.steps_done == a.total_steps == D.steps_total(48, 48, settings)
+    assert out.min() >= 0 and out.max() <= 255
+    assert a.step == a.total_steps == D.steps_total(48, 48, settings)
 
 
 def test_guided_dream_moves_toward_the_guide(lite_net: nn.Module) -> None:
@@ -123,16 +135,16 @@ def test_guided_dream_moves_toward_the_guide(lite_net: nn.Module) -> None:
     objective = D.guide_objective(feats)
     settings = D.DreamSettings(layer="_blocks.1", octaves=1, steps_per_octave=8, jitter=2)
     image = photo(48, 48)
-    state = D.dream(lite_net, SPACE, image, settings, objective)
+    dreamer = D.dream(lite_net, image, settings, objective, mean=SPACE.mean, std=SPACE.std)
     before = D.layer_objective(lite_net, SPACE, image, "_blocks.1", objective)
-    after = D.layer_objective(lite_net, SPACE, state.pixels, "_blocks.1", objective)
+    after = D.layer_objective(lite_net, SPACE, dreamer.picture(), "_blocks.1", objective)
     assert after > before
 
 
 def test_hooks_removed_after_an_error(lite_net: nn.Module) -> None:
-    state = D.start(photo(), D.DreamSettings(layer="_blocks.0", octaves=1), D.l2_objective(channel=99))
+    dreamer = job(photo(), D.DreamSettings(layer="_blocks.0", octaves=1), D.l2_objective(channel=99))
     with pytest.raises(IndexError):
-        D.dream_step(lite_net, SPACE, [state])
+        run_step(lite_net, [dreamer])
     assert leftover_hooks(lite_net) == []
 
 

@@ -9,21 +9,26 @@ The method, step by step as the reference notebook does it:
 - objective: the L2 of the layer's activations ("set delta equal to the activations"), of one channel, or
   with a guide image the dot product of each position's features with the best-matching guide feature.
 
-A job is a `DreamState`; `dream_step` advances any number of states of one image size together: one
-forward, one backward, each sample its own gradient (the model is in eval mode), its own shift drawn from
-its own generator and its own normalisation `mean(|g|)`, so a job's result does not depend on its company.
+A dream is a `DreamJob` of the optimisation core: the core's runner steps every job of one key (layer and
+image size) together, one forward and one backward; each job has its own gradient (the model is in eval
+mode), its own shift drawn from its own generator and its own normalisation `mean(|g|)`, so a job's result
+does not depend on its company.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from convlens.server.engine.layer_features import PixelSpace, layer_features
+from convlens.server.engine.optimize.job import StepLoss, StepReport
+from convlens.server.engine.optimize.objectives import Activations
+from convlens.server.engine.optimize.optimizers import NormalizedGradient
+from convlens.server.engine.optimize.runner import run_step
 from convlens.server.errors import InvalidArgument
 
 # Limits a request must stay within (the service turns violations into INVALID_ARGUMENT).
@@ -105,10 +110,10 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- objectives (one sample's activations)
 
-Objective = Callable[[torch.Tensor], torch.Tensor]  # [C, H, W] activations -> scalar
+LayerObjective = Callable[[torch.Tensor], torch.Tensor]  # [C, H, W] activations -> scalar
 
 
-def l2_objective(channel: int | None = None) -> Objective:
+def l2_objective(channel: int | None = None) -> LayerObjective:
     """Mean squared activation of the layer (or of one channel): its gradient is the activations."""
 
     def objective(act: torch.Tensor) -> torch.Tensor:
@@ -118,7 +123,7 @@ def l2_objective(channel: int | None = None) -> Objective:
     return objective
 
 
-def guide_objective(guide: torch.Tensor) -> Objective:
+def guide_objective(guide: torch.Tensor) -> LayerObjective:
     """google/deepdream's guided objective: each position's features dotted with the best-matching guide
     feature (the match chosen without gradient), averaged over positions.
 
@@ -135,41 +140,48 @@ def guide_objective(guide: torch.Tensor) -> Objective:
     return objective
 
 
-# ---------------------------------------------------------------- one job's state
+# ---------------------------------------------------------------- one dream as a Job of the core
 
 
-@dataclass
-class DreamState:
-    """One dream in progress: the pyramid, the detail carried so far, the current image, its generator."""
+class DreamJob:
+    """One dream as a Job of the optimisation core (engine/optimize/job.py).
 
-    settings: DreamSettings
-    bases: list[torch.Tensor]  # [3, h, w] 0..255 per octave, smallest first
-    objective: Objective
-    generator: torch.Generator
-    octave: int = 0
-    step_in_octave: int = 0
-    pixels: torch.Tensor = field(init=False)
-    last_objective: float = float("nan")
+    The parameter is the image itself, [1, 3, h, w] on the 0..255 scale; it is replaced by a larger one at
+    each octave, so the key (which carries the size) changes too and the job moves to the batch of its
+    new size. The optimiser is the core's `NormalizedGradient` on the loss -objective: p += step_size *
+    g / mean|g|. The roll happens inside `make_input`, so the gradient arrives rolled back, and stepping
+    the unrolled image equals google's roll, step, roll back.
+    """
 
-    def __post_init__(self) -> None:
-        self.pixels = self.bases[0].clone()
+    def __init__(self, image: torch.Tensor, settings: DreamSettings, objective: LayerObjective, *,
+                 mean: Sequence[float], std: Sequence[float], device: torch.device | None = None) -> None:
+        device = device or image.device
+        h, w = fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size)
+        base = resize(image.to(device, torch.float32), (h, w)).clamp(0.0, 255.0)
+        self.bases = [resize(base, size) for size in octave_sizes(h, w, settings.octaves, settings.octave_scale)]
+        self.settings = replace(settings, octaves=len(self.bases))  # the octaves actually used
+        self.objective = objective
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.optimizer = NormalizedGradient(settings.step_size)
+        self.layers = frozenset({settings.layer})
+        self._space = PixelSpace((mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
+        self.octave = 0
+        self.step = 0
+        self._step_in_octave = 0
+        self._set_pixels(self.bases[0])
 
-    @property
-    def size(self) -> tuple[int, int]:
-        h, w = self.pixels.shape[-2:]
-        return int(h), int(w)
+    def _set_pixels(self, pixels: torch.Tensor) -> None:
+        self.pixels = pixels.detach().clone()[None].requires_grad_(True)
+        self.params = [self.pixels]
+        self.key: tuple[object, ...] = ("dream", self.settings.layer, tuple(self.pixels.shape[-2:]))
 
     @property
     def total_steps(self) -> int:
         return len(self.bases) * self.settings.steps_per_octave
 
     @property
-    def steps_done(self) -> int:
-        return self.octave * self.settings.steps_per_octave + self.step_in_octave
-
-    @property
     def done(self) -> bool:
-        return self.octave >= len(self.bases)
+        return self.step >= self.total_steps
 
     def draw_shift(self) -> tuple[int, int]:
         j = self.settings.jitter
@@ -178,64 +190,36 @@ class DreamState:
         oy, ox = torch.randint(-j, j + 1, (2,), generator=self.generator).tolist()
         return int(oy), int(ox)
 
-    def advance(self, pixels: torch.Tensor, objective: float) -> None:
-        """Take the image after one step; at the end of an octave carry the detail up to the next."""
-        self.pixels = pixels
-        self.last_objective = objective
-        self.step_in_octave += 1
-        if self.step_in_octave < self.settings.steps_per_octave:
-            return
-        detail = self.pixels - self.bases[self.octave]
-        self.octave += 1
-        self.step_in_octave = 0
-        if not self.done:
-            base = self.bases[self.octave]
-            self.pixels = base + resize(detail, tuple(base.shape[-2:]))  # type: ignore[arg-type]
+    def make_input(self) -> torch.Tensor:
+        return self._space.normalize(torch.roll(self.pixels, self.draw_shift(), dims=(-2, -1)))
 
+    def loss(self, acts: Activations, row: int) -> StepLoss:
+        value = self.objective(acts.layer(self.settings.layer, row))
+        return StepLoss(-value, {"objective": value})
 
-def start(image: torch.Tensor, settings: DreamSettings, objective: Objective) -> DreamState:
-    """A dream of `image` ([3, H, W], 0..255) with the settings it will actually use.
+    def after_step(self, grads: list[torch.Tensor], loss: StepLoss) -> StepReport:
+        with torch.no_grad():
+            self.pixels.clamp_(0.0, 255.0)
+        self.step += 1
+        self._step_in_octave += 1
+        if self._step_in_octave == self.settings.steps_per_octave:  # carry the detail up an octave
+            detail = self.pixels.detach()[0] - self.bases[self.octave]
+            self.octave += 1
+            self._step_in_octave = 0
+            if self.octave < len(self.bases):
+                base = self.bases[self.octave]
+                self._set_pixels(base + resize(detail, (int(base.shape[-2]), int(base.shape[-1]))))
+        octave = float(min(self.octave, len(self.bases) - 1))
+        return StepReport(self.step, self.total_steps, {"objective": float(loss.terms["objective"]),
+                                                        "octave": octave}, self.done)
 
-    The image is scaled down to `max_size` first; `settings.octaves` in the returned state is the number of
-    octaves kept (those whose short side stays at least MIN_SIDE).
-    """
-    h, w = fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size)
-    base = resize(image.float(), (h, w)).clamp(0.0, 255.0)
-    sizes = octave_sizes(h, w, settings.octaves, settings.octave_scale)
-    bases = [resize(base, size) for size in sizes]
-    used = replace(settings, octaves=len(bases))
-    return DreamState(used, bases, objective, torch.Generator().manual_seed(settings.seed))
-
-
-# ---------------------------------------------------------------- one step for a batch of jobs
-
-
-def dream_step(model: nn.Module, space: PixelSpace, states: Sequence[DreamState]) -> None:
-    """One ascent step for every state (same size and layer): roll, forward, backward, normalised step,
-    roll back, clip. Each state advances in place."""
-    if not states:
-        return
-    layer = states[0].settings.layer
-    size = states[0].size
-    if any(s.size != size or s.settings.layer != layer for s in states):
-        raise ValueError("dream_step needs states of one size and layer")
-    shifts = [s.draw_shift() for s in states]
-    rolled = torch.stack([torch.roll(s.pixels, sh, dims=(-2, -1)) for s, sh in zip(states, shifts, strict=True)])
-    rolled = rolled.to(next(iter(model.parameters()), rolled).device).requires_grad_(True)
-    act = layer_features(model, rolled, [layer], space)[layer]
-    values = torch.stack([s.objective(act[i]) for i, s in enumerate(states)])
-    (grad,) = torch.autograd.grad(values.sum(), rolled)
-    with torch.no_grad():
-        scale = grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        stepped = rolled.detach() + torch.tensor([s.settings.step_size for s in states],
-                                                 device=grad.device).view(-1, 1, 1, 1) * grad / scale
-        for i, (s, (oy, ox)) in enumerate(zip(states, shifts, strict=True)):
-            s.advance(torch.roll(stepped[i], (-oy, -ox), dims=(-2, -1)).clamp(0.0, 255.0).to(s.pixels.device),
-                      float(values[i]))
+    def picture(self) -> torch.Tensor:
+        """The current image, [3, H, W] on the 0..255 scale."""
+        return self.pixels.detach()[0].clamp(0.0, 255.0)
 
 
 def layer_objective(model: nn.Module, space: PixelSpace, image: torch.Tensor, layer: str,
-                    objective: Objective) -> float:
+                    objective: LayerObjective) -> float:
     """The objective on one [3, H, W] image, by a plain forward pass (no jitter)."""
     with torch.no_grad():
         act = layer_features(model, image[None].float(), [layer], space)[layer]
@@ -253,15 +237,13 @@ def guide_features(model: nn.Module, space: PixelSpace, guide: torch.Tensor, lay
         return layer_features(model, resize(guide.float(), (h, w))[None], [layer], space)[layer][0]
 
 
-def dream(model: nn.Module, space: PixelSpace, image: torch.Tensor, settings: DreamSettings,
-          objective: Objective, *, on_step: Callable[[DreamState], None] | None = None) -> DreamState:
-    """Run one dream alone to the end (the service batches many through `dream_step` instead)."""
-    state = start(image, settings, objective)
-    while not state.done:
-        dream_step(model, space, [state])
-        if on_step is not None:
-            on_step(state)
-    return state
+def dream(model: nn.Module, image: torch.Tensor, settings: DreamSettings, objective: LayerObjective, *,
+          mean: Sequence[float], std: Sequence[float]) -> DreamJob:
+    """Run one dream alone to the end (the service steps many together through the scheduler)."""
+    job = DreamJob(image, settings, objective, mean=mean, std=std)
+    while not job.done:
+        run_step(model, [job])
+    return job
 
 
 def steps_total(height: int, width: int, settings: DreamSettings) -> int:

@@ -16,21 +16,25 @@ positions of each channel), "all" (softmax over every C*H*W activation of the la
 in their code), each at a temperature, and rescaled by the number of entries so the mean is 1 (then the
 weights mean the same with and without softening).
 
-Optimisers: Adam (default) is per job and element-wise, so a job's steps can be batched with other jobs'
-(`style_step`) and give the same image alone or batched. L-BFGS (the tutorial's) keeps a history over the
-whole image and runs alone (`StyleState.lbfgs_step`).
+A transfer is a `StyleJob` of the optimisation core. Optimisers: Adam (default) is per job and
+element-wise, so a job's steps batch with other jobs' of the same size and layers and give the same image
+alone or batched. L-BFGS (the tutorial's) keeps a history over the whole image and runs alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from convlens.server.engine.dream import resize
 from convlens.server.engine.layer_features import PixelSpace, layer_features
+from convlens.server.engine.optimize.job import StepLoss, StepReport
+from convlens.server.engine.optimize.objectives import Activations
+from convlens.server.engine.optimize.optimizers import LBFGS, Adam, Optimizer
+from convlens.server.engine.optimize.runner import run_step
 from convlens.server.errors import InvalidArgument
 
 SOFTEN = ("none", "channels", "positions", "all")
@@ -42,7 +46,6 @@ MAX_STEPS = 2000
 MAX_SIDE = 1024
 MIN_SIDE = 32
 MAX_STYLE_LAYERS = 16
-ADAM_EPS_FRACTION = 1e-3  # Adam's eps, relative to the job's first mean |gradient| (see StyleState.apply)
 
 
 @dataclass(frozen=True)
@@ -171,70 +174,60 @@ def loss_terms(settings: StyleSettings, targets: StyleTargets,
     return {"style": style, "content": content, "total": s.style_weight * style + s.content_weight * content}
 
 
-# ---------------------------------------------------------------- one job's state
+# ---------------------------------------------------------------- one transfer as a Job of the core
 
 
-@dataclass
-class StyleState:
-    """One style transfer in progress: its image (the optimised leaf), optimiser, targets, step count."""
+class StyleJob:
+    """One style transfer as a Job of the optimisation core (engine/optimize/job.py).
 
-    settings: StyleSettings
-    targets: StyleTargets
-    image: torch.Tensor  # [3, H, W] 0..255, a leaf requiring grad
-    optimizer: torch.optim.Optimizer
-    step: int = 0
-    losses: dict[str, float] = field(default_factory=dict)
+    The parameter is the image, [1, 3, H, W] on the 0..255 scale. Adam (the core's per-job `Adam`, stacked
+    across the jobs of a batch) clips it to 0..255 after each step; L-BFGS (strong-Wolfe line search, one
+    iteration per step, a key of its own so it runs alone) is not clipped between iterations: clipping
+    moves the point under the line search and its curvature history (with clipping it stalled at a loss
+    100x higher on the test net); `picture()` clips the result.
+    """
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self.image.shape[-2]), int(self.image.shape[-1])
+    def __init__(self, settings: StyleSettings, targets: StyleTargets, start_image: torch.Tensor, *,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        self.settings = settings
+        self.targets = targets
+        self.image = start_image.detach().clone()[None].requires_grad_(True)
+        self.params = [self.image]
+        self.optimizer: Optimizer
+        if settings.optimizer == "lbfgs":
+            self.optimizer = LBFGS(lr=1.0, max_iter=1, history_size=100, line_search_fn="strong_wolfe")
+        else:
+            self.optimizer = Adam(settings.learning_rate)
+        self.layers = frozenset(settings.layers)
+        self._space = PixelSpace((mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
+        size = tuple(self.image.shape[-2:])
+        alone: tuple[object, ...] = (id(self),) if self.optimizer.needs_closure else ()
+        self.key: tuple[object, ...] = ("style", size, tuple(sorted(self.layers)), *alone)
+        self.step = 0
+        self.losses: dict[str, float] = {}
 
     @property
     def done(self) -> bool:
         return self.step >= self.settings.steps
 
-    def apply(self, losses: Mapping[str, torch.Tensor]) -> None:
-        """After `image.grad` was filled: one Adam step, clip to valid pixels, record the losses.
+    def make_input(self) -> torch.Tensor:
+        return self._space.normalize(self.image)
 
-        Adam divides each pixel's step by its own gradient's size, so a pixel whose gradient is ~0 (a content
-        start has no content gradient; saturated units pass none) would move by ±lr on rounding noise alone,
-        and a job would not give the same image alone and batched (batched convolutions round differently).
-        Its eps is therefore set, at the first step, to ADAM_EPS_FRACTION of the job's mean |gradient|: such
-        pixels stay still, and the step stays independent of the loss weights' scale.
-        """
-        if self.step == 0 and isinstance(self.optimizer, torch.optim.Adam) and self.image.grad is not None:
-            scale = float(self.image.grad.abs().mean())
-            self.optimizer.param_groups[0]["eps"] = max(ADAM_EPS_FRACTION * scale, 1e-12)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.image.clamp_(0.0, 255.0)
-        self.losses = {k: float(v) for k, v in losses.items()}
+    def loss(self, acts: Activations, row: int) -> StepLoss:
+        terms = loss_terms(self.settings, self.targets, {k: acts.layer(k, row) for k in self.settings.layers})
+        return StepLoss(terms["total"], terms)
+
+    def after_step(self, grads: list[torch.Tensor], loss: StepLoss) -> StepReport:
+        if not self.optimizer.needs_closure:
+            with torch.no_grad():
+                self.image.clamp_(0.0, 255.0)
         self.step += 1
+        self.losses = {k: float(v) for k, v in loss.terms.items()}
+        return StepReport(self.step, self.settings.steps, dict(self.losses), self.done)
 
     def picture(self) -> torch.Tensor:
-        """The current image, [3, H, W] in 0..255 (L-BFGS may stray outside during the run)."""
-        return self.image.detach().clamp(0.0, 255.0)
-
-    def lbfgs_step(self, model: nn.Module, space: PixelSpace) -> None:
-        """One L-BFGS iteration with a strong-Wolfe line search (this job alone).
-
-        Not clamped between iterations: clipping moves the point under the line search and the curvature
-        history (measured: with clamping it stalled on a loss 100x higher); `picture()` clips the result.
-        """
-        last: dict[str, torch.Tensor] = {}
-
-        def closure() -> torch.Tensor:
-            self.optimizer.zero_grad(set_to_none=True)
-            feats = layer_features(model, self.image[None], self.settings.layers, space)
-            terms = loss_terms(self.settings, self.targets, {k: v[0] for k, v in feats.items()})
-            (self.image.grad,) = torch.autograd.grad(terms["total"], [self.image])
-            last.update({k: v.detach() for k, v in terms.items()})
-            return terms["total"]
-
-        self.optimizer.step(closure)  # type: ignore[arg-type]
-        self.losses = {k: float(v) for k, v in last.items()}
-        self.step += 1
+        """The current image, [3, H, W] on the 0..255 scale."""
+        return self.image.detach()[0].clamp(0.0, 255.0)
 
 
 def output_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -250,54 +243,35 @@ def prepare_images(content: torch.Tensor, style: torch.Tensor, size: int) -> tup
     return c, s
 
 
-def start(model: nn.Module, space: PixelSpace, content: torch.Tensor, style: torch.Tensor,
-          settings: StyleSettings) -> StyleState:
-    """A job: targets from the content and style images ([3, H, W], 0..255), the start image, its optimiser."""
-    c, s = prepare_images(content, style, settings.size)
-    with torch.no_grad():
-        cf = layer_features(model, c[None], settings.layers, space, field="content_layer")
-        sf = layer_features(model, s[None], settings.style_layers, space, field="style_layers")
-    targets = targets_from_features(settings, {k: v[0] for k, v in sf.items()}, {k: v[0] for k, v in cf.items()})
+def start_image(content: torch.Tensor, settings: StyleSettings) -> torch.Tensor:
+    """The image the optimisation starts from: the (prepared) content image, or seeded uniform noise."""
     if settings.init == "noise":
         g = torch.Generator().manual_seed(settings.seed)
-        image = (torch.rand(c.shape, generator=g) * 255.0).to(c.device)
-    else:
-        image = c.clone()
-    image.requires_grad_(True)
-    optimizer: torch.optim.Optimizer
-    if settings.optimizer == "lbfgs":
-        optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=1, history_size=100, line_search_fn="strong_wolfe")
-    else:
-        optimizer = torch.optim.Adam([image], lr=settings.learning_rate)
-    return StyleState(settings, targets, image, optimizer)
+        return (torch.rand(content.shape, generator=g) * 255.0).to(content.device)
+    return content.clone()
 
 
-def style_step(model: nn.Module, space: PixelSpace, states: Sequence[StyleState]) -> None:
-    """One Adam step for every state (same size; any layers): one forward and backward for all."""
-    if not states:
-        return
-    if any(s.size != states[0].size for s in states):
-        raise ValueError("style_step needs states of one size")
-    layers = tuple(dict.fromkeys(layer for s in states for layer in s.settings.layers))
-    batch = torch.stack([s.image for s in states])  # differentiable to each job's own leaf
-    feats = layer_features(model, batch, layers, space)
-    terms = [loss_terms(s.settings, s.targets, {k: v[i] for k, v in feats.items()}) for i, s in enumerate(states)]
-    # autograd.grad, not backward(): nothing accumulates in the (shared) model's parameters.
-    grads = torch.autograd.grad(torch.stack([t["total"] for t in terms]).sum(), [s.image for s in states])
-    for s, t, g in zip(states, terms, grads, strict=True):
-        s.image.grad = g
-        s.apply({k: v.detach() for k, v in t.items()})
+@torch.no_grad()
+def make_targets(model: nn.Module, space: PixelSpace, content: torch.Tensor, style: torch.Tensor,
+                 settings: StyleSettings) -> StyleTargets:
+    """Targets from the prepared content and style images, by plain forwards."""
+    cf = layer_features(model, content[None], settings.layers, space, field="content_layer")
+    sf = layer_features(model, style[None], settings.style_layers, space, field="style_layers")
+    return targets_from_features(settings, {k: v[0] for k, v in sf.items()}, {k: v[0] for k, v in cf.items()})
+
+
+def start(model: nn.Module, space: PixelSpace, content: torch.Tensor, style: torch.Tensor,
+          settings: StyleSettings) -> StyleJob:
+    """A job from raw content and style images ([3, H, W], 0..255)."""
+    c, s = prepare_images(content, style, settings.size)
+    targets = make_targets(model, space, c, s, settings)
+    return StyleJob(settings, targets, start_image(c, settings), mean=space.mean, std=space.std)
 
 
 def transfer(model: nn.Module, space: PixelSpace, content: torch.Tensor, style: torch.Tensor,
-             settings: StyleSettings, *, on_step: Callable[[StyleState], None] | None = None) -> StyleState:
-    """Run one style transfer alone to the end."""
-    state = start(model, space, content, style, settings)
-    while not state.done:
-        if settings.optimizer == "lbfgs":
-            state.lbfgs_step(model, space)
-        else:
-            style_step(model, space, [state])
-        if on_step is not None:
-            on_step(state)
-    return state
+             settings: StyleSettings) -> StyleJob:
+    """Run one style transfer alone to the end (the service steps many together through the scheduler)."""
+    job = start(model, space, content, style, settings)
+    while not job.done:
+        run_step(model, [job])
+    return job
