@@ -94,8 +94,10 @@ class NormalizedGradient(Optimizer):
 class LBFGS(Optimizer):
     needs_closure = True
 
-    def __init__(self, lr: float = 1.0, max_iter: int = 20, history_size: int = 100) -> None:
+    def __init__(self, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
+                 line_search_fn: str | None = None) -> None:
         self.lr, self.max_iter, self.history_size = lr, max_iter, history_size
+        self.line_search_fn = line_search_fn  # None or "strong_wolfe" (torch's)
         self.steps = 0
         self._torch: torch.optim.LBFGS | None = None
 
@@ -105,5 +107,5 @@ class LBFGS(Optimizer):
     def torch_optimizer(self, params: Sequence[torch.Tensor]) -> torch.optim.LBFGS:
         if self._torch is None:
             self._torch = torch.optim.LBFGS(list(params), lr=self.lr, max_iter=self.max_iter,
-                                            history_size=self.history_size)
+                                            history_size=self.history_size, line_search_fn=self.line_search_fn)
         return self._torch
