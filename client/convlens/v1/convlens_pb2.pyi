@@ -243,9 +243,13 @@ class _Optimizer:
 class _OptimizerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Optimizer.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     OPTIMIZER_UNSPECIFIED: _Optimizer.ValueType  # 0
-    """Defaults to L-BFGS for one job, Adam when batched."""
+    """Defaults to Adam: per job and element-wise, so the job's steps share batches with other callers'
+    and give the same image alone or batched.
+    """
     OPTIMIZER_LBFGS: _Optimizer.ValueType  # 1
+    """L-BFGS (the PyTorch tutorial's; strong-Wolfe line search): runs alone, never batched."""
     OPTIMIZER_ADAM: _Optimizer.ValueType  # 2
+    """Adam on the pixels."""
 
 class Optimizer(_Optimizer, metaclass=_OptimizerEnumTypeWrapper):
     """---------------------------------------------------------------- style transfer
@@ -254,10 +258,101 @@ class Optimizer(_Optimizer, metaclass=_OptimizerEnumTypeWrapper):
     """
 
 OPTIMIZER_UNSPECIFIED: Optimizer.ValueType  # 0
-"""Defaults to L-BFGS for one job, Adam when batched."""
+"""Defaults to Adam: per job and element-wise, so the job's steps share batches with other callers'
+and give the same image alone or batched.
+"""
 OPTIMIZER_LBFGS: Optimizer.ValueType  # 1
+"""L-BFGS (the PyTorch tutorial's; strong-Wolfe line search): runs alone, never batched."""
 OPTIMIZER_ADAM: Optimizer.ValueType  # 2
+"""Adam on the pixels."""
 Global___Optimizer: _TypeAlias = Optimizer  # noqa: Y015
+
+class _Soften:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SoftenEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Soften.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SOFTEN_UNSPECIFIED: _Soften.ValueType  # 0
+    """The model's default (EfficientNet-Lite0: see docs/quality.md)."""
+    SOFTEN_NONE: _Soften.ValueType  # 1
+    """Raw features (Gatys et al.)."""
+    SOFTEN_CHANNELS: _Soften.ValueType  # 2
+    """Softmax over the channels at each position (their code's Softmax2d)."""
+    SOFTEN_POSITIONS: _Soften.ValueType  # 3
+    """Softmax over the positions of each channel."""
+    SOFTEN_ALL: _Soften.ValueType  # 4
+    """Softmax over every activation of the layer (channels and positions)."""
+
+class Soften(_Soften, metaclass=_SoftenEnumTypeWrapper):
+    """Soften is the softmax transform of the features before the Gram and content losses (Wang et al.,
+    CVPR 2021: residual networks' peaky activations make Gatys transfer weak). Each is rescaled so the
+    mean entry is 1.
+    """
+
+SOFTEN_UNSPECIFIED: Soften.ValueType  # 0
+"""The model's default (EfficientNet-Lite0: see docs/quality.md)."""
+SOFTEN_NONE: Soften.ValueType  # 1
+"""Raw features (Gatys et al.)."""
+SOFTEN_CHANNELS: Soften.ValueType  # 2
+"""Softmax over the channels at each position (their code's Softmax2d)."""
+SOFTEN_POSITIONS: Soften.ValueType  # 3
+"""Softmax over the positions of each channel."""
+SOFTEN_ALL: Soften.ValueType  # 4
+"""Softmax over every activation of the layer (channels and positions)."""
+Global___Soften: _TypeAlias = Soften  # noqa: Y015
+
+class _GramNormalization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GramNormalizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GramNormalization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRAM_NORMALIZATION_UNSPECIFIED: _GramNormalization.ValueType  # 0
+    """Defaults to POSITIONS."""
+    GRAM_NORMALIZATION_POSITIONS: _GramNormalization.ValueType  # 1
+    """H*W: the expectation over positions; independent of the image size."""
+    GRAM_NORMALIZATION_ELEMENTS: _GramNormalization.ValueType  # 2
+    """C*H*W (the PyTorch tutorial's a*b*c*d with one image)."""
+    GRAM_NORMALIZATION_NONE: _GramNormalization.ValueType  # 3
+    """Not divided."""
+
+class GramNormalization(_GramNormalization, metaclass=_GramNormalizationEnumTypeWrapper):
+    """GramNormalization is what the Gram matrix sum_p f_k(p) f_m(p) is divided by."""
+
+GRAM_NORMALIZATION_UNSPECIFIED: GramNormalization.ValueType  # 0
+"""Defaults to POSITIONS."""
+GRAM_NORMALIZATION_POSITIONS: GramNormalization.ValueType  # 1
+"""H*W: the expectation over positions; independent of the image size."""
+GRAM_NORMALIZATION_ELEMENTS: GramNormalization.ValueType  # 2
+"""C*H*W (the PyTorch tutorial's a*b*c*d with one image)."""
+GRAM_NORMALIZATION_NONE: GramNormalization.ValueType  # 3
+"""Not divided."""
+Global___GramNormalization: _TypeAlias = GramNormalization  # noqa: Y015
+
+class _StyleInit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StyleInitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StyleInit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STYLE_INIT_UNSPECIFIED: _StyleInit.ValueType  # 0
+    """Defaults to CONTENT."""
+    STYLE_INIT_CONTENT: _StyleInit.ValueType  # 1
+    """The content image (the PyTorch tutorial's start)."""
+    STYLE_INIT_NOISE: _StyleInit.ValueType  # 2
+    """Uniform noise from the seed."""
+
+class StyleInit(_StyleInit, metaclass=_StyleInitEnumTypeWrapper):
+    """StyleInit is the image the optimisation starts from."""
+
+STYLE_INIT_UNSPECIFIED: StyleInit.ValueType  # 0
+"""Defaults to CONTENT."""
+STYLE_INIT_CONTENT: StyleInit.ValueType  # 1
+"""The content image (the PyTorch tutorial's start)."""
+STYLE_INIT_NOISE: StyleInit.ValueType  # 2
+"""Uniform noise from the seed."""
+Global___StyleInit: _TypeAlias = StyleInit  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -1532,7 +1627,7 @@ Global___MaximizeUnitResponse: _TypeAlias = MaximizeUnitResponse  # noqa: Y015
 class DreamRequest(_message.Message):
     """---------------------------------------------------------------- dream
 
-    DreamRequest asks for DeepDream at a layer.
+    DreamRequest asks for DeepDream at a layer (google/deepdream's method; its defaults below).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1552,27 +1647,38 @@ class DreamRequest(_message.Message):
     MAX_SIZE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     layer: _builtins.str
+    """Any layer of the model's catalog; unset: the model's default dream layer (EfficientNet-Lite0:
+    a stride-16 block, the analogue of GoogLeNet's inception_4c).
+    """
     channel: _builtins.int
     """Only this channel's activations; unset: the whole layer."""
     octaves: _builtins.int
-    """Default 4."""
+    """Octaves of the image pyramid, 1..8; default 4. Octaves whose short side would fall below 32 px
+    are dropped (the result says how many were used).
+    """
     octave_scale: _builtins.float
-    """Default 1.4."""
+    """Size ratio between octaves, above 1 and at most 4; default 1.4."""
     steps_per_octave: _builtins.int
-    """Default 10."""
+    """Ascent steps per octave, 1..200; default 10."""
     step_size: _builtins.float
-    """On the 0..255 scale; default 1.5."""
+    """Step x += step_size / mean(|g|) * g on the 0..255 scale; default 1.5."""
     jitter: _builtins.int
-    """Default 32."""
+    """Largest random roll of the image before each step, in pixels (0..256); default 32."""
     seed: _builtins.int
+    """Seed of the jitter; the same seed and request give the same image."""
     preview_every: _builtins.int
+    """Send a PNG preview every n steps; 0 for none."""
     max_size: _builtins.int
-    """Longest side the image is dreamed at (default 512); the image is resized down if larger."""
+    """Longest side the image is dreamed at, 32..1024 (default 512); the image is scaled down if larger."""
     @_builtins.property
-    def image(self) -> Global___Image: ...
+    def image(self) -> Global___Image:
+        """The image to dream on (required)."""
+
     @_builtins.property
     def guide(self) -> Global___Image:
-        """Optional guide image: maximise similarity to its features instead."""
+        """Optional guide image: maximise, at each position, the dot product with the best-matching guide
+        feature instead of the layer's L2 (google/deepdream's guided dreaming). Not with `channel`.
+        """
 
     def __init__(
         self,
@@ -1585,21 +1691,86 @@ class DreamRequest(_message.Message):
         octave_scale: _builtins.float = ...,
         steps_per_octave: _builtins.int = ...,
         step_size: _builtins.float = ...,
-        jitter: _builtins.int = ...,
+        jitter: _builtins.int | None = ...,
         guide: Global___Image | None = ...,
         seed: _builtins.int = ...,
         preview_every: _builtins.int = ...,
         max_size: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "channel", b"channel", "guide", b"guide", "image", b"image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "_jitter", b"_jitter", "channel", b"channel", "guide", b"guide", "image", b"image", "jitter", b"jitter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "channel", b"channel", "guide", b"guide", "image", b"image", "jitter", b"jitter", "layer", b"layer", "max_size", b"max_size", "model", b"model", "octave_scale", b"octave_scale", "octaves", b"octaves", "preview_every", b"preview_every", "seed", b"seed", "step_size", b"step_size", "steps_per_octave", b"steps_per_octave"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "_jitter", b"_jitter", "channel", b"channel", "guide", b"guide", "image", b"image", "jitter", b"jitter", "layer", b"layer", "max_size", b"max_size", "model", b"model", "octave_scale", b"octave_scale", "octaves", b"octaves", "preview_every", b"preview_every", "seed", b"seed", "step_size", b"step_size", "steps_per_octave", b"steps_per_octave"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__channel: _TypeAlias = _typing.Literal["channel"]  # noqa: Y015
+    _WhichOneofArgType__channel: _TypeAlias = _typing.Literal["_channel", b"_channel"]  # noqa: Y015
+    _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
+    _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__channel) -> _WhichOneofReturnType__channel | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter) -> _WhichOneofReturnType__jitter | None: ...
+
+Global___DreamRequest: _TypeAlias = DreamRequest  # noqa: Y015
+
+@_typing.final
+class DreamSettings(_message.Message):
+    """DreamSettings are the settings a dream actually used (defaults filled in), to reproduce it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    OCTAVES_FIELD_NUMBER: _builtins.int
+    OCTAVE_SCALE_FIELD_NUMBER: _builtins.int
+    STEPS_PER_OCTAVE_FIELD_NUMBER: _builtins.int
+    STEP_SIZE_FIELD_NUMBER: _builtins.int
+    JITTER_FIELD_NUMBER: _builtins.int
+    MAX_SIZE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    GUIDED_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    channel: _builtins.int
+    """Present when the objective was one channel."""
+    octaves: _builtins.int
+    """Octaves actually used (after dropping those below 32 px)."""
+    octave_scale: _builtins.float
+    steps_per_octave: _builtins.int
+    step_size: _builtins.float
+    jitter: _builtins.int
+    max_size: _builtins.int
+    seed: _builtins.int
+    guided: _builtins.bool
+    """Whether a guide image set the objective."""
+    height: _builtins.int
+    """Size of the dreamed (returned) image."""
+    width: _builtins.int
+    def __init__(
+        self,
+        *,
+        layer: _builtins.str = ...,
+        channel: _builtins.int | None = ...,
+        octaves: _builtins.int = ...,
+        octave_scale: _builtins.float = ...,
+        steps_per_octave: _builtins.int = ...,
+        step_size: _builtins.float = ...,
+        jitter: _builtins.int = ...,
+        max_size: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        guided: _builtins.bool = ...,
+        height: _builtins.int = ...,
+        width: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "channel", b"channel"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "channel", b"channel", "guided", b"guided", "height", b"height", "jitter", b"jitter", "layer", b"layer", "max_size", b"max_size", "octave_scale", b"octave_scale", "octaves", b"octaves", "seed", b"seed", "step_size", b"step_size", "steps_per_octave", b"steps_per_octave", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__channel: _TypeAlias = _typing.Literal["channel"]  # noqa: Y015
     _WhichOneofArgType__channel: _TypeAlias = _typing.Literal["_channel", b"_channel"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__channel) -> _WhichOneofReturnType__channel | None: ...
 
-Global___DreamRequest: _TypeAlias = DreamRequest  # noqa: Y015
+Global___DreamSettings: _TypeAlias = DreamSettings  # noqa: Y015
 
 @_typing.final
 class DreamResult(_message.Message):
@@ -1609,17 +1780,28 @@ class DreamResult(_message.Message):
 
     IMAGE_PNG_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
+    INPUT_OBJECTIVE_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     image_png: _builtins.bytes
     objective: _builtins.float
+    """The objective (mean squared activation, of the channel, or the guide match) on the returned image,
+    by a plain forward pass without jitter.
+    """
+    input_objective: _builtins.float
+    """The same objective on the input image at the same size: objective / input_objective is the gain."""
+    @_builtins.property
+    def settings(self) -> Global___DreamSettings: ...
     def __init__(
         self,
         *,
         image_png: _builtins.bytes = ...,
         objective: _builtins.float = ...,
+        input_objective: _builtins.float = ...,
+        settings: Global___DreamSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_png", b"image_png", "objective", b"objective"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_png", b"image_png", "input_objective", b"input_objective", "objective", b"objective", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1672,27 +1854,55 @@ class StyleTransferRequest(_message.Message):
     SOFTEN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
+    STYLE_LAYER_WEIGHTS_FIELD_NUMBER: _builtins.int
+    SOFTEN_MODE_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    GRAM_NORMALIZATION_FIELD_NUMBER: _builtins.int
+    INIT_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     content_layer: _builtins.str
+    """Layer whose features are matched; default: the model's (a stride-16 block for EfficientNet-Lite0)."""
     style_weight: _builtins.float
-    """Default 1e6 and 1."""
+    """Weight of the style loss; unset: the model's default."""
     content_weight: _builtins.float
+    """Weight of the content loss; unset: 1."""
     steps: _builtins.int
-    """Default 300."""
+    """Optimisation steps, 1..2000; default 300."""
     size: _builtins.int
-    """Side of the output image; default 256."""
+    """Longest side of the output image, 32..1024; default 256."""
     optimizer: Global___Optimizer.ValueType
     soften: _builtins.bool
-    """Soften activations before the Gram matrix (Wang et al., CVPR 2021)."""
+    """Deprecated by `soften_mode`: true means SOFTEN_CHANNELS when soften_mode is unset."""
     seed: _builtins.int
+    """Seed of the noise start; the same seed and request give the same image."""
     preview_every: _builtins.int
+    """Send a PNG preview every n steps; 0 for none."""
+    soften_mode: Global___Soften.ValueType
+    """Softening variant; unset: the model's default."""
+    temperature: _builtins.float
+    """Softmax temperature, 0.001..1000; unset: the model's default."""
+    gram_normalization: Global___GramNormalization.ValueType
+    init: Global___StyleInit.ValueType
+    learning_rate: _builtins.float
+    """Adam's learning rate on the 0..255 pixel scale; unset: the model's default."""
     @_builtins.property
-    def content(self) -> Global___Image: ...
+    def content(self) -> Global___Image:
+        """The content image (required)."""
+
     @_builtins.property
-    def style(self) -> Global___Image: ...
+    def style(self) -> Global___Image:
+        """The style image (required)."""
+
     @_builtins.property
     def style_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Default: a model-specific set of early-to-mid layers."""
+        """Layers whose Gram matrices are matched; default: the model's (EfficientNet-Lite0: about one block
+        per stride, see docs/quality.md).
+        """
+
+    @_builtins.property
+    def style_layer_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One weight per style layer; empty: 1 each."""
 
     def __init__(
         self,
@@ -1702,22 +1912,112 @@ class StyleTransferRequest(_message.Message):
         style: Global___Image | None = ...,
         style_layers: _abc.Iterable[_builtins.str] | None = ...,
         content_layer: _builtins.str = ...,
-        style_weight: _builtins.float = ...,
-        content_weight: _builtins.float = ...,
+        style_weight: _builtins.float | None = ...,
+        content_weight: _builtins.float | None = ...,
         steps: _builtins.int = ...,
         size: _builtins.int = ...,
         optimizer: Global___Optimizer.ValueType = ...,
         soften: _builtins.bool = ...,
         seed: _builtins.int = ...,
         preview_every: _builtins.int = ...,
+        style_layer_weights: _abc.Iterable[_builtins.float] | None = ...,
+        soften_mode: Global___Soften.ValueType = ...,
+        temperature: _builtins.float | None = ...,
+        gram_normalization: Global___GramNormalization.ValueType = ...,
+        init: Global___StyleInit.ValueType = ...,
+        learning_rate: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "style", b"style"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_weight", b"content_weight", "learning_rate", b"learning_rate", "style", b"style", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_layer", b"content_layer", "content_weight", b"content_weight", "model", b"model", "optimizer", b"optimizer", "preview_every", b"preview_every", "seed", b"seed", "size", b"size", "soften", b"soften", "steps", b"steps", "style", b"style", "style_layers", b"style_layers", "style_weight", b"style_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "init", b"init", "learning_rate", b"learning_rate", "model", b"model", "optimizer", b"optimizer", "preview_every", b"preview_every", "seed", b"seed", "size", b"size", "soften", b"soften", "soften_mode", b"soften_mode", "steps", b"steps", "style", b"style", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__content_weight: _TypeAlias = _typing.Literal["content_weight"]  # noqa: Y015
+    _WhichOneofArgType__content_weight: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight"]  # noqa: Y015
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__style_weight: _TypeAlias = _typing.Literal["style_weight"]  # noqa: Y015
+    _WhichOneofArgType__style_weight: _TypeAlias = _typing.Literal["_style_weight", b"_style_weight"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__content_weight) -> _WhichOneofReturnType__content_weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__style_weight) -> _WhichOneofReturnType__style_weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___StyleTransferRequest: _TypeAlias = StyleTransferRequest  # noqa: Y015
+
+@_typing.final
+class StyleTransferSettings(_message.Message):
+    """StyleTransferSettings are the settings a transfer actually used (defaults filled in)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STYLE_LAYERS_FIELD_NUMBER: _builtins.int
+    STYLE_LAYER_WEIGHTS_FIELD_NUMBER: _builtins.int
+    CONTENT_LAYER_FIELD_NUMBER: _builtins.int
+    STYLE_WEIGHT_FIELD_NUMBER: _builtins.int
+    CONTENT_WEIGHT_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    SOFTEN_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    GRAM_NORMALIZATION_FIELD_NUMBER: _builtins.int
+    INIT_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    content_layer: _builtins.str
+    style_weight: _builtins.float
+    content_weight: _builtins.float
+    steps: _builtins.int
+    size: _builtins.int
+    optimizer: Global___Optimizer.ValueType
+    soften: Global___Soften.ValueType
+    temperature: _builtins.float
+    gram_normalization: Global___GramNormalization.ValueType
+    init: Global___StyleInit.ValueType
+    learning_rate: _builtins.float
+    seed: _builtins.int
+    height: _builtins.int
+    """Size of the returned image."""
+    width: _builtins.int
+    @_builtins.property
+    def style_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def style_layer_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        style_layers: _abc.Iterable[_builtins.str] | None = ...,
+        style_layer_weights: _abc.Iterable[_builtins.float] | None = ...,
+        content_layer: _builtins.str = ...,
+        style_weight: _builtins.float = ...,
+        content_weight: _builtins.float = ...,
+        steps: _builtins.int = ...,
+        size: _builtins.int = ...,
+        optimizer: Global___Optimizer.ValueType = ...,
+        soften: Global___Soften.ValueType = ...,
+        temperature: _builtins.float = ...,
+        gram_normalization: Global___GramNormalization.ValueType = ...,
+        init: Global___StyleInit.ValueType = ...,
+        learning_rate: _builtins.float = ...,
+        seed: _builtins.int = ...,
+        height: _builtins.int = ...,
+        width: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "height", b"height", "init", b"init", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "seed", b"seed", "size", b"size", "soften", b"soften", "steps", b"steps", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StyleTransferRequest: _TypeAlias = StyleTransferRequest  # noqa: Y015
+Global___StyleTransferSettings: _TypeAlias = StyleTransferSettings  # noqa: Y015
 
 @_typing.final
 class StyleTransferResult(_message.Message):
@@ -1728,19 +2028,32 @@ class StyleTransferResult(_message.Message):
     IMAGE_PNG_FIELD_NUMBER: _builtins.int
     STYLE_LOSS_FIELD_NUMBER: _builtins.int
     CONTENT_LOSS_FIELD_NUMBER: _builtins.int
+    TOTAL_LOSS_FIELD_NUMBER: _builtins.int
+    INITIAL_STYLE_LOSS_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     image_png: _builtins.bytes
     style_loss: _builtins.float
+    """Losses at the last step (before its update), unweighted."""
     content_loss: _builtins.float
+    total_loss: _builtins.float
+    """style_weight * style_loss + content_weight * content_loss."""
+    initial_style_loss: _builtins.float
+    """Style loss at the first step (from the start image): style_loss / initial_style_loss is the drop."""
+    @_builtins.property
+    def settings(self) -> Global___StyleTransferSettings: ...
     def __init__(
         self,
         *,
         image_png: _builtins.bytes = ...,
         style_loss: _builtins.float = ...,
         content_loss: _builtins.float = ...,
+        total_loss: _builtins.float = ...,
+        initial_style_loss: _builtins.float = ...,
+        settings: Global___StyleTransferSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_loss", b"content_loss", "image_png", b"image_png", "style_loss", b"style_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_loss", b"content_loss", "image_png", b"image_png", "initial_style_loss", b"initial_style_loss", "settings", b"settings", "style_loss", b"style_loss", "total_loss", b"total_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
