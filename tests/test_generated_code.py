@@ -20,7 +20,7 @@ def test_every_rpc_of_the_product_is_declared() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["InspectionService"]
     assert {m.name for m in service.methods} == {
-        "ListModels", "GetModel", "GetFilters", "TopActivations", "Saliency", "MaximizeUnit", "Dream",
-        "StyleTransfer"}
+        "ListModels", "GetModel", "GetFilters", "TopActivations", "ListDatasets", "Saliency", "MaximizeUnit",
+        "Dream", "StyleTransfer"}
     streaming = {m.name for m in service.methods if m.server_streaming}
     assert streaming == {"MaximizeUnit", "Dream", "StyleTransfer"}

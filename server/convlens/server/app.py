@@ -77,7 +77,7 @@ class ConvLensServer:
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0), *keepalive_options(cfg.max_connection_age_s)])
-        services = Services.build(ServiceContext(repo, self._scheduler, cfg))
+        services = Services.build(ServiceContext(repo, self._scheduler, cfg, state={"metrics": self.metrics}))
         pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(services), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -40,6 +40,10 @@ class ServerConfig:
                                     "/grpc.reflection.v1.ServerReflection/")
     log_format: str = "plain"
     max_connection_age_s: float = 0.0  # 0: connections live forever
+    # TopActivations (issue 7): named dataset folders, where indexes live, what is built within a call.
+    datasets: tuple[tuple[str, Path], ...] = ()
+    index_dir: Path | None = None  # None: the per-user cache directory
+    index_on_demand_images: int = 2000  # datasets up to this size are scanned within a call's deadline
 
     def policy_for(self, device: str) -> BatchPolicy:
         return self.policies.get(device) or DEFAULT_POLICIES["cuda" if device.startswith("cuda") else "cpu"]
@@ -109,7 +113,36 @@ def parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="close each connection (GOAWAY; calls in flight finish) after this long so clients "
                         "re-resolve and spread onto new replicas (default 0: never)")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=DIR",
+                   help="a probe dataset for TopActivations: every jpg/png/webp under DIR (repeatable; env "
+                        "CONVLENS_DATASET, comma separated); `samples` is always there")
+    p.add_argument("--index-dir", type=Path, default=_env("INDEX_DIR"),
+                   help="where TopActivations indexes are stored (default ~/.cache/convlens/index)")
+    p.add_argument("--index-on-demand", type=int, default=int(_env("INDEX_ON_DEMAND", "2000") or 2000),
+                   metavar="IMAGES", help="datasets up to this many images are indexed within a call; larger "
+                                          "ones answer FAILED_PRECONDITION while they build (default 2000)")
     return p
+
+
+def _datasets(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, object]:
+    from convlens.server.datasets.registry import parse_dataset_spec
+
+    specs = [t for t in (_env("DATASET", "") or "").split(",") if t] + list(args.dataset)
+    parsed: dict[str, Path] = {}
+    for text in specs:
+        try:
+            name, folder = parse_dataset_spec(text)
+        except ValueError as exc:
+            p.error(f"--dataset: {exc}")
+        if not folder.is_dir():
+            p.error(f"--dataset {name}={folder}: {folder} is not a directory")
+        if name == "samples" or name in parsed:
+            p.error(f"--dataset {name}: the name is already taken")
+        parsed[name] = folder
+    if args.index_on_demand < 0:
+        p.error("--index-on-demand must be >= 0")
+    return {"datasets": tuple(parsed.items()), "index_dir": args.index_dir,
+            "index_on_demand_images": args.index_on_demand}
 
 
 def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -126,7 +159,7 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         model_repo=Path(args.model_repo) if args.model_repo else None, embedded=not args.no_embedded,
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue,
         grace_seconds=args.grace, policies=policies, log_level=args.log_level,
-        **_operations(p, args))
+        **_operations(p, args), **_datasets(p, args))
 
 
 def _operations(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, object]:

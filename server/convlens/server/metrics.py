@@ -47,3 +47,15 @@ class Metrics:
         self.worker_busy_seconds = Counter("convlens_worker_busy_seconds_total",
                                            "Seconds each device worker spent computing.",
                                            ["device"], registry=r)
+        # TopActivations indexes (one scan per model x dataset x layer, then answered from the index).
+        self.index_images_scanned = Counter("convlens_index_images_scanned_total",
+                                            "Dataset images run through a model to build an index.",
+                                            ["model", "dataset", "layer"], registry=r)
+        self.index_build_progress = Gauge("convlens_index_build_progress",
+                                          "Fraction of the dataset scanned by a running index build (0..1).",
+                                          ["model", "dataset", "layer"], registry=r)
+        self.index_builds = Counter("convlens_index_builds_total", "Index builds finished, by outcome.",
+                                    ["model", "dataset", "layer", "outcome"], registry=r)
+        self.index_loads = Counter("convlens_index_loads_total",
+                                   "Indexes read from --index-dir instead of scanning.",
+                                   ["model", "dataset", "layer"], registry=r)

@@ -73,6 +73,10 @@ class Dataset:
     def read(self, image: ImageId) -> np.ndarray:
         raise NotImplementedError
 
+    def size(self, image: ImageId) -> tuple[int, int]:
+        """(height, width) of `read(image)`, without decoding the pixels where possible."""
+        return self.read(image).shape[:2]  # type: ignore[return-value]
+
 
 class DirectoryDataset(Dataset):
     """Every jpg/jpeg/png/webp under `root`, recursively; unreadable files are skipped and counted."""
@@ -81,6 +85,7 @@ class DirectoryDataset(Dataset):
         super().__init__(name, f"images under {root}")
         self.root = Path(root)
         self._digests: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, digest)
+        self._sizes: dict[ImageId, tuple[int, int]] = {}
 
     def _list(self) -> Listing:
         if not self.root.is_dir():
@@ -115,6 +120,16 @@ class DirectoryDataset(Dataset):
     def read(self, image: ImageId) -> np.ndarray:
         with Image.open(self.root / image.path) as img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
+
+    def size(self, image: ImageId) -> tuple[int, int]:
+        cached = self._sizes.get(image)
+        if cached is None:
+            with Image.open(self.root / image.path) as img:
+                w, h = img.size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees
+                    w, h = h, w
+            cached = self._sizes[image] = (h, w)
+        return cached
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:

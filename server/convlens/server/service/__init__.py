@@ -14,6 +14,7 @@ from convlens.server.service.catalog import CatalogService
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.filters import FiltersService
 from convlens.server.service.saliency import SaliencyService
+from convlens.server.service.top_activations import TopActivationsService
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Services:
     catalog: CatalogService
     filters: FiltersService
     saliency: SaliencyService
+    top_activations: TopActivationsService
 
     @classmethod
     def build(cls, context: ServiceContext) -> Services:
@@ -30,6 +32,7 @@ class Services:
             catalog=CatalogService(context),
             filters=FiltersService(context),
             saliency=SaliencyService(context),
+            top_activations=TopActivationsService(context),
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from convlens.server.service import Services
-from convlens.server.transport.codecs import catalog, filters, saliency
+from convlens.server.transport.codecs import catalog, filters, saliency, top_activations
 from convlens.server.transport.codecs.common import deadline
 from convlens.server.transport.unimplemented import answer_unimplemented
 from convlens.v1 import convlens_pb2 as pb
@@ -36,3 +36,10 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
     async def Saliency(self, request: pb.SaliencyRequest, context: Context) -> pb.SaliencyResponse:
         answer = await self.services.saliency(saliency.query(request), deadline(context))
         return saliency.response(answer)
+
+    async def TopActivations(self, request: pb.TopActivationsRequest, context: Context) -> pb.TopActivationsResponse:
+        answer = await self.services.top_activations(top_activations.query(request), deadline(context))
+        return top_activations.response(answer)
+
+    async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context) -> pb.ListDatasetsResponse:
+        return top_activations.datasets_response(await self.services.top_activations.list_datasets())
