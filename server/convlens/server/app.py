@@ -64,7 +64,8 @@ class ConvLensServer:
             raise SystemExit("no model to serve: every model folder failed to load (see the errors above)")
 
         policies = {str(d): cfg.policy_for(str(d)) for d in devices}
-        self._scheduler = Scheduler(repo.get, devices, self.metrics, policies=policies, max_queue=cfg.max_queue)
+        self._scheduler = Scheduler(repo.get, devices, self.metrics, policies=policies, max_queue=cfg.max_queue,
+                                    max_jobs=cfg.max_jobs)
         await self._scheduler.start()
 
         limit = cfg.max_message_mb * 1024 * 1024

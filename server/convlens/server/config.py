@@ -26,6 +26,7 @@ class ServerConfig:
     device: str = "auto"
     max_message_mb: int = 64
     max_queue: int = 256
+    max_jobs: int = 64  # optimisation jobs (MaximizeUnit, Dream, StyleTransfer) running at once
     grace_seconds: float = 10.0
     policies: dict[str, BatchPolicy] = field(default_factory=dict)  # per device string, overrides defaults
     log_level: str = "INFO"
@@ -85,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", "64") or 64))
     p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "256") or 256),
                    help="tasks waiting at most; beyond it calls get RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--max-jobs", type=int, default=int(_env("MAX_JOBS", "64") or 64),
+                   help="optimisation jobs (MaximizeUnit, Dream, StyleTransfer) running at once; beyond it "
+                        "new ones get RESOURCE_EXHAUSTED (default 64); their steps never count against --max-queue")
     p.add_argument("--batch", type=_policy, action="append", default=[],
                    metavar="DEVICE=SIZE[:DELAY_MS]",
                    help="batching policy per device, e.g. --batch cpu=4:2 --batch cuda:0=32:5 "
@@ -154,10 +158,12 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--max-message-mb must be in 1..2047")
     if args.max_queue < 1:
         p.error("--max-queue must be >= 1")
+    if args.max_jobs < 1:
+        p.error("--max-jobs must be >= 1")
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, metrics=not args.no_metrics,
         model_repo=Path(args.model_repo) if args.model_repo else None, embedded=not args.no_embedded,
-        device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue,
+        device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue, max_jobs=args.max_jobs,
         grace_seconds=args.grace, policies=policies, log_level=args.log_level,
         **_operations(p, args), **_datasets(p, args))
 

@@ -47,6 +47,17 @@ class Metrics:
         self.worker_busy_seconds = Counter("convlens_worker_busy_seconds_total",
                                            "Seconds each device worker spent computing.",
                                            ["device"], registry=r)
+        # Optimisation jobs (MaximizeUnit, Dream, StyleTransfer), stepped by the step scheduler.
+        self.active_jobs = Gauge("convlens_active_jobs", "Optimisation jobs admitted and not yet finished.",
+                                 ["rpc"], registry=r)
+        self.steps = Counter("convlens_optimization_steps_total",
+                             "Optimisation steps computed (rate() of it: steps per second).",
+                             ["model", "rpc"], registry=r)
+        self.step_batch_size = Histogram("convlens_step_batch_size", "Jobs sharing one optimisation step.",
+                                         ["model", "rpc"], buckets=BATCH_BUCKETS, registry=r)
+        self.first_progress_seconds = Histogram("convlens_time_to_first_progress_seconds",
+                                                "Time from admitting a job to its first step's progress event.",
+                                                ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
         # TopActivations indexes (one scan per model x dataset x layer, then answered from the index).
         self.index_images_scanned = Counter("convlens_index_images_scanned_total",
                                             "Dataset images run through a model to build an index.",

@@ -5,8 +5,9 @@ coroutine takes, a cancelled caller discards. Worker threads never touch it.
 
 Fairness: models are kept in round-robin order. A worker looks at the models in that order and serves the
 first one with a ready group; that model then moves to the back. So a flood for model A costs model B at
-most one of A's batches. Within a model the ready group with the oldest task goes first, so one key cannot
-starve another either.
+most one of A's batches. Within a model the RPC served least recently goes first (so a backlog of one-shot
+tasks and a stream of optimisation steps alternate instead of one starving the other), and within an RPC
+the ready group with the oldest task, so one key cannot starve another either.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Batcher:
         # model -> batch_key -> entries, oldest first; model order is the round-robin order.
         self._models: OrderedDict[str, dict[Hashable, list[Entry]]] = OrderedDict()
         self._depth = 0
+        self._served: dict[tuple[str, str], int] = {}  # (model, rpc) -> sequence number of its last batch
+        self._batches = 0
         self._listeners: list[asyncio.Event] = []
         self.flushing = False  # when stopping: every group is ready at once, nobody waits for companions
         self._changed()
@@ -58,7 +61,7 @@ class Batcher:
 
     def put(self, entry: Entry) -> None:
         task = entry.task
-        if self._depth >= self.max_queue:
+        if self._depth >= self.max_queue and task.quorum is None:  # a running job's next step is never refused
             self._reject(task, "queue_full")
             raise ResourceExhausted(f"server busy: {self._depth} tasks queued (max_queue={self.max_queue}); "
                                     "retry with backoff")
@@ -78,17 +81,30 @@ class Batcher:
         self._changed()
         return True
 
-    def take(self, policy: BatchPolicy, now: float) -> tuple[list[Entry], float | None]:
-        """The next batch for a free worker with `policy`: (entries, None), or ([], seconds until some group
-        becomes ready for it; None when nothing is queued)."""
+    def take(self, policy: BatchPolicy, now: float, device: str | None = None
+             ) -> tuple[list[Entry], float | None]:
+        """The next batch for a free worker with `policy` on `device`: (entries, None), or ([], seconds until
+        some group becomes ready for it; None when nothing is queued).
+
+        Tasks pinned to another device are not this worker's. A group of optimisation steps (tasks with a
+        quorum) is ready as soon as every live job of the group is queued, or max_batch_size of them;
+        it never waits max_batch_delay (a lone job would pay it on each of its hundreds of steps)."""
         self._expire(now)
         wait: float | None = None
         for model, groups in self._models.items():
             best: list[Entry] | None = None
             for group in groups.values():
+                first = group[0].task
+                if first.device is not None and first.device != device:
+                    continue
+                if first.quorum is not None:
+                    if self.flushing or len(group) >= min(policy.max_batch_size, max(first.quorum(), 1)):
+                        if best is None or self._before(group, best):
+                            best = group
+                    continue
                 ready_at = group[0].enqueued + policy.max_batch_delay
                 if self.flushing or len(group) >= policy.max_batch_size or ready_at <= now:
-                    if best is None or group[0].enqueued < best[0].enqueued:
+                    if best is None or self._before(group, best):
                         best = group
                 else:
                     wait = ready_at - now if wait is None else min(wait, ready_at - now)
@@ -96,11 +112,25 @@ class Batcher:
                 batch = best[:policy.max_batch_size]
                 del best[:len(batch)]
                 self._models.move_to_end(model)  # served: to the back of the round robin
+                self._batches += 1
+                self._served[(model, batch[0].task.rpc)] = self._batches
                 self._prune(model, batch[0].task.batch_key)
                 self._depth -= len(batch)
                 self._changed()
                 return batch, None  # we stop iterating, so changing the dict above is safe
         return [], wait
+
+    def _before(self, group: list[Entry], other: list[Entry]) -> bool:
+        """Whether ready `group` goes before ready `other` (same model): its RPC was served less recently,
+        or, for the same RPC, its oldest task is older."""
+        a, b = group[0].task, other[0].task
+        if a.rpc != b.rpc:
+            return self._served.get((a.model, a.rpc), 0) < self._served.get((b.model, b.rpc), 0)
+        return group[0].enqueued < other[0].enqueued
+
+    def notify(self) -> None:
+        """Something outside the queue changed readiness (a job left, so a step group's quorum dropped)."""
+        self._changed()
 
     def flush(self) -> None:
         self.flushing = True

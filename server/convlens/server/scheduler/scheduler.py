@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.batcher import Batcher, Entry
 from convlens.server.scheduler.policy import BatchPolicy, policies_for
+from convlens.server.scheduler.steps import JobHandle, JobRegistry, job_slot
 from convlens.server.scheduler.task import Task
 from convlens.server.scheduler.worker import Worker
 
@@ -28,7 +30,7 @@ class Scheduler:
 
     def __init__(self, models: Callable[[str], ServedModel], devices: Sequence[torch.device],
                  metrics: Metrics, *, policies: Mapping[str, BatchPolicy] | None = None,
-                 max_queue: int = 256) -> None:
+                 max_queue: int = 256, max_jobs: int = 64) -> None:
         devices = list(devices)
         if not devices:
             raise ValueError("the scheduler needs at least one device")
@@ -36,6 +38,7 @@ class Scheduler:
         self._batcher = Batcher(metrics, max_queue)
         per_device = policies_for(devices, policies)
         self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics) for d in devices]
+        self._jobs = JobRegistry(devices, max_jobs, metrics, self._batcher.notify)
         self._state = "new"  # new -> running -> stopping -> stopped
         self._stopped: asyncio.Future[None] | None = None
 
@@ -48,6 +51,16 @@ class Scheduler:
 
     def queue_depth(self) -> int:
         return self._batcher.depth
+
+    def active_jobs(self) -> int:
+        return self._jobs.live
+
+    def job(self, *, model: str, rpc: str, deadline: float | None) -> AbstractAsyncContextManager[JobHandle]:
+        """Admit an optimisation job (ResourceExhausted beyond max_jobs); see scheduler/steps.py."""
+        if self._state != "running":
+            raise Unavailable("server is shutting down; retry on another instance"
+                              if self._state != "new" else "scheduler not started")
+        return job_slot(self._jobs, self.submit, self._metrics, model=model, rpc=rpc, deadline=deadline)
 
     async def submit(self, task: Task) -> Any:
         if self._state != "running":

@@ -25,7 +25,12 @@ class Task:
     payload: Any
     compute: Compute
     deadline: float | None = None  # time.monotonic() after which the task is dropped before compute
+    # Optimisation steps (scheduler/steps.py): the device holding the job's state (only its worker takes
+    # the task), and the number of live jobs of its group: the group is ready once that many are queued.
+    # A task with a quorum is a running job's next step, so max_queue never refuses it.
+    device: str | None = None
+    quorum: Callable[[], int] | None = None
 
     @property
-    def batch_key(self) -> tuple[str, str, Hashable]:
-        return (self.model, self.rpc, self.key)
+    def batch_key(self) -> tuple[str, str, Hashable, str | None]:
+        return (self.model, self.rpc, self.key, self.device)

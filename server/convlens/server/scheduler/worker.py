@@ -72,7 +72,7 @@ class Worker:
         changed = self._batcher.listen()
         while True:
             changed.clear()  # before take(): a put after it sets the event again, so no wake-up is lost
-            batch, wait = self._batcher.take(self.policy, time.monotonic())
+            batch, wait = self._batcher.take(self.policy, time.monotonic(), self._label)
             if not batch:
                 try:
                     await asyncio.wait_for(changed.wait(), wait)
