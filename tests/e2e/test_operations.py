@@ -48,6 +48,29 @@ def test_metrics_count_rpcs_by_code_and_show_loaded_models(server: ServerProcess
     assert 'convlens_model_load_failures_total{model="broken"} 1.0' in text
 
 
+def _sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_until_computing(srv: ServerProcess, method: str, timeout: float = 120.0) -> None:
+    """Until the server's metrics say the call started, was not answered, and its task's batch began
+    (queue wait observed = compute started): the server's own account, not a sleep and a hope."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+        started = _sample(text, "grpc_server_started_total", grpc_method=method)
+        handled = _sample(text, "grpc_server_handled_total", grpc_method=method)
+        computing = _sample(text, "convlens_scheduler_queue_wait_seconds_count")
+        if started == 1 and handled == 0 and computing >= 1:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"{method} never reached a worker")
+
+
 def test_sigterm_lets_the_in_flight_call_finish_then_exits(tmp_path) -> None:
     srv = ServerProcess(["--device", "cpu", "--grace", "60"], log_path=tmp_path / "log")
     srv.start()
@@ -64,7 +87,7 @@ def test_sigterm_lets_the_in_flight_call_finish_then_exits(tmp_path) -> None:
 
         t = threading.Thread(target=call)
         t.start()
-        time.sleep(1.5)  # the call is computing now
+        wait_until_computing(srv, "Saliency")
         assert srv.proc is not None
         srv.proc.send_signal(signal.SIGTERM)
         t.join(120)
