@@ -218,10 +218,15 @@ class _Parameterization:
 class _ParameterizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Parameterization.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PARAMETERIZATION_UNSPECIFIED: _Parameterization.ValueType  # 0
-    """Defaults to FFT."""
+    """The preset's (lucid: FFT, lecture: pixel, maco: MACO)."""
     PARAMETERIZATION_PIXEL: _Parameterization.ValueType  # 1
+    """The pixels themselves (the lecture's recipe, Yosinski et al. 2015)."""
     PARAMETERIZATION_FFT: _Parameterization.ValueType  # 2
-    """Lucid-style: 1/frequency-scaled spectrum with decorrelated colour."""
+    """Lucid-style: 1/frequency-scaled spectrum with decorrelated colour, through a sigmoid."""
+    PARAMETERIZATION_MACO: _Parameterization.ValueType  # 3
+    """MACO (Fel et al. 2023): only the spectrum's phase is optimised; its magnitude is fixed to the average
+    spectrum of natural photos (computed from photos the server ships).
+    """
 
 class Parameterization(_Parameterization, metaclass=_ParameterizationEnumTypeWrapper):
     """---------------------------------------------------------------- maximize unit
@@ -230,11 +235,44 @@ class Parameterization(_Parameterization, metaclass=_ParameterizationEnumTypeWra
     """
 
 PARAMETERIZATION_UNSPECIFIED: Parameterization.ValueType  # 0
-"""Defaults to FFT."""
+"""The preset's (lucid: FFT, lecture: pixel, maco: MACO)."""
 PARAMETERIZATION_PIXEL: Parameterization.ValueType  # 1
+"""The pixels themselves (the lecture's recipe, Yosinski et al. 2015)."""
 PARAMETERIZATION_FFT: Parameterization.ValueType  # 2
-"""Lucid-style: 1/frequency-scaled spectrum with decorrelated colour."""
+"""Lucid-style: 1/frequency-scaled spectrum with decorrelated colour, through a sigmoid."""
+PARAMETERIZATION_MACO: Parameterization.ValueType  # 3
+"""MACO (Fel et al. 2023): only the spectrum's phase is optimised; its magnitude is fixed to the average
+spectrum of natural photos (computed from photos the server ships).
+"""
 Global___Parameterization: _TypeAlias = Parameterization  # noqa: Y015
+
+class _MaximizePreset:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MaximizePresetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MaximizePreset.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MAXIMIZE_PRESET_UNSPECIFIED: _MaximizePreset.ValueType  # 0
+    """Defaults to LUCID."""
+    MAXIMIZE_PRESET_LECTURE: _MaximizePreset.ValueType  # 1
+    """Pixels, L2 decay 1e-4, blur 1.0 every 4 steps, small-pixel zeroing, jitter; 1000 steps."""
+    MAXIMIZE_PRESET_LUCID: _MaximizePreset.ValueType  # 2
+    """FFT + decorrelated colour, Adam 0.05, pad 12 / jitter 8 / scale 0.9-1.1 / rotate 10 / jitter 4; 512 steps."""
+    MAXIMIZE_PRESET_MACO: _MaximizePreset.ValueType  # 3
+    """MACO phase-only parameterisation with Lucid's transforms; 512 steps."""
+
+class MaximizePreset(_MaximizePreset, metaclass=_MaximizePresetEnumTypeWrapper):
+    """MaximizePreset is a named recipe; every knob of it can be overridden in the request."""
+
+MAXIMIZE_PRESET_UNSPECIFIED: MaximizePreset.ValueType  # 0
+"""Defaults to LUCID."""
+MAXIMIZE_PRESET_LECTURE: MaximizePreset.ValueType  # 1
+"""Pixels, L2 decay 1e-4, blur 1.0 every 4 steps, small-pixel zeroing, jitter; 1000 steps."""
+MAXIMIZE_PRESET_LUCID: MaximizePreset.ValueType  # 2
+"""FFT + decorrelated colour, Adam 0.05, pad 12 / jitter 8 / scale 0.9-1.1 / rotate 10 / jitter 4; 512 steps."""
+MAXIMIZE_PRESET_MACO: MaximizePreset.ValueType  # 3
+"""MACO phase-only parameterisation with Lucid's transforms; 512 steps."""
+Global___MaximizePreset: _TypeAlias = MaximizePreset  # noqa: Y015
 
 class _Optimizer:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -1498,7 +1536,9 @@ Global___SaliencyResponse: _TypeAlias = SaliencyResponse  # noqa: Y015
 
 @_typing.final
 class MaximizeUnitRequest(_message.Message):
-    """MaximizeUnitRequest asks for an image that excites a target."""
+    """MaximizeUnitRequest asks for an image that excites a target. Unset optional fields take the preset's
+    values; the result's settings say what was used.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1516,30 +1556,55 @@ class MaximizeUnitRequest(_message.Message):
     ROTATE_DEGREES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
+    PRESET_FIELD_NUMBER: _builtins.int
+    VALUE_PERCENTILE_FIELD_NUMBER: _builtins.int
+    CONTRIBUTION_PERCENTILE_FIELD_NUMBER: _builtins.int
+    TV_WEIGHT_FIELD_NUMBER: _builtins.int
+    PAD_FIELD_NUMBER: _builtins.int
+    FINAL_JITTER_FIELD_NUMBER: _builtins.int
+    DECAY_POWER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     parameterization: Global___Parameterization.ValueType
+    """Unset: the preset's."""
     steps: _builtins.int
-    """Default 256 (FFT) / 1000 (pixel)."""
+    """Optimisation steps (at most 4096)."""
     size: _builtins.int
-    """Side of the image; default the model's input size."""
+    """Side of the square image, 32..1024; default 224."""
     learning_rate: _builtins.float
-    """Default 0.05."""
+    """Adam's learning rate."""
     l2_decay: _builtins.float
-    """Pixel parameterisation regularisers (Yosinski et al.): L2 decay, blur every n steps."""
+    """Pixel parameterisation: x <- (1 - l2_decay) x after each step."""
     blur_every: _builtins.int
+    """Pixel parameterisation: Gaussian blur every n steps (0: never), of this sigma in pixels."""
     blur_sigma: _builtins.float
+    """Sigma of that blur, in pixels."""
     jitter: _builtins.int
-    """Random translation (pixels) applied each step; default 8."""
+    """Random translation (pixels) applied each step."""
     scale_jitter: _builtins.float
-    """Random scale range, e.g. 0.1 for 0.9..1.1; default 0.1."""
+    """Random scale range, e.g. 0.1 for 0.9..1.1."""
     rotate_degrees: _builtins.float
-    """Random rotation range in degrees; default 10."""
+    """Random rotation range in degrees."""
     seed: _builtins.int
+    """Unset: a random seed (reported in the result's settings)."""
     preview_every: _builtins.int
     """Send a preview every n steps; 0 for none."""
+    preset: Global___MaximizePreset.ValueType
+    """The recipe the unset knobs come from."""
+    value_percentile: _builtins.float
+    """Pixel parameterisation: zero pixels whose colour norm is below this percentile (0..100)."""
+    contribution_percentile: _builtins.float
+    """Pixel parameterisation: zero pixels whose contribution |x * gradient| is below this percentile."""
+    tv_weight: _builtins.float
+    """Weight of a total-variation penalty on the image."""
+    pad: _builtins.int
+    """Grey padding (pixels) before the random transforms."""
+    final_jitter: _builtins.int
+    """A second, last random translation (pixels)."""
+    decay_power: _builtins.float
+    """FFT parameterisation: the spectrum is scaled by 1 / frequency^decay_power."""
     @_builtins.property
     def target(self) -> Global___Target:
-        """Required: a class or a unit."""
+        """Required: a class logit or a unit (a position, or a channel's mean or max)."""
 
     def __init__(
         self,
@@ -1547,25 +1612,169 @@ class MaximizeUnitRequest(_message.Message):
         model: _builtins.str = ...,
         target: Global___Target | None = ...,
         parameterization: Global___Parameterization.ValueType = ...,
+        steps: _builtins.int | None = ...,
+        size: _builtins.int | None = ...,
+        learning_rate: _builtins.float | None = ...,
+        l2_decay: _builtins.float | None = ...,
+        blur_every: _builtins.int | None = ...,
+        blur_sigma: _builtins.float | None = ...,
+        jitter: _builtins.int | None = ...,
+        scale_jitter: _builtins.float | None = ...,
+        rotate_degrees: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
+        preview_every: _builtins.int = ...,
+        preset: Global___MaximizePreset.ValueType = ...,
+        value_percentile: _builtins.float | None = ...,
+        contribution_percentile: _builtins.float | None = ...,
+        tv_weight: _builtins.float | None = ...,
+        pad: _builtins.int | None = ...,
+        final_jitter: _builtins.int | None = ...,
+        decay_power: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every", "_blur_sigma", b"_blur_sigma", "_contribution_percentile", b"_contribution_percentile", "_decay_power", b"_decay_power", "_final_jitter", b"_final_jitter", "_jitter", b"_jitter", "_l2_decay", b"_l2_decay", "_learning_rate", b"_learning_rate", "_pad", b"_pad", "_rotate_degrees", b"_rotate_degrees", "_scale_jitter", b"_scale_jitter", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "_value_percentile", b"_value_percentile", "blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "final_jitter", b"final_jitter", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "pad", b"pad", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "target", b"target", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every", "_blur_sigma", b"_blur_sigma", "_contribution_percentile", b"_contribution_percentile", "_decay_power", b"_decay_power", "_final_jitter", b"_final_jitter", "_jitter", b"_jitter", "_l2_decay", b"_l2_decay", "_learning_rate", b"_learning_rate", "_pad", b"_pad", "_rotate_degrees", b"_rotate_degrees", "_scale_jitter", b"_scale_jitter", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "_value_percentile", b"_value_percentile", "blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "final_jitter", b"final_jitter", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "model", b"model", "pad", b"pad", "parameterization", b"parameterization", "preset", b"preset", "preview_every", b"preview_every", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "target", b"target", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__blur_every: _TypeAlias = _typing.Literal["blur_every"]  # noqa: Y015
+    _WhichOneofArgType__blur_every: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every"]  # noqa: Y015
+    _WhichOneofReturnType__blur_sigma: _TypeAlias = _typing.Literal["blur_sigma"]  # noqa: Y015
+    _WhichOneofArgType__blur_sigma: _TypeAlias = _typing.Literal["_blur_sigma", b"_blur_sigma"]  # noqa: Y015
+    _WhichOneofReturnType__contribution_percentile: _TypeAlias = _typing.Literal["contribution_percentile"]  # noqa: Y015
+    _WhichOneofArgType__contribution_percentile: _TypeAlias = _typing.Literal["_contribution_percentile", b"_contribution_percentile"]  # noqa: Y015
+    _WhichOneofReturnType__decay_power: _TypeAlias = _typing.Literal["decay_power"]  # noqa: Y015
+    _WhichOneofArgType__decay_power: _TypeAlias = _typing.Literal["_decay_power", b"_decay_power"]  # noqa: Y015
+    _WhichOneofReturnType__final_jitter: _TypeAlias = _typing.Literal["final_jitter"]  # noqa: Y015
+    _WhichOneofArgType__final_jitter: _TypeAlias = _typing.Literal["_final_jitter", b"_final_jitter"]  # noqa: Y015
+    _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
+    _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
+    _WhichOneofReturnType__l2_decay: _TypeAlias = _typing.Literal["l2_decay"]  # noqa: Y015
+    _WhichOneofArgType__l2_decay: _TypeAlias = _typing.Literal["_l2_decay", b"_l2_decay"]  # noqa: Y015
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__pad: _TypeAlias = _typing.Literal["pad"]  # noqa: Y015
+    _WhichOneofArgType__pad: _TypeAlias = _typing.Literal["_pad", b"_pad"]  # noqa: Y015
+    _WhichOneofReturnType__rotate_degrees: _TypeAlias = _typing.Literal["rotate_degrees"]  # noqa: Y015
+    _WhichOneofArgType__rotate_degrees: _TypeAlias = _typing.Literal["_rotate_degrees", b"_rotate_degrees"]  # noqa: Y015
+    _WhichOneofReturnType__scale_jitter: _TypeAlias = _typing.Literal["scale_jitter"]  # noqa: Y015
+    _WhichOneofArgType__scale_jitter: _TypeAlias = _typing.Literal["_scale_jitter", b"_scale_jitter"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
+    _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
+    _WhichOneofReturnType__tv_weight: _TypeAlias = _typing.Literal["tv_weight"]  # noqa: Y015
+    _WhichOneofArgType__tv_weight: _TypeAlias = _typing.Literal["_tv_weight", b"_tv_weight"]  # noqa: Y015
+    _WhichOneofReturnType__value_percentile: _TypeAlias = _typing.Literal["value_percentile"]  # noqa: Y015
+    _WhichOneofArgType__value_percentile: _TypeAlias = _typing.Literal["_value_percentile", b"_value_percentile"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__blur_every) -> _WhichOneofReturnType__blur_every | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__blur_sigma) -> _WhichOneofReturnType__blur_sigma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__contribution_percentile) -> _WhichOneofReturnType__contribution_percentile | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decay_power) -> _WhichOneofReturnType__decay_power | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__final_jitter) -> _WhichOneofReturnType__final_jitter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter) -> _WhichOneofReturnType__jitter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__l2_decay) -> _WhichOneofReturnType__l2_decay | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pad) -> _WhichOneofReturnType__pad | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rotate_degrees) -> _WhichOneofReturnType__rotate_degrees | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_jitter) -> _WhichOneofReturnType__scale_jitter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tv_weight) -> _WhichOneofReturnType__tv_weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value_percentile) -> _WhichOneofReturnType__value_percentile | None: ...
+
+Global___MaximizeUnitRequest: _TypeAlias = MaximizeUnitRequest  # noqa: Y015
+
+@_typing.final
+class MaximizeSettings(_message.Message):
+    """MaximizeSettings are the settings a run actually used, every default resolved: send them back (as
+    request fields) to reproduce the image.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRESET_FIELD_NUMBER: _builtins.int
+    PARAMETERIZATION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    L2_DECAY_FIELD_NUMBER: _builtins.int
+    BLUR_EVERY_FIELD_NUMBER: _builtins.int
+    BLUR_SIGMA_FIELD_NUMBER: _builtins.int
+    VALUE_PERCENTILE_FIELD_NUMBER: _builtins.int
+    CONTRIBUTION_PERCENTILE_FIELD_NUMBER: _builtins.int
+    TV_WEIGHT_FIELD_NUMBER: _builtins.int
+    PAD_FIELD_NUMBER: _builtins.int
+    JITTER_FIELD_NUMBER: _builtins.int
+    SCALE_JITTER_FIELD_NUMBER: _builtins.int
+    ROTATE_DEGREES_FIELD_NUMBER: _builtins.int
+    FINAL_JITTER_FIELD_NUMBER: _builtins.int
+    DECAY_POWER_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    preset: Global___MaximizePreset.ValueType
+    parameterization: Global___Parameterization.ValueType
+    steps: _builtins.int
+    size: _builtins.int
+    learning_rate: _builtins.float
+    l2_decay: _builtins.float
+    blur_every: _builtins.int
+    blur_sigma: _builtins.float
+    value_percentile: _builtins.float
+    contribution_percentile: _builtins.float
+    tv_weight: _builtins.float
+    pad: _builtins.int
+    jitter: _builtins.int
+    scale_jitter: _builtins.float
+    rotate_degrees: _builtins.float
+    final_jitter: _builtins.int
+    decay_power: _builtins.float
+    seed: _builtins.int
+    def __init__(
+        self,
+        *,
+        preset: Global___MaximizePreset.ValueType = ...,
+        parameterization: Global___Parameterization.ValueType = ...,
         steps: _builtins.int = ...,
         size: _builtins.int = ...,
         learning_rate: _builtins.float = ...,
         l2_decay: _builtins.float = ...,
         blur_every: _builtins.int = ...,
         blur_sigma: _builtins.float = ...,
+        value_percentile: _builtins.float = ...,
+        contribution_percentile: _builtins.float = ...,
+        tv_weight: _builtins.float = ...,
+        pad: _builtins.int = ...,
         jitter: _builtins.int = ...,
         scale_jitter: _builtins.float = ...,
         rotate_degrees: _builtins.float = ...,
+        final_jitter: _builtins.int = ...,
+        decay_power: _builtins.float = ...,
         seed: _builtins.int = ...,
-        preview_every: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "model", b"model", "parameterization", b"parameterization", "preview_every", b"preview_every", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "final_jitter", b"final_jitter", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "pad", b"pad", "parameterization", b"parameterization", "preset", b"preset", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___MaximizeUnitRequest: _TypeAlias = MaximizeUnitRequest  # noqa: Y015
+Global___MaximizeSettings: _TypeAlias = MaximizeSettings  # noqa: Y015
 
 @_typing.final
 class MaximizeUnitResult(_message.Message):
@@ -1576,20 +1785,35 @@ class MaximizeUnitResult(_message.Message):
     IMAGE_PNG_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     image_png: _builtins.bytes
     objective: _builtins.float
+    """The target's value on the final image (no random transforms)."""
     @_builtins.property
-    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]: ...
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
+        """The model's top-5 classes on the final image."""
+
+    @_builtins.property
+    def settings(self) -> Global___MaximizeSettings:
+        """Every setting used, defaults resolved."""
+
+    @_builtins.property
+    def target(self) -> Global___Target:
+        """The target that was maximised."""
+
     def __init__(
         self,
         *,
         image_png: _builtins.bytes = ...,
         objective: _builtins.float = ...,
         predictions: _abc.Iterable[Global___Prediction] | None = ...,
+        settings: Global___MaximizeSettings | None = ...,
+        target: Global___Target | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_png", b"image_png", "objective", b"objective", "predictions", b"predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_png", b"image_png", "objective", b"objective", "predictions", b"predictions", "settings", b"settings", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
