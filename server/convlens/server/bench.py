@@ -1,8 +1,10 @@
 """`make bench`: the service's Saliency throughput against the physical limit, batching on and off.
 
 In one run on one machine: (a) raw in-process torch (EfficientNet-Lite0, 224 px, forward + backward to the
-input) at its best batch size; (b) the service through the SDK's load tester at several concurrency levels;
-(c) the same service with batching off (max batch size 1). Prints the ratios and writes a markdown report.
+input) in every memory layout x batch size; the best of them is the limit; (b) then, round after round and
+at every concurrency level, back to back: raw torch at that best configuration, the service with batching
+on, the same service with batching off (max batch size 1). Medians of the per-round ratios are reported:
+this machine's speed drifts by tens of percent over minutes, so only side-by-side measurements compare.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from convlens.client.loadtest import LevelResult, LoadTestConfig, format_table, run_loadtest
-from convlens.server.bench_raw import RawPoint, measure
+from convlens.client.loadtest import LevelResult, LoadTestConfig, run_loadtest
+from convlens.server.bench_raw import LAYOUTS, RawPoint, in_layouts, measure, measure_one
 from convlens.server.config import DEFAULT_POLICIES
 from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
+from convlens.server.scheduler.policy import memory_format_for
 
 MODEL = "efficientnet_lite0"
 
@@ -30,89 +33,110 @@ def sweep(server: ServerProcess, levels: tuple[int, ...], seconds: float) -> lis
     cfg = LoadTestConfig(target=server.address, rpc="saliency", model=MODEL, method="gradient",
                          concurrency=levels, duration=seconds, warmup=3.0, metrics_url=server.metrics_url,
                          timeout=300.0)
-    return run_loadtest(cfg, on_level=lambda r: print(format_table([r], header=False), end="", flush=True))
+    return run_loadtest(cfg)
 
 
 @dataclass(frozen=True)
 class Round:
+    index: int
     concurrency: int
     raw: float
-    on: float
-    off: float
+    on: LevelResult
+    off: LevelResult
 
 
-def paired_rounds(model: torch.nn.Module, batch: int, on: ServerProcess, off: ServerProcess,
+def paired_rounds(model: torch.nn.Module, best: RawPoint, on: ServerProcess, off: ServerProcess,
                   levels: tuple[int, ...], seconds: float, rounds: int, device: torch.device) -> list[Round]:
-    """Raw, batching on, batching off, back to back, several times: this machine's speed drifts by tens of
-    percent over minutes, so only measurements taken side by side make honest ratios."""
+    """Raw (best configuration), batching on, batching off, back to back, at each level, several times."""
     out = []
     for i in range(rounds):
         for c in levels:
-            raw = measure(model, 224, (batch,), seconds / 2, device)[0].images_per_second
-            a = sweep(on, (c,), seconds)[0].throughput
-            b = sweep(off, (c,), seconds)[0].throughput
-            out.append(Round(c, raw, a, b))
-            print(f"  round {i + 1}, concurrency {c}: raw {raw:.2f}/s, batching on {a:.2f}/s, off {b:.2f}/s")
+            raw = measure_one(model, best.layout, best.batch_size, 224, seconds / 2, device).images_per_second
+            a = sweep(on, (c,), seconds)[0]
+            b = sweep(off, (c,), seconds)[0]
+            out.append(Round(i + 1, c, raw, a, b))
+            print(f"  round {i + 1}, concurrency {c:2d}: raw {raw:6.2f}/s, batching on {a.throughput:6.2f}/s "
+                  f"(batch {a.mean_batch_size or 0:.2f}), off {b.throughput:6.2f}/s", flush=True)
     return out
 
 
-def report(raw: list[RawPoint], on: list[LevelResult], off: list[LevelResult], rounds: list[Round],
-           batch: str, device: str, seconds: float) -> str:
-    best_raw = max(raw, key=lambda p: p.images_per_second)
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, seconds: float,
+           load: tuple[str, str], served_layout: str) -> str:
+    best = max(raw, key=lambda p: p.images_per_second)
     med = statistics.median
-    by = {c: [r for r in rounds if r.concurrency == c] for c in sorted({r.concurrency for r in rounds})}
+    levels = sorted({r.concurrency for r in rounds})
+    by = {c: [r for r in rounds if r.concurrency == c] for c in levels}
+    on_med = {c: med([r.on.throughput for r in by[c]]) for c in levels}
+    best_c = max(levels, key=lambda c: on_med[c])
+    batches = sorted({p.batch_size for p in raw})
+    layouts = list(dict.fromkeys(p.layout for p in raw))
+    table = {(p.layout, p.batch_size): p.images_per_second for p in raw}
     lines = [
-        f"## {device} — {dt.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}",
+        f"## {device} — {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "",
         f"Saliency (method=gradient, top-1 logit) on {MODEL} at 224 px; load tester and server on the same "
-        f"machine; {seconds:.0f} s per level.",
+        f"machine; {seconds:.0f} s per level. Load average (1/5/15 min) at the start: {load[0]}; at the end: "
+        f"{load[1]}. The server runs its replicas in **{served_layout}** on this device.",
         "",
-        "**(a) Raw in-process torch, forward + backward to the input:**",
+        "**(a) Raw in-process torch, forward + backward to the input** (images/s; layouts interleaved):",
         "",
-        "| batch | images/s |",
-        "| ---: | ---: |",
-        *(f"| {p.batch_size} | {p.images_per_second:.2f} |" for p in raw),
+        "| batch | " + " | ".join(layouts) + " |",
+        "| ---: | " + " | ".join("---:" for _ in layouts) + " |",
+        *(f"| {b} | " + " | ".join(f"{table[(lay, b)]:.2f}" for lay in layouts) + " |" for b in batches),
         "",
-        f"**(b) Service, batching on (`--batch {device}={batch}`):**",
+        f"Best raw configuration (the limit below): **{best.layout}, batch {best.batch_size}** "
+        f"({best.images_per_second:.2f} images/s in the table).",
         "",
-        "```",
-        format_table(on).rstrip(),
-        "```",
+        f"**(b) Paired rounds** — raw at the best configuration, then the service with batching on "
+        f"(`--batch {device}={batch}`), then off (`--batch {device}=1:0`), back to back:",
         "",
-        f"**(c) Service, batching off (`--batch {device}=1:0`):**",
+        "| round | concurrency | raw img/s | on req/s | off req/s | on batch | on p50 ms | off p50 ms | on / raw "
+        "| on / off |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {r.index} | {r.concurrency} | {r.raw:.2f} | {r.on.throughput:.2f} | {r.off.throughput:.2f} | "
+          f"{r.on.mean_batch_size or 0:.2f} | {r.on.p50_ms:.0f} | {r.off.p50_ms:.0f} | "
+          f"{r.on.throughput / r.raw:.2f} | {r.on.throughput / r.off.throughput:.2f} |" for r in rounds),
         "",
-        "```",
-        format_table(off).rstrip(),
-        "```",
+        "| concurrency | median on / raw | median on / off | median on req/s | median off req/s |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {c}{' (best)' if c == best_c else ''} | {med([r.on.throughput / r.raw for r in by[c]]):.2f} | "
+          f"{med([r.on.throughput / r.off.throughput for r in by[c]]):.2f} | {on_med[c]:.2f} | "
+          f"{med([r.off.throughput for r in by[c]]):.2f} |" for c in levels),
         "",
-        f"**Paired rounds** (raw at batch {best_raw.batch_size}, then the service with batching on, then off, "
-        "back to back):",
-        "",
-        "| concurrency | raw img/s | on req/s | off req/s | on / raw | on / off |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {r.concurrency} | {r.raw:.2f} | {r.on:.2f} | {r.off:.2f} | {r.on / r.raw:.2f} | "
-          f"{r.on / r.off:.2f} |" for r in rounds),
-        "",
-        "| ratio (median of paired rounds) | value |",
-        "| --- | ---: |",
-        *(f"| concurrency {c}: service (batching on) / raw | {med([r.on / r.raw for r in by[c]]):.2f} |"
-          for c in sorted(by)),
-        *(f"| concurrency {c}: batching on / off | {med([r.on / r.off for r in by[c]]):.2f} |" for c in sorted(by)),
-        *(f"| batching on / off at concurrency {a.concurrency} (sweeps) | {a.throughput / b.throughput:.2f} |"
-          for a, b in zip(on, off, strict=True)),
+        f"**Service / best raw at the best concurrency ({best_c}): "
+        f"{med([r.on.throughput / r.raw for r in by[best_c]]):.2f}** (median of the paired rounds).",
         "",
     ]
     return "\n".join(lines)
+
+
+MARKER = "<!-- make bench inserts its runs below this line, newest first -->"
+
+
+def record(path: Path, text: str) -> None:
+    """Insert the run under MARKER (the hand-written sections above it, and others' below, stay)."""
+    previous = path.read_text() if path.exists() else f"# Performance\n\n{MARKER}\n"
+    if MARKER not in previous:
+        previous = previous.rstrip("\n") + f"\n\n{MARKER}\n"
+    head, _, tail = previous.partition(MARKER)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{head}{MARKER}\n\n{text}\n{tail.lstrip(chr(10))}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seconds", type=float, default=12.0, help="per concurrency level")
+    parser.add_argument("--seconds", type=float, default=12.0, help="per concurrency level and round")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--raw-batches", default="1,2,4,8,16,32")
+    parser.add_argument("--raw-seconds", type=float, default=4.0, help="per raw (layout, batch) point")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", default=None, help="batching policy SIZE:DELAY_MS (default: the server's)")
     args = parser.parse_args()
@@ -120,30 +144,25 @@ def main() -> int:
     levels = tuple(int(c) for c in args.concurrency.split(","))
     default = DEFAULT_POLICIES["cuda" if device.type == "cuda" else "cpu"]
     batch = args.batch or f"{default.max_batch_size}:{default.max_batch_delay * 1000:g}"
+    load_start = _load()
 
-    print("(a) raw torch, forward + backward to the input")
-    model = load_lite(MODEL).module.to(device).eval()
-    raw = measure(model, 224, tuple(int(b) for b in args.raw_batches.split(",")), args.seconds / 3, device)
+    print(f"(a) raw torch, forward + backward to the input (load {load_start})")
+    models = in_layouts(load_lite(MODEL).module.to(device), list(LAYOUTS))
+    raw = measure(models, 224, [int(b) for b in args.raw_batches.split(",")], args.raw_seconds, device)
     for p in raw:
-        print(f"  batch {p.batch_size:3d}: {p.images_per_second:7.2f} images/s")
-    best_batch = max(raw, key=lambda p: p.images_per_second).batch_size
+        print(f"  {p.layout:>13} batch {p.batch_size:3d}: {p.images_per_second:7.2f} images/s", flush=True)
+    best = max(raw, key=lambda p: p.images_per_second)
+    print(f"best raw: {best.layout}, batch {best.batch_size}")
     common = ["--device", args.device, "--max-queue", "1024"]
     with ServerProcess([*common, "--batch", f"{args.device}={batch}"]) as on_srv, \
             ServerProcess([*common, "--batch", f"{args.device}=1:0"]) as off_srv:
-        print(f"(b) service, batching on ({batch})")
-        on = sweep(on_srv, levels, args.seconds)
-        print("(c) service, batching off (1:0)")
-        off = sweep(off_srv, levels, args.seconds)
-        best_c = max(on, key=lambda r: r.throughput).concurrency
-        paired = tuple(sorted({1, best_c}))
-        print(f"paired rounds at concurrency {paired}, raw batch {best_batch}")
-        rounds = paired_rounds(model, best_batch, on_srv, off_srv, paired, args.seconds, args.rounds, device)
-    text = report(raw, on, off, rounds, batch, args.device, args.seconds)
+        print(f"(b) paired rounds: raw, service with batching on ({batch}), off (1:0)")
+        rounds = paired_rounds(models[best.layout], best, on_srv, off_srv, levels, args.seconds, args.rounds,
+                               device)
+    served = "channels_last" if memory_format_for(device) == torch.channels_last else "contiguous"
+    text = report(raw, rounds, batch, args.device, args.seconds, (load_start, _load()), served)
     print(text)
-    header = "# Performance\n\nWritten by `make bench` (server/convlens/server/bench.py); newest run first.\n\n"
-    previous = args.out.read_text().removeprefix(header) if args.out.exists() else ""
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + text + "\n" + previous)
+    record(args.out, text)
     return 0
 
 

@@ -23,8 +23,14 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+# How filter_grid maps each filter's weights to 0..1: its own min..max, or -max|w|..max|w| (0 is grey).
+SCALINGS = ("minmax", "symmetric")
+
+
 def _scale(w: np.ndarray, scaling: str) -> np.ndarray:
     """Map one filter's weights to 0..1."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; use one of {', '.join(SCALINGS)}")
     if scaling == "symmetric":
         m = float(np.abs(w).max())
         return np.full_like(w, 0.5) if m == 0 else 0.5 + 0.5 * w / m

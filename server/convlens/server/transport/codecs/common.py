@@ -9,14 +9,17 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from convlens.server.engine import targets
 from convlens.server.engine.predictions import Prediction
 from convlens.server.engine.targets import ClassTarget, Target, UnitTarget
 from convlens.server.errors import InvalidArgument
 from convlens.server.models.preprocess import Geometry
+from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 from convlens.wire.tensors import to_numpy, to_tensor
 
-REDUCTIONS = {pb.REDUCTION_UNSPECIFIED: "mean", pb.REDUCTION_MEAN: "mean", pb.REDUCTION_MAX: "max"}
+REDUCTIONS = enum_names(pb.Reduction, targets.REDUCTIONS, unspecified="mean")
+REDUCTION_VALUES = {name: value for value, name in REDUCTIONS.items() if value}
 
 
 def enum(table: dict[int, str], value: int, field: str, enum_name: str) -> str:
@@ -111,7 +114,7 @@ def target_message(t: Target) -> pb.Target:
     if isinstance(t, ClassTarget):
         return pb.Target(class_index=t.index)
     unit = pb.Unit(layer=t.layer, channel=t.channel,
-                   reduction=pb.REDUCTION_MAX if t.reduction == "max" else pb.REDUCTION_MEAN)
+                   reduction=REDUCTION_VALUES[t.reduction])
     if t.y is not None and t.x is not None:
         unit.y, unit.x = t.y, t.x
     return pb.Target(unit=unit)

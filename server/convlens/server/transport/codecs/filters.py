@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from convlens.server.engine import render
 from convlens.server.ops.filters import FiltersAnswer, FiltersQuery
 from convlens.server.transport.codecs.common import enum, png, tensor
+from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
-SCALINGS = {pb.FILTER_SCALING_UNSPECIFIED: "minmax", pb.FILTER_SCALING_PER_FILTER_MINMAX: "minmax",
-            pb.FILTER_SCALING_SYMMETRIC: "symmetric"}
+SCALINGS = enum_names(pb.FilterScaling, render.SCALINGS, unspecified="minmax",
+                      spelled={"minmax": "PER_FILTER_MINMAX"})
 
 
 def query(request: pb.GetFiltersRequest) -> FiltersQuery:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from convlens.server.engine import integrated_gradients, saliency, smoothgrad
 from convlens.server.engine.saliency import SaliencyOptions
 from convlens.server.errors import InvalidArgument
 from convlens.server.service.saliency import SaliencyAnswer, SaliencyQuery
@@ -15,21 +16,12 @@ from convlens.server.transport.codecs.common import (
     target_message,
     tensor,
 )
+from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
-METHODS = {
-    pb.SALIENCY_METHOD_UNSPECIFIED: "gradient",
-    pb.SALIENCY_METHOD_GRADIENT: "gradient",
-    pb.SALIENCY_METHOD_GUIDED_BACKPROP: "guided_backprop",
-    pb.SALIENCY_METHOD_DECONVNET: "deconvnet",
-    pb.SALIENCY_METHOD_SMOOTHGRAD: "smoothgrad",
-    pb.SALIENCY_METHOD_INTEGRATED_GRADIENTS: "integrated_gradients",
-    pb.SALIENCY_METHOD_GRAD_CAM: "grad_cam",
-    pb.SALIENCY_METHOD_GUIDED_GRAD_CAM: "guided_grad_cam",
-}
-SMOOTH_BASES = ("gradient", "guided_backprop", "deconvnet", "integrated_gradients")
-BASELINES = {pb.BASELINE_UNSPECIFIED: "black", pb.BASELINE_BLACK: "black", pb.BASELINE_BLURRED: "blurred",
-             pb.BASELINE_IMAGE: "image"}
+METHODS = enum_names(pb.SaliencyMethod, saliency.METHODS, unspecified="gradient")
+SMOOTH_BASES = smoothgrad.BASES
+BASELINES = enum_names(pb.Baseline, integrated_gradients.BASELINES, unspecified="black")
 
 
 def options(request: pb.SaliencyRequest) -> SaliencyOptions:
