@@ -35,6 +35,9 @@ examples:
   convlens saliency cat.jpg --unit _blocks.10:5:3:4 --method gradient -o unit.png
   convlens loadtest --rpc saliency --concurrency 1,4,16 --duration 20 --csv sweep.csv \\
       --metrics-url http://localhost:9464/metrics
+  convlens top efficientnet_lite0 _blocks.4 7 -k 9 --dataset samples -o unit.png
+  convlens datasets
+  convlens index build efficientnet_lite0 photos _blocks.10 --dataset photos=/data/photos --shard 0/4
   convlens serve --help
 """
 
@@ -93,6 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", help="integrated_gradients: black, blurred or an image file")
     s.add_argument("--cam-layer", help="grad_cam / guided_grad_cam")
 
+    s = sub.add_parser("top", help="the dataset regions that most excite a unit (a contact sheet with -o)")
+    s.add_argument("model")
+    s.add_argument("layer")
+    s.add_argument("channel", type=int)
+    s.add_argument("-k", type=int, default=9, help="entries (default 9)")
+    s.add_argument("--dataset", default="samples", help="dataset name (`convlens datasets`; default samples)")
+    s.add_argument("--ranking", choices=["max", "mean"], default="max")
+    s.add_argument("--max-per-image", type=int, default=1, help="regions one image may give (default 1)")
+    s.add_argument("--images", action="store_true", help="sheet of the boxed photos instead of the crops")
+    s.add_argument("-o", "--output", metavar="PNG", help="write the contact sheet here")
+
+    sub.add_parser("datasets", help="the datasets TopActivations ranks on, and their indexes")
+
+    sub.add_parser("index", help="build TopActivations indexes ahead of time, without a server (needs "
+                                 "`pip install 'convlens[server]'`): `convlens index build --help`", add_help=False)
+
     sub.add_parser("serve", help="run the server (needs `pip install 'convlens[server]'`); "
                                  "arguments after `serve` go to it unparsed", add_help=False)
 
@@ -130,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     i = _command_index(argv)
     if i is not None and argv[i] == "serve":
         return _serve(argv[i + 1:])  # everything after `serve` belongs to the server's own parser
+    if i is not None and argv[i] == "index":
+        return _index(argv[i + 1:])
     args = _parser().parse_args(argv)
     tls = _tls(args)
     try:
@@ -188,6 +209,127 @@ def _serve(rest: list[str]) -> int:
         return 2
     rc: Any = serve_main(rest)
     return int(rc or 0)
+
+
+def _index(rest: list[str]) -> int:
+    try:
+        # Lazy, as for `serve`: building an index runs the server's code, the SDK stays torch-free.
+        from convlens.server.indexing.cli import main as index_main
+    except ImportError as e:
+        print("error: `convlens index` needs `pip install 'convlens[server]'`", file=sys.stderr)
+        print(f"  ({e})", file=sys.stderr)
+        return 2
+    return int(index_main(rest) or 0)
+
+
+def _top(client: Client, args: argparse.Namespace) -> int:
+    from ._contact_sheet import contact_sheet
+
+    top = client.top_activations(args.model, args.layer, args.channel, k=args.k, dataset=args.dataset,
+                                 ranking=args.ranking, max_per_image=args.max_per_image,
+                                 crops=bool(args.output) and not args.images,
+                                 include_images=bool(args.output) and args.images)
+    s = top.stats
+    if s is not None:
+        print(f"{args.layer}:{args.channel} over {s.images} images of {top.dataset or 'your images'}: "
+              f"mean {s.mean:.4g}, max {s.max:.4g}, positive {s.positive_fraction:.1%}")
+    _table(["#", "SCORE", "Y", "X", "BOX (ORIGINAL)", "SOURCE"],
+           [[str(i + 1), f"{e.score:.4g}", str(e.y), str(e.x), ",".join(map(str, e.original_box)), e.source]
+            for i, e in enumerate(top)])
+    if args.output:
+        title = f"{args.model} {args.layer}:{args.channel} ({args.ranking}) on {top.dataset or 'your images'}"
+        contact_sheet(top, title=title, use_images=args.images).save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _datasets(client: Client, args: argparse.Namespace) -> int:
+    rows = []
+    for d in client.list_datasets():
+        ready = [f"{i.model}:{i.layer}" for i in d.indexes if i.state == "ready"]
+        building = [f"{i.model}:{i.layer} {i.images_done}/{i.images_total}" for i in d.indexes
+                    if i.state == "building"]
+        rows.append([d.name, str(d.image_count), str(d.skipped_count), d.digest[:12],
+                     ", ".join(ready) or "-", ", ".join(building) or "-", d.description])
+    _table(["NAME", "IMAGES", "SKIPPED", "DIGEST", "INDEXES", "BUILDING", "DESCRIPTION"], rows)
+    return 0
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    rows = [[m.name, m.format, f"{m.input_size[0]}x{m.input_size[1]}", str(m.num_classes),
+             f"{m.parameter_count:,}", "yes" if m.supports_gradients else "no", m.description]
+            for m in client.list_models()]
+    _table(["NAME", "FORMAT", "INPUT", "CLASSES", "PARAMS", "GRADIENTS", "DESCRIPTION"], rows)
+    return 0
+
+
+def _layers(client: Client, args: argparse.Namespace) -> int:
+    details = client.get_model(args.model)
+    rows = []
+    for layer in details.layers:
+        rf = layer.receptive_field
+        rows.append([layer.name, layer.type, "x".join(map(str, layer.output_shape)),
+                     f"{layer.parameter_count:,}",
+                     f"{rf.size[0]}x{rf.size[1]}" if rf else "-", f"{rf.jump[0]}x{rf.jump[1]}" if rf else "-",
+                     "yes" if layer.has_filters else ""])
+    _table(["NAME", "TYPE", "OUTPUT", "PARAMS", "RF", "JUMP", "FILTERS"], rows)
+    return 0
+
+
+def _filters(client: Client, args: argparse.Namespace) -> int:
+    f = client.get_filters(args.model, args.layer, grid=bool(args.output), scaling=args.scaling,
+                           max_filters=args.max_filters, max_input_channels=args.max_input_channels)
+    print(f"{args.layer}: {f.layer_type} weights {list(f.weights.shape)} groups {f.groups} "
+          f"stride {list(f.stride)} padding {list(f.padding)} dilation {list(f.dilation)} "
+          f"bias {'yes' if f.bias is not None else 'no'}")
+    print(f"dead channels ({len(f.dead_channels)}): {f.dead_channels}")
+    if args.npy:
+        np.save(args.npy, f.weights)
+        print(f"wrote {args.npy}")
+    if args.output:
+        if f.grid is None:
+            print("the server rendered no grid", file=sys.stderr)
+        else:
+            f.grid.save(args.output)
+            print(f"wrote {args.output}")
+    return 0
+
+
+def _parse_unit(text: str, reduction: str) -> Unit:
+    parts = text.split(":")
+    try:
+        if len(parts) == 2:
+            return Unit(parts[0], int(parts[1]), reduction="max" if reduction == "max" else "mean")
+        if len(parts) == 4:
+            return Unit(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
+    except ValueError:
+        pass
+    raise ValueError(f"--unit {text!r}: expected LAYER:CHANNEL or LAYER:CHANNEL:Y:X with integers")
+
+
+def _saliency(client: Client, args: argparse.Namespace) -> int:
+    target: Target | None = _parse_unit(args.unit, args.reduction) if args.unit else args.target
+    s = client.saliency(args.image, args.model, target=target, method=args.method, samples=args.samples,
+                        noise_level=args.noise_level, base_method=args.base_method, seed=args.seed,
+                        steps=args.steps, baseline=args.baseline, cam_layer=args.cam_layer,
+                        overlay=bool(args.output))
+    what = _describe(s.target)
+    print(f"{args.method} of {what} (value {s.target_value:.4g}); attribution {list(s.attribution.shape)}")
+    for p in s.predictions[:5]:
+        print(f"  {p.class_index:>5}  {p.probability:7.2%}  logit {p.logit:8.3f}  {p.label}")
+    if s.modified_activations:
+        print(f"modified activations: {s.modified_activations}")
+    for note in s.notes:
+        print(f"note: {note}")
+    if args.npy:
+        np.save(args.npy, s.attribution)
+        print(f"wrote {args.npy}")
+    if args.output:
+        # Without a server-rendered overlay, the heatmap alone is still worth writing.
+        img = s.overlay if s.overlay is not None else _grey(s.heatmap)
+        img.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:
@@ -308,7 +450,8 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-_COMMANDS = {"health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency}
+_COMMANDS = {"health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency,
+             "top": _top, "datasets": _datasets}
 
 
 if __name__ == "__main__":

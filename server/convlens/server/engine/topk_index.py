@@ -196,10 +196,8 @@ class TopKIndex:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: Path) -> None:
-        """Atomically: a reader sees the old file or the new one, never half of one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def to_bytes(self) -> bytes:
+        """An .npz of the arrays plus a JSON header (no pickle): what files and Ray partials hold."""
         header = {"version": FORMAT_VERSION, "layer": self.layer, "channels": self.channels,
                   "map_hw": list(self.map_hw), "k_max": self.k_max, "per_image": self.per_image,
                   "count": self.count, "coverage": str(self.coverage), "meta": self.meta,
@@ -211,10 +209,29 @@ class TopKIndex:
                 arrays[f"{name}.{part}"] = a
         buf = io.BytesIO()
         np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "index") -> TopKIndex:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            header = json.loads(z["header"].tobytes().decode())
+            if header.get("version") != FORMAT_VERSION:
+                raise ValueError(f"{source}: index format {header.get('version')}, expected {FORMAT_VERSION}")
+            tables = {name: Table(*(z[f"{name}.{p}"] for p in ("values", "images", "ys", "xs")))
+                      for name in RANKINGS}
+            return cls(header["layer"], header["channels"], tuple(header["map_hw"]),  # type: ignore[arg-type]
+                       header["k_max"], header["per_image"], [ImageId(p, d) for p, d in header["images"]],
+                       tables, header["count"], int(header["coverage"]), z["sum_mean"], z["max"],
+                       z["positive"], dict(header["meta"]))
+
+    def save(self, path: Path) -> None:
+        """Atomically: a reader sees the old file or the new one, never half of one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
+                f.write(self.to_bytes())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -222,16 +239,7 @@ class TopKIndex:
 
     @classmethod
     def load(cls, path: Path) -> TopKIndex:
-        with np.load(Path(path), allow_pickle=False) as z:
-            header = json.loads(z["header"].tobytes().decode())
-            if header.get("version") != FORMAT_VERSION:
-                raise ValueError(f"{path}: index format {header.get('version')}, expected {FORMAT_VERSION}")
-            tables = {name: Table(*(z[f"{name}.{p}"] for p in ("values", "images", "ys", "xs")))
-                      for name in RANKINGS}
-            return cls(header["layer"], header["channels"], tuple(header["map_hw"]),  # type: ignore[arg-type]
-                       header["k_max"], header["per_image"], [ImageId(p, d) for p, d in header["images"]],
-                       tables, header["count"], int(header["coverage"]), z["sum_mean"], z["max"],
-                       z["positive"], dict(header["meta"]))
+        return cls.from_bytes(Path(path).read_bytes(), source=str(path))
 
 
 # ---------------------------------------------------------------------- candidates from activations
