@@ -53,10 +53,7 @@ _INDEX_STATES = {pb.INDEX_STATE_READY: "ready", pb.INDEX_STATE_BUILDING: "buildi
 _SCALINGS = {"minmax": pb.FILTER_SCALING_PER_FILTER_MINMAX, "symmetric": pb.FILTER_SCALING_SYMMETRIC}
 _BASELINES = {"black": pb.BASELINE_BLACK, "blurred": pb.BASELINE_BLURRED}
 _REDUCTIONS = {"mean": pb.REDUCTION_MEAN, "max": pb.REDUCTION_MAX}
-_PARAMETERIZATIONS = {"fft": pb.PARAMETERIZATION_FFT, "pixel": pb.PARAMETERIZATION_PIXEL,
-                      "maco": pb.PARAMETERIZATION_MACO}
-_PRESETS = {"lucid": pb.MAXIMIZE_PRESET_LUCID, "lecture": pb.MAXIMIZE_PRESET_LECTURE,
-            "maco": pb.MAXIMIZE_PRESET_MACO}
+_PARAMETERIZATIONS = {"fft": pb.PARAMETERIZATION_FFT, "pixel": pb.PARAMETERIZATION_PIXEL}
 _OPTIMIZERS = {"lbfgs": pb.OPTIMIZER_LBFGS, "adam": pb.OPTIMIZER_ADAM}
 
 
@@ -142,8 +139,6 @@ def maximize_request(model: str, target: Target, opts: Mapping[str, Any]) -> pb.
     kw = _given(opts)
     if "parameterization" in kw:
         kw["parameterization"] = _choice(_PARAMETERIZATIONS, kw["parameterization"], "parameterization")
-    if "preset" in kw:
-        kw["preset"] = _choice(_PRESETS, kw["preset"], "preset")
     return pb.MaximizeUnitRequest(model=model, target=target_msg(target), **kw)
 
 
@@ -268,11 +263,7 @@ def _image(data: bytes) -> Image.Image:
 
 
 def maximize_result(r: pb.MaximizeUnitResult) -> MaximizeResult:
-    settings: dict[str, Any] = {f.name: getattr(r.settings, f.name) for f in r.settings.DESCRIPTOR.fields}
-    names = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
-    for key, table in names.items():  # enum numbers as the names the options take
-        settings[key] = next((name for name, code in table.items() if code == settings[key]), settings[key])
-    return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions), settings)
+    return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions))
 
 
 def dream_result(r: pb.DreamResult) -> DreamResult:

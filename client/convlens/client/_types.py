@@ -16,8 +16,7 @@ import numpy.typing as npt
 from PIL import Image
 
 Reduction = Literal["mean", "max"]
-Parameterization = Literal["fft", "pixel", "maco"]
-MaximizePreset = Literal["lucid", "lecture", "maco"]
+Parameterization = Literal["fft", "pixel"]
 Optimizer = Literal["lbfgs", "adam"]
 
 
@@ -226,11 +225,8 @@ class Progress:
 @dataclass(frozen=True, eq=False)
 class MaximizeResult:
     image: Image.Image
-    objective: float  # the target's value on the image (no random transforms)
-    predictions: list[Prediction]  # the model's top-5 on the image
-    # Every setting used, defaults resolved (preset, parameterization, steps, size, seed, ...): pass them
-    # back as options to reproduce the image.
-    settings: dict[str, Any] | None = None
+    objective: float
+    predictions: list[Prediction]
 
 
 @dataclass(frozen=True, eq=False)
@@ -253,7 +249,6 @@ ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Ima
 # Keyword options of the streaming RPCs, shared by the plain and the iterator forms of Client and
 # AsyncClient (one definition instead of four copies). Unset means "the server's default".
 class MaximizeOptions(TypedDict, total=False):
-    preset: MaximizePreset  # default "lucid"; every option below overrides it
     parameterization: Parameterization
     steps: int
     size: int
@@ -266,12 +261,6 @@ class MaximizeOptions(TypedDict, total=False):
     rotate_degrees: float
     seed: int
     preview_every: int
-    value_percentile: float
-    contribution_percentile: float
-    tv_weight: float
-    pad: int
-    final_jitter: int
-    decay_power: float
 
 
 class DreamOptions(TypedDict, total=False):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from convlens.server.service.catalog import CatalogService
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.filters import FiltersService
-from convlens.server.service.maximize import MaximizeService
 from convlens.server.service.saliency import SaliencyService
 from convlens.server.service.top_activations import TopActivationsService
 
@@ -25,7 +24,6 @@ class Services:
     filters: FiltersService
     saliency: SaliencyService
     top_activations: TopActivationsService
-    maximize: MaximizeService
 
     @classmethod
     def build(cls, context: ServiceContext) -> Services:
@@ -35,7 +33,6 @@ class Services:
             filters=FiltersService(context),
             saliency=SaliencyService(context),
             top_activations=TopActivationsService(context),
-            maximize=MaximizeService(context),
         )
 
 

@@ -6,12 +6,10 @@ handler here answers UNIMPLEMENTED (transport/unimplemented.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 
 from convlens.server.service import Services
-from convlens.server.transport.codecs import catalog, filters, maximize, saliency, top_activations
+from convlens.server.transport.codecs import catalog, filters, saliency, top_activations
 from convlens.server.transport.codecs.common import deadline
 from convlens.server.transport.unimplemented import answer_unimplemented
 from convlens.v1 import convlens_pb2 as pb
@@ -45,8 +43,3 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
 
     async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context) -> pb.ListDatasetsResponse:
         return top_activations.datasets_response(await self.services.top_activations.list_datasets())
-
-    async def MaximizeUnit(self, request: pb.MaximizeUnitRequest, context: Context
-                           ) -> AsyncIterator[pb.MaximizeUnitResponse]:
-        async for event in self.services.maximize(maximize.query(request), deadline(context)):
-            yield maximize.response(event)
