@@ -33,6 +33,8 @@ examples:
   convlens filters efficientnet_lite0 _conv_stem -o stem.png --npy stem.npy
   convlens saliency cat.jpg --target 281 --method guided_backprop -o cat_gbp.png
   convlens saliency cat.jpg --unit _blocks.10:5:3:4 --method gradient -o unit.png
+  convlens maximize efficientnet_lite0 --target 130 -o flamingo.png
+  convlens maximize efficientnet_lite0 --unit _blocks.10:5 --preset maco --steps 256 -o unit.png
   convlens loadtest --rpc saliency --concurrency 1,4,16 --duration 20 --csv sweep.csv \\
       --metrics-url http://localhost:9464/metrics
   convlens top efficientnet_lite0 _blocks.4 7 -k 9 --dataset samples -o unit.png
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("CONVLENS_TOKEN"),
                    help="bearer token (env CONVLENS_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    p.add_argument("--root-certs", metavar="PEM", help="use TLS with these root certificates")
+    p.add_argument("--root-certs", metavar="PEM", default=os.environ.get("CONVLENS_ROOT_CERTS"),
+                   help="use TLS with these root certificates (env CONVLENS_ROOT_CERTS)")
     p.add_argument("--client-cert", metavar="PEM", default=os.environ.get("CONVLENS_CLIENT_CERT"),
                    help="mutual TLS: this client certificate chain (with --client-key; implies TLS)")
     p.add_argument("--client-key", metavar="PEM", default=os.environ.get("CONVLENS_CLIENT_KEY"),
@@ -95,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="integrated_gradients")
     s.add_argument("--baseline", help="integrated_gradients: black, blurred or an image file")
     s.add_argument("--cam-layer", help="grad_cam / guided_grad_cam")
+
+    s = sub.add_parser("maximize", help="synthesise an image that excites a class or unit (streams progress)")
+    s.add_argument("model", help="a served model, e.g. efficientnet_lite0")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", type=int, metavar="CLASS", help="class index whose logit to maximise")
+    what.add_argument("--unit", metavar="LAYER:CHANNEL[:Y:X]", help="a unit or (without Y:X) a channel")
+    s.add_argument("--reduction", choices=["mean", "max"], default="mean", help="for --unit without Y:X")
+    s.add_argument("--preset", choices=["lucid", "lecture", "maco"], default="lucid",
+                   help="recipe: lucid (FFT, default), lecture (pixels + L2/blur/zeroing), maco (phase only)")
+    s.add_argument("-o", "--output", metavar="PNG", help="write the image here")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--size", type=int, help="side in pixels (default 224)")
+    s.add_argument("--seed", type=int, help="default: random (printed, so the image can be reproduced)")
+    s.add_argument("--lr", type=float, dest="learning_rate", help="Adam's learning rate")
+    s.add_argument("--parameterization", choices=["fft", "pixel", "maco"])
+    s.add_argument("--deadline", type=float, default=600.0, help="seconds the whole run may take (default 600)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("top", help="the dataset regions that most excite a unit (a contact sheet with -o)")
     s.add_argument("model")
@@ -332,81 +352,44 @@ def _saliency(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(client: Client, args: argparse.Namespace) -> int:
-    rows = [[m.name, m.format, f"{m.input_size[0]}x{m.input_size[1]}", str(m.num_classes),
-             f"{m.parameter_count:,}", "yes" if m.supports_gradients else "no", m.description]
-            for m in client.list_models()]
-    _table(["NAME", "FORMAT", "INPUT", "CLASSES", "PARAMS", "GRADIENTS", "DESCRIPTION"], rows)
-    return 0
-
-
-def _layers(client: Client, args: argparse.Namespace) -> int:
-    details = client.get_model(args.model)
-    rows = []
-    for layer in details.layers:
-        rf = layer.receptive_field
-        rows.append([layer.name, layer.type, "x".join(map(str, layer.output_shape)),
-                     f"{layer.parameter_count:,}",
-                     f"{rf.size[0]}x{rf.size[1]}" if rf else "-", f"{rf.jump[0]}x{rf.jump[1]}" if rf else "-",
-                     "yes" if layer.has_filters else ""])
-    _table(["NAME", "TYPE", "OUTPUT", "PARAMS", "RF", "JUMP", "FILTERS"], rows)
-    return 0
-
-
-def _filters(client: Client, args: argparse.Namespace) -> int:
-    f = client.get_filters(args.model, args.layer, grid=bool(args.output), scaling=args.scaling,
-                           max_filters=args.max_filters, max_input_channels=args.max_input_channels)
-    print(f"{args.layer}: {f.layer_type} weights {list(f.weights.shape)} groups {f.groups} "
-          f"stride {list(f.stride)} padding {list(f.padding)} dilation {list(f.dilation)} "
-          f"bias {'yes' if f.bias is not None else 'no'}")
-    print(f"dead channels ({len(f.dead_channels)}): {f.dead_channels}")
-    if args.npy:
-        np.save(args.npy, f.weights)
-        print(f"wrote {args.npy}")
-    if args.output:
-        if f.grid is None:
-            print("the server rendered no grid", file=sys.stderr)
-        else:
-            f.grid.save(args.output)
-            print(f"wrote {args.output}")
-    return 0
-
-
-def _parse_unit(text: str, reduction: str) -> Unit:
-    parts = text.split(":")
-    try:
-        if len(parts) == 2:
-            return Unit(parts[0], int(parts[1]), reduction="max" if reduction == "max" else "mean")
-        if len(parts) == 4:
-            return Unit(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
-    except ValueError:
-        pass
-    raise ValueError(f"--unit {text!r}: expected LAYER:CHANNEL or LAYER:CHANNEL:Y:X with integers")
-
-
-def _saliency(client: Client, args: argparse.Namespace) -> int:
-    target: Target | None = _parse_unit(args.unit, args.reduction) if args.unit else args.target
-    s = client.saliency(args.image, args.model, target=target, method=args.method, samples=args.samples,
-                        noise_level=args.noise_level, base_method=args.base_method, seed=args.seed,
-                        steps=args.steps, baseline=args.baseline, cam_layer=args.cam_layer,
-                        overlay=bool(args.output))
-    what = _describe(s.target)
-    print(f"{args.method} of {what} (value {s.target_value:.4g}); attribution {list(s.attribution.shape)}")
-    for p in s.predictions[:5]:
+def _maximize(client: Client, args: argparse.Namespace) -> int:
+    target: Target = _parse_unit(args.unit, args.reduction) if args.unit else args.target
+    bar = None if args.quiet else _ProgressBar(sys.stderr)
+    options = {k: getattr(args, k) for k in ("steps", "size", "seed", "learning_rate", "parameterization")
+               if getattr(args, k) is not None}
+    r = client.maximize_unit(args.model, target, preset=args.preset, on_progress=bar,
+                             timeout=max(args.timeout, args.deadline), **options)  # type: ignore[arg-type]
+    if bar is not None:
+        bar.finish()
+    print(f"{_describe(target)}: objective {r.objective:.4g}")
+    for p in r.predictions[:5]:
         print(f"  {p.class_index:>5}  {p.probability:7.2%}  logit {p.logit:8.3f}  {p.label}")
-    if s.modified_activations:
-        print(f"modified activations: {s.modified_activations}")
-    for note in s.notes:
-        print(f"note: {note}")
-    if args.npy:
-        np.save(args.npy, s.attribution)
-        print(f"wrote {args.npy}")
+    if r.settings:
+        print("settings: " + " ".join(f"{k}={v}" for k, v in r.settings.items()))
     if args.output:
-        # Without a server-rendered overlay, the heatmap alone is still worth writing.
-        img = s.overlay if s.overlay is not None else _grey(s.heatmap)
-        img.save(args.output)
+        r.image.save(args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+class _ProgressBar:
+    """`[#####-----]  12/512  objective 3.21` on one line of a terminal stream."""
+
+    def __init__(self, stream: Any, width: int = 30) -> None:
+        self.stream, self.width, self.shown = stream, width, False
+
+    def __call__(self, p: Any) -> None:
+        filled = int(self.width * p.step / max(p.total, 1))
+        value = p.objectives.get("objective")
+        tail = f"  objective {value:.4g}" if value is not None else ""
+        self.stream.write(f"\r[{'#' * filled}{'-' * (self.width - filled)}] {p.step:>5}/{p.total}{tail}")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _describe(target: Target | None) -> str:
@@ -451,7 +434,7 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 _COMMANDS = {"health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency,
-             "top": _top, "datasets": _datasets}
+             "maximize": _maximize, "top": _top, "datasets": _datasets}
 
 
 if __name__ == "__main__":
