@@ -1,0 +1,131 @@
+"""Dream: DeepDream of the caller's image at a layer, stepped together with other callers' dreams.
+
+Validation and decoding happen before the job is admitted (bad requests never take a job slot); the
+job's steps then go through the step scheduler, which batches the steps of every live dream of the same
+layer and image size (each octave has its own size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from convlens.server.engine.dream import (
+    DreamJob,
+    DreamSettings,
+    fit_size,
+    guide_objective,
+    l2_objective,
+    resize,
+    validate,
+)
+from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.models.model import ServedModel
+from convlens.server.ops.dream import GuidePayload, ScorePayload, compute_guides, compute_scores
+from convlens.server.service.context import ServiceContext
+from convlens.server.service.images import ImageInput
+from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview
+
+# The default dream layer per model, chosen by looking (docs/quality.md): a stride-16 block, as
+# google/deepdream's inception_4c is for GoogLeNet.
+DEFAULT_LAYERS = {
+    "efficientnet_lite0": "_blocks.8",
+    "efficientnet_lite1": "_blocks.10",
+    "efficientnet_lite2": "_blocks.10",
+}
+
+
+def default_layer(model: ServedModel) -> str:
+    """The model's dream layer: from the table, else the middle stride-16 map layer of its catalog."""
+    if model.name in DEFAULT_LAYERS and DEFAULT_LAYERS[model.name] in model.layer_index:
+        return DEFAULT_LAYERS[model.name]
+    maps = [s for s in model.layers if len(s.output_shape) == 3 and s.receptive_field is not None]
+    for jump in (16, 8, 32, 4):
+        candidates = [s.name for s in maps if s.receptive_field and s.receptive_field.jump_y == jump]
+        if candidates:
+            return candidates[len(candidates) // 2]
+    raise InvalidArgument(f"model {model.name!r} has no convolutional map layer to dream at; name one",
+                          field="layer")
+
+
+@dataclass
+class DreamQuery:
+    model: str
+    image: ImageInput | None
+    layer: str | None = None
+    channel: int | None = None
+    octaves: int | None = None
+    octave_scale: float | None = None
+    steps_per_octave: int | None = None
+    step_size: float | None = None
+    jitter: int | None = None
+    guide: ImageInput | None = None
+    seed: int = 0
+    preview_every: int = 0
+    max_size: int | None = None
+
+
+@dataclass
+class DreamAnswer:
+    image: Image.Image
+    objective: float  # on the dream, by a plain forward pass
+    input_objective: float  # on the input at the same size
+    settings: DreamSettings  # as used (octaves kept)
+    guided: bool
+
+
+class DreamService:
+    def __init__(self, context: ServiceContext) -> None:
+        self.repository = context.repository
+        self.scheduler = context.scheduler
+
+    def settings(self, model: ServedModel, q: DreamQuery) -> DreamSettings:
+        """The request's settings with defaults filled in, validated (InvalidArgument naming the field)."""
+        d = DreamSettings(layer="")
+        layer = q.layer or default_layer(model)
+        spec = model.layer(layer, field_name="layer")
+        if len(spec.output_shape) != 3:
+            raise InvalidArgument(f"layer {layer!r} outputs shape {spec.output_shape} per image, not a (C, H, W) "
+                                  "map; dream at a convolutional layer", field="layer")
+        settings = replace(
+            d, layer=layer, channel=q.channel, octaves=q.octaves or d.octaves,
+            octave_scale=q.octave_scale or d.octave_scale, steps_per_octave=q.steps_per_octave or d.steps_per_octave,
+            step_size=q.step_size or d.step_size, jitter=d.jitter if q.jitter is None else q.jitter,
+            max_size=q.max_size or d.max_size, seed=q.seed)
+        validate(settings, layer_channels=spec.output_shape[0], guided=q.guide is not None)
+        return settings
+
+    async def __call__(self, query: DreamQuery, deadline: float | None) -> AsyncIterator[Progress | DreamAnswer]:
+        model = self.repository.get(query.model)
+        if not model.supports_gradients:
+            raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
+                                     "forward-only here; Dream needs gradients")
+        if query.image is None:
+            raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
+        settings = self.settings(model, query)
+        image = await asyncio.to_thread(caller_pixels, query.image, "image")
+        guide = None if query.guide is None else await asyncio.to_thread(caller_pixels, query.guide, "guide")
+        async with self.scheduler.job(model=model.name, rpc="Dream", deadline=deadline) as handle:
+            objective = l2_objective(settings.channel)
+            if guide is not None:
+                side = max(fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size))
+                features = await handle.submit(("dream-guide", settings.layer, tuple(guide.shape), side),
+                                               GuidePayload(guide, settings.layer, side), compute_guides)
+                objective = guide_objective(features)
+            job = DreamJob(image.to(handle.device), settings, objective, mean=model.preprocess.mean,
+                           std=model.preprocess.std, device=handle.device)
+            async for report in handle.steps(job):
+                preview = None
+                if wants_preview(query.preview_every, report.step, report.total_steps):
+                    preview = await asyncio.to_thread(picture, job.picture())
+                yield Progress(report.step, report.total_steps, dict(report.terms), preview)
+            final = job.picture()
+            before = resize(job.bases[-1], (int(final.shape[-2]), int(final.shape[-1])))
+            scores = await handle.submit(("dream-score", settings.layer, tuple(final.shape)),
+                                         ScorePayload(before, final, settings.layer, objective), compute_scores)
+        image_out = await asyncio.to_thread(picture, final)
+        yield DreamAnswer(image_out, objective=scores[1], input_objective=scores[0], settings=job.settings,
+                          guided=guide is not None)

@@ -1,0 +1,155 @@
+"""StyleTransfer: Gatys style transfer of the caller's content image toward a style image.
+
+Adam jobs (the default) are stepped together with every other live transfer of the same output size and
+layers; an L-BFGS job runs alone. Validation and decoding happen before the job is admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from PIL import Image
+
+from convlens.server.engine.style import StyleJob, StyleSettings, prepare_images, start_image, validate
+from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.models.model import ServedModel
+from convlens.server.ops.style import TargetsPayload, compute_targets
+from convlens.server.service.context import ServiceContext
+from convlens.server.service.images import ImageInput
+from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview
+
+
+@dataclass(frozen=True)
+class StyleDefaults:
+    """A model's defaults, chosen by the numbers and by eye (docs/quality.md)."""
+
+    style_layers: tuple[str, ...]
+    content_layer: str
+    style_weight: float = 1e4
+    soften: str = "none"
+    temperature: float = 1.0
+    learning_rate: float = 2.0
+
+
+# EfficientNet-Lite: about one block per stride for style, a stride-16 block for content.
+_LITE = StyleDefaults(style_layers=("_act0", "_blocks.1", "_blocks.3", "_blocks.5", "_blocks.8"),
+                      content_layer="_blocks.10")
+DEFAULTS = {"efficientnet_lite0": _LITE}
+
+
+def defaults_for(model: ServedModel) -> StyleDefaults:
+    """From the table, else from the catalog: the first map layer of each stride 2..16 for style, the
+    last stride-16 (or deepest up to 16) map layer for content."""
+    known = DEFAULTS.get(model.name)
+    if known is not None and all(name in model.layer_index for name in (*known.style_layers, known.content_layer)):
+        return known
+    maps = [s for s in model.layers if len(s.output_shape) == 3 and s.receptive_field is not None]
+    by_jump: dict[int, list[str]] = {}
+    for s in maps:
+        by_jump.setdefault(s.receptive_field.jump_y, []).append(s.name)  # type: ignore[union-attr]
+    style = tuple(by_jump[j][0] for j in (2, 4, 8, 16) if j in by_jump)
+    deep = [j for j in sorted(by_jump) if j <= 16]
+    if not style or not deep:
+        raise InvalidArgument(f"model {model.name!r} has no convolutional map layers to take styles from; name "
+                              "style_layers and content_layer", field="style_layers")
+    return StyleDefaults(style_layers=style, content_layer=by_jump[deep[-1]][-1])
+
+
+@dataclass
+class StyleQuery:
+    model: str
+    content: ImageInput | None
+    style: ImageInput | None
+    style_layers: tuple[str, ...] = ()
+    style_layer_weights: tuple[float, ...] = ()
+    content_layer: str | None = None
+    style_weight: float | None = None
+    content_weight: float | None = None
+    steps: int | None = None
+    size: int | None = None
+    optimizer: str | None = None
+    soften: str | None = None
+    temperature: float | None = None
+    gram_normalization: str | None = None
+    init: str | None = None
+    learning_rate: float | None = None
+    seed: int = 0
+    preview_every: int = 0
+
+
+@dataclass
+class StyleAnswer:
+    image: Image.Image
+    losses: dict[str, float]  # style, content, total at the last step
+    initial_style_loss: float  # at the first step
+    settings: StyleSettings  # as used
+
+
+def _or(value: object, default: object) -> object:
+    return default if value is None else value
+
+
+class StyleService:
+    def __init__(self, context: ServiceContext) -> None:
+        self.repository = context.repository
+        self.scheduler = context.scheduler
+
+    def settings(self, model: ServedModel, q: StyleQuery) -> StyleSettings:
+        """The request's settings with the model's defaults filled in, validated."""
+        d = defaults_for(model)
+        base = StyleSettings(style_layers=d.style_layers, content_layer=d.content_layer)
+        settings = StyleSettings(
+            style_layers=tuple(q.style_layers) or d.style_layers,
+            content_layer=q.content_layer or d.content_layer,
+            style_layer_weights=tuple(q.style_layer_weights),
+            style_weight=float(_or(q.style_weight, d.style_weight)),  # type: ignore[arg-type]
+            content_weight=float(_or(q.content_weight, base.content_weight)),  # type: ignore[arg-type]
+            steps=q.steps or base.steps, size=q.size or base.size, init=q.init or base.init,
+            optimizer=q.optimizer or base.optimizer,
+            learning_rate=float(_or(q.learning_rate, d.learning_rate)),  # type: ignore[arg-type]
+            soften=q.soften or d.soften, temperature=float(_or(q.temperature, d.temperature)),  # type: ignore[arg-type]
+            gram_normalization=q.gram_normalization or base.gram_normalization, seed=q.seed)
+        validate(settings)
+        for name in settings.style_layers:
+            self._map_layer(model, name, "style_layers")
+        self._map_layer(model, settings.content_layer, "content_layer")
+        return settings
+
+    @staticmethod
+    def _map_layer(model: ServedModel, name: str, field: str) -> None:
+        spec = model.layer(name, field_name=field)
+        if len(spec.output_shape) != 3:
+            raise InvalidArgument(f"layer {name!r} outputs shape {spec.output_shape} per image, not a (C, H, W) "
+                                  "map; Gram matrices need a convolutional layer", field=field)
+
+    async def __call__(self, query: StyleQuery, deadline: float | None) -> AsyncIterator[Progress | StyleAnswer]:
+        model = self.repository.get(query.model)
+        if not model.supports_gradients:
+            raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
+                                     "forward-only here; StyleTransfer needs gradients")
+        for name, image in (("content", query.content), ("style", query.style)):
+            if image is None:
+                raise InvalidArgument(f"{name} is required: encoded PNG/JPEG/WebP bytes or a raw tensor",
+                                      field=name)
+        settings = self.settings(model, query)
+        content = await asyncio.to_thread(caller_pixels, query.content, "content")  # type: ignore[arg-type]
+        style = await asyncio.to_thread(caller_pixels, query.style, "style")  # type: ignore[arg-type]
+        content, style = await asyncio.to_thread(prepare_images, content, style, settings.size)
+        async with self.scheduler.job(model=model.name, rpc="StyleTransfer", deadline=deadline) as handle:
+            targets = await handle.submit(("style-targets", tuple(content.shape), tuple(style.shape)),
+                                          TargetsPayload(content, style, settings), compute_targets)
+            job = StyleJob(settings, targets, start_image(content, settings).to(handle.device),
+                           mean=model.preprocess.mean, std=model.preprocess.std)
+            initial = float("nan")
+            async for report in handle.steps(job):
+                if report.step == 1:
+                    initial = report.terms["style"]
+                preview = None
+                if wants_preview(query.preview_every, report.step, report.total_steps):
+                    preview = await asyncio.to_thread(picture, job.picture())
+                yield Progress(report.step, report.total_steps, dict(report.terms), preview)
+            final = job.picture()
+            losses = dict(job.losses)
+        yield StyleAnswer(await asyncio.to_thread(picture, final), losses, initial, settings)

@@ -1,0 +1,47 @@
+"""Dream messages."""
+
+from __future__ import annotations
+
+from convlens.server.service.dream import DreamAnswer, DreamQuery
+from convlens.server.service.progress import Progress
+from convlens.server.transport.codecs.common import optional_image, png
+from convlens.v1 import convlens_pb2 as pb
+
+
+def query(request: pb.DreamRequest) -> DreamQuery:
+    """Unset (zero) numbers mean the defaults; the service validates the ranges."""
+    return DreamQuery(
+        model=request.model,
+        image=optional_image(request, "image"),
+        layer=request.layer or None,
+        channel=int(request.channel) if request.HasField("channel") else None,
+        octaves=request.octaves or None,
+        octave_scale=request.octave_scale or None,
+        steps_per_octave=request.steps_per_octave or None,
+        step_size=request.step_size or None,
+        jitter=int(request.jitter) if request.HasField("jitter") else None,
+        guide=optional_image(request, "guide"),
+        seed=int(request.seed),
+        preview_every=max(0, int(request.preview_every)),
+        max_size=request.max_size or None,
+    )
+
+
+def progress(event: Progress) -> pb.Progress:
+    return pb.Progress(step=event.step, total_steps=event.total_steps, objectives=event.terms,
+                       preview_png=png(event.preview))
+
+
+def response(event: Progress | DreamAnswer) -> pb.DreamResponse:
+    if isinstance(event, Progress):
+        return pb.DreamResponse(progress=progress(event))
+    s = event.settings
+    settings = pb.DreamSettings(
+        layer=s.layer, octaves=s.octaves, octave_scale=s.octave_scale, steps_per_octave=s.steps_per_octave,
+        step_size=s.step_size, jitter=s.jitter, max_size=s.max_size, seed=s.seed, guided=event.guided,
+        height=event.image.height, width=event.image.width)
+    if s.channel is not None:
+        settings.channel = s.channel
+    return pb.DreamResponse(result=pb.DreamResult(
+        image_png=png(event.image), objective=event.objective, input_objective=event.input_objective,
+        settings=settings))

@@ -1,0 +1,66 @@
+"""StyleTransfer messages."""
+
+from __future__ import annotations
+
+from convlens.server.service.progress import Progress
+from convlens.server.service.style import StyleAnswer, StyleQuery
+from convlens.server.transport.codecs.common import enum, optional_image, png
+from convlens.server.transport.codecs.dream import progress
+from convlens.v1 import convlens_pb2 as pb
+
+OPTIMIZERS = {pb.OPTIMIZER_UNSPECIFIED: "adam", pb.OPTIMIZER_ADAM: "adam", pb.OPTIMIZER_LBFGS: "lbfgs"}
+SOFTEN = {pb.SOFTEN_NONE: "none", pb.SOFTEN_CHANNELS: "channels", pb.SOFTEN_POSITIONS: "positions",
+          pb.SOFTEN_ALL: "all"}
+GRAMS = {pb.GRAM_NORMALIZATION_UNSPECIFIED: "positions", pb.GRAM_NORMALIZATION_POSITIONS: "positions",
+         pb.GRAM_NORMALIZATION_ELEMENTS: "elements", pb.GRAM_NORMALIZATION_NONE: "none"}
+INITS = {pb.STYLE_INIT_UNSPECIFIED: "content", pb.STYLE_INIT_CONTENT: "content", pb.STYLE_INIT_NOISE: "noise"}
+
+
+def _soften(request: pb.StyleTransferRequest) -> str | None:
+    if request.soften_mode == pb.SOFTEN_UNSPECIFIED:
+        return "channels" if request.soften else None  # the deprecated bool; None: the model's default
+    return enum(SOFTEN, request.soften_mode, "soften_mode", "Soften")
+
+
+def query(request: pb.StyleTransferRequest) -> StyleQuery:
+    """Unset (zero) numbers mean the defaults; the service validates the ranges."""
+    return StyleQuery(
+        model=request.model,
+        content=optional_image(request, "content"),
+        style=optional_image(request, "style"),
+        style_layers=tuple(request.style_layers),
+        style_layer_weights=tuple(float(w) for w in request.style_layer_weights),
+        content_layer=request.content_layer or None,
+        style_weight=request.style_weight if request.HasField("style_weight") else None,
+        content_weight=request.content_weight if request.HasField("content_weight") else None,
+        steps=request.steps or None,
+        size=request.size or None,
+        optimizer=enum(OPTIMIZERS, request.optimizer, "optimizer", "Optimizer"),
+        soften=_soften(request),
+        temperature=request.temperature if request.HasField("temperature") else None,
+        gram_normalization=enum(GRAMS, request.gram_normalization, "gram_normalization", "GramNormalization"),
+        init=enum(INITS, request.init, "init", "StyleInit"),
+        learning_rate=request.learning_rate if request.HasField("learning_rate") else None,
+        seed=int(request.seed),
+        preview_every=max(0, int(request.preview_every)),
+    )
+
+
+def _code(table: dict[int, str], name: str) -> int:
+    return min(code for code, value in table.items() if value == name and code != 0)
+
+
+def response(event: Progress | StyleAnswer) -> pb.StyleTransferResponse:
+    if isinstance(event, Progress):
+        return pb.StyleTransferResponse(progress=progress(event))
+    s = event.settings
+    settings = pb.StyleTransferSettings(
+        style_layers=list(s.style_layers), style_layer_weights=list(s.layer_weights), content_layer=s.content_layer,
+        style_weight=s.style_weight, content_weight=s.content_weight, steps=s.steps, size=s.size,
+        optimizer=_code(OPTIMIZERS, s.optimizer), soften=_code(SOFTEN, s.soften), temperature=s.temperature,
+        gram_normalization=_code(GRAMS, s.gram_normalization), init=_code(INITS, s.init),
+        learning_rate=s.learning_rate, seed=s.seed, height=event.image.height, width=event.image.width)
+    return pb.StyleTransferResponse(result=pb.StyleTransferResult(
+        image_png=png(event.image), style_loss=event.losses.get("style", 0.0),
+        content_loss=event.losses.get("content", 0.0), total_loss=event.losses.get("total", 0.0),
+        initial_style_loss=event.initial_style_loss, settings=settings))
