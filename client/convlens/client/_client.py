@@ -198,14 +198,16 @@ class Client:
         events = self.stream_maximize_unit(model, target, timeout=timeout, **options)
         return self._drain("MaximizeUnit", events, on_progress)
 
-    def stream_dream(self, image: ImageInput, model: str, layer: str, *, timeout: float | None = None,
+    def stream_dream(self, image: ImageInput, model: str, layer: str | None = None, *, timeout: float | None = None,
                      **options: Unpack[DreamOptions]) -> Iterator[Progress | DreamResult]:
         request = cv.dream_request(image, model, layer, options)
         return self._stream("Dream", request, cv.dream_result, timeout)
 
-    def dream(self, image: ImageInput, model: str, layer: str, *, on_progress: ProgressCallback | None = None,
-              timeout: float | None = None, **options: Unpack[DreamOptions]) -> DreamResult:
-        """DeepDream: amplify what `layer` (or one `channel` of it) sees in the image, over octaves."""
+    def dream(self, image: ImageInput, model: str, layer: str | None = None, *,
+              on_progress: ProgressCallback | None = None, timeout: float | None = None,
+              **options: Unpack[DreamOptions]) -> DreamResult:
+        """DeepDream: amplify what `layer` (default: the model's dream layer) or one `channel` of it sees in
+        the image, over octaves; `guide=` an image to dream toward its features instead."""
         events = self.stream_dream(image, model, layer, timeout=timeout, **options)
         return self._drain("Dream", events, on_progress)
 
@@ -218,7 +220,8 @@ class Client:
     def style_transfer(self, content: ImageInput, style: ImageInput, model: str, *,
                        on_progress: ProgressCallback | None = None, timeout: float | None = None,
                        **options: Unpack[StyleTransferOptions]) -> StyleTransferResult:
-        """Gatys style transfer of `content` toward `style`'s texture."""
+        """Gatys style transfer of `content` toward `style`'s texture (Adam by default, so it batches with other
+        callers'); `soften=` "none" / "channels" / "positions" / "all" (Wang et al.'s softmax transform)."""
         events = self.stream_style_transfer(content, style, model, timeout=timeout, **options)
         return self._drain("StyleTransfer", events, on_progress)
 
@@ -343,12 +346,12 @@ class AsyncClient:
         events = self.stream_maximize_unit(model, target, timeout=timeout, **options)
         return await self._drain("MaximizeUnit", events, on_progress)
 
-    def stream_dream(self, image: ImageInput, model: str, layer: str, *, timeout: float | None = None,
+    def stream_dream(self, image: ImageInput, model: str, layer: str | None = None, *, timeout: float | None = None,
                      **options: Unpack[DreamOptions]) -> AsyncIterator[Progress | DreamResult]:
         request = cv.dream_request(image, model, layer, options)
         return self._stream("Dream", request, cv.dream_result, timeout)
 
-    async def dream(self, image: ImageInput, model: str, layer: str, *,
+    async def dream(self, image: ImageInput, model: str, layer: str | None = None, *,
                     on_progress: ProgressCallback | None = None, timeout: float | None = None,
                     **options: Unpack[DreamOptions]) -> DreamResult:
         events = self.stream_dream(image, model, layer, timeout=timeout, **options)

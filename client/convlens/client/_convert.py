@@ -53,8 +53,16 @@ _INDEX_STATES = {pb.INDEX_STATE_READY: "ready", pb.INDEX_STATE_BUILDING: "buildi
 _SCALINGS = {"minmax": pb.FILTER_SCALING_PER_FILTER_MINMAX, "symmetric": pb.FILTER_SCALING_SYMMETRIC}
 _BASELINES = {"black": pb.BASELINE_BLACK, "blurred": pb.BASELINE_BLURRED}
 _REDUCTIONS = {"mean": pb.REDUCTION_MEAN, "max": pb.REDUCTION_MAX}
-_PARAMETERIZATIONS = {"fft": pb.PARAMETERIZATION_FFT, "pixel": pb.PARAMETERIZATION_PIXEL}
+_PARAMETERIZATIONS = {"fft": pb.PARAMETERIZATION_FFT, "pixel": pb.PARAMETERIZATION_PIXEL,
+                      "maco": pb.PARAMETERIZATION_MACO}
+_PRESETS = {"lucid": pb.MAXIMIZE_PRESET_LUCID, "lecture": pb.MAXIMIZE_PRESET_LECTURE,
+            "maco": pb.MAXIMIZE_PRESET_MACO}
 _OPTIMIZERS = {"lbfgs": pb.OPTIMIZER_LBFGS, "adam": pb.OPTIMIZER_ADAM}
+_SOFTEN = {"none": pb.SOFTEN_NONE, "channels": pb.SOFTEN_CHANNELS, "positions": pb.SOFTEN_POSITIONS,
+           "all": pb.SOFTEN_ALL}
+_GRAMS = {"positions": pb.GRAM_NORMALIZATION_POSITIONS, "elements": pb.GRAM_NORMALIZATION_ELEMENTS,
+          "none": pb.GRAM_NORMALIZATION_NONE}
+_INITS = {"content": pb.STYLE_INIT_CONTENT, "noise": pb.STYLE_INIT_NOISE}
 
 
 def _choice(table: Mapping[str, int], value: str, what: str) -> int:
@@ -139,14 +147,16 @@ def maximize_request(model: str, target: Target, opts: Mapping[str, Any]) -> pb.
     kw = _given(opts)
     if "parameterization" in kw:
         kw["parameterization"] = _choice(_PARAMETERIZATIONS, kw["parameterization"], "parameterization")
+    if "preset" in kw:
+        kw["preset"] = _choice(_PRESETS, kw["preset"], "preset")
     return pb.MaximizeUnitRequest(model=model, target=target_msg(target), **kw)
 
 
-def dream_request(image: ImageInput, model: str, layer: str, opts: Mapping[str, Any]) -> pb.DreamRequest:
+def dream_request(image: ImageInput, model: str, layer: str | None, opts: Mapping[str, Any]) -> pb.DreamRequest:
     kw = _given(opts)
     if "guide" in kw:
         kw["guide"] = to_image(kw["guide"], what="guide")
-    return pb.DreamRequest(model=model, layer=layer, image=to_image(image), **kw)
+    return pb.DreamRequest(model=model, layer=layer or "", image=to_image(image), **kw)
 
 
 def style_request(content: ImageInput, style: ImageInput, model: str,
@@ -156,6 +166,16 @@ def style_request(content: ImageInput, style: ImageInput, model: str,
         kw["optimizer"] = _choice(_OPTIMIZERS, kw["optimizer"], "optimizer")
     if "style_layers" in kw:
         kw["style_layers"] = list(kw["style_layers"])
+    if "style_layer_weights" in kw:
+        kw["style_layer_weights"] = [float(w) for w in kw["style_layer_weights"]]
+    if "soften" in kw:
+        soften = kw.pop("soften")
+        kw["soften_mode"] = _choice(_SOFTEN, "channels" if soften is True else "none" if soften is False else soften,
+                                    "soften")
+    if "gram_normalization" in kw:
+        kw["gram_normalization"] = _choice(_GRAMS, kw["gram_normalization"], "gram_normalization")
+    if "init" in kw:
+        kw["init"] = _choice(_INITS, kw["init"], "init")
     return pb.StyleTransferRequest(model=model, content=to_image(content, what="content"),
                                    style=to_image(style, what="style"), **kw)
 
@@ -263,15 +283,37 @@ def _image(data: bytes) -> Image.Image:
 
 
 def maximize_result(r: pb.MaximizeUnitResult) -> MaximizeResult:
-    return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions))
+    settings: dict[str, Any] = {f.name: getattr(r.settings, f.name) for f in r.settings.DESCRIPTOR.fields}
+    names = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
+    for key, table in names.items():  # enum numbers as the names the options take
+        settings[key] = next((name for name, code in table.items() if code == settings[key]), settings[key])
+    return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions), settings)
+
+
+def _fields(message: Any, enums: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+    """A settings message as a plain dict (enum numbers as their names, repeated fields as lists)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.has_presence and not field.is_repeated and not message.HasField(field.name):
+            continue  # an optional field the server left unset (e.g. no channel)
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            value = list(value)
+        table = (enums or {}).get(field.name)
+        if table is not None:
+            value = next((name for name, code in table.items() if code == value), value)
+        out[field.name] = value
+    return out
 
 
 def dream_result(r: pb.DreamResult) -> DreamResult:
-    return DreamResult(_image(r.image_png), r.objective)
+    return DreamResult(_image(r.image_png), r.objective, r.input_objective, _fields(r.settings))
 
 
 def style_result(r: pb.StyleTransferResult) -> StyleTransferResult:
-    return StyleTransferResult(_image(r.image_png), r.style_loss, r.content_loss)
+    enums = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS, "init": _INITS}
+    return StyleTransferResult(_image(r.image_png), r.style_loss, r.content_loss, r.total_loss,
+                               r.initial_style_loss, _fields(r.settings, enums))
 
 
 R = TypeVar("R")

@@ -16,8 +16,12 @@ import numpy.typing as npt
 from PIL import Image
 
 Reduction = Literal["mean", "max"]
-Parameterization = Literal["fft", "pixel"]
+Parameterization = Literal["fft", "pixel", "maco"]
+MaximizePreset = Literal["lucid", "lecture", "maco"]
 Optimizer = Literal["lbfgs", "adam"]
+Soften = Literal["none", "channels", "positions", "all"]
+GramNormalization = Literal["positions", "elements", "none"]
+StyleInit = Literal["content", "noise"]
 
 
 @dataclass(frozen=True)
@@ -225,14 +229,19 @@ class Progress:
 @dataclass(frozen=True, eq=False)
 class MaximizeResult:
     image: Image.Image
-    objective: float
-    predictions: list[Prediction]
+    objective: float  # the target's value on the image (no random transforms)
+    predictions: list[Prediction]  # the model's top-5 on the image
+    # Every setting used, defaults resolved (preset, parameterization, steps, size, seed, ...): pass them
+    # back as options to reproduce the image.
+    settings: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class DreamResult:
     image: Image.Image
-    objective: float
+    objective: float  # on the dream, by a plain forward pass
+    input_objective: float = 0.0  # on the input at the same size (objective / input_objective: the gain)
+    settings: dict[str, Any] | None = None  # as used: layer, octaves kept, step_size, jitter, seed, size...
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,6 +249,9 @@ class StyleTransferResult:
     image: Image.Image
     style_loss: float
     content_loss: float
+    total_loss: float = 0.0  # style_weight * style_loss + content_weight * content_loss
+    initial_style_loss: float = 0.0  # at the first step: 1 - style_loss / initial_style_loss is the drop
+    settings: dict[str, Any] | None = None  # as used: layers, weights, soften, optimizer, size...
 
 
 # Image inputs: a path, PIL image, HWC/HW array on the 0..255 scale, or encoded PNG/JPEG/WebP bytes.
@@ -249,6 +261,7 @@ ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Ima
 # Keyword options of the streaming RPCs, shared by the plain and the iterator forms of Client and
 # AsyncClient (one definition instead of four copies). Unset means "the server's default".
 class MaximizeOptions(TypedDict, total=False):
+    preset: MaximizePreset  # default "lucid"; every option below overrides it
     parameterization: Parameterization
     steps: int
     size: int
@@ -261,6 +274,12 @@ class MaximizeOptions(TypedDict, total=False):
     rotate_degrees: float
     seed: int
     preview_every: int
+    value_percentile: float
+    contribution_percentile: float
+    tv_weight: float
+    pad: int
+    final_jitter: int
+    decay_power: float
 
 
 class DreamOptions(TypedDict, total=False):
@@ -284,6 +303,11 @@ class StyleTransferOptions(TypedDict, total=False):
     steps: int
     size: int
     optimizer: Optimizer
-    soften: bool
+    soften: Soften | bool  # True: "channels"
+    temperature: float
+    gram_normalization: GramNormalization
+    init: StyleInit
+    learning_rate: float
+    style_layer_weights: Sequence[float]
     seed: int
     preview_every: int

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 from convlens.server.service.catalog import CatalogService
 from convlens.server.service.context import ServiceContext
+from convlens.server.service.dream import DreamService
 from convlens.server.service.filters import FiltersService
+from convlens.server.service.maximize import MaximizeService
 from convlens.server.service.saliency import SaliencyService
+from convlens.server.service.style import StyleService
 from convlens.server.service.top_activations import TopActivationsService
 
 
@@ -24,6 +27,9 @@ class Services:
     filters: FiltersService
     saliency: SaliencyService
     top_activations: TopActivationsService
+    maximize: MaximizeService
+    dream: DreamService
+    style: StyleService
 
     @classmethod
     def build(cls, context: ServiceContext) -> Services:
@@ -33,6 +39,9 @@ class Services:
             filters=FiltersService(context),
             saliency=SaliencyService(context),
             top_activations=TopActivationsService(context),
+            maximize=MaximizeService(context),
+            dream=DreamService(context),
+            style=StyleService(context),
         )
 
 

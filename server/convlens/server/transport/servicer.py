@@ -6,10 +6,20 @@ handler here answers UNIMPLEMENTED (transport/unimplemented.py).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from convlens.server.service import Services
-from convlens.server.transport.codecs import catalog, filters, saliency, top_activations
+from convlens.server.transport.codecs import (
+    catalog,
+    dream,
+    filters,
+    maximize,
+    saliency,
+    style,
+    top_activations,
+)
 from convlens.server.transport.codecs.common import deadline
 from convlens.server.transport.unimplemented import answer_unimplemented
 from convlens.v1 import convlens_pb2 as pb
@@ -43,3 +53,17 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
 
     async def ListDatasets(self, request: pb.ListDatasetsRequest, context: Context) -> pb.ListDatasetsResponse:
         return top_activations.datasets_response(await self.services.top_activations.list_datasets())
+
+    async def MaximizeUnit(self, request: pb.MaximizeUnitRequest, context: Context
+                           ) -> AsyncIterator[pb.MaximizeUnitResponse]:
+        async for event in self.services.maximize(maximize.query(request), deadline(context)):
+            yield maximize.response(event)
+
+    async def Dream(self, request: pb.DreamRequest, context: Context) -> AsyncIterator[pb.DreamResponse]:
+        async for event in self.services.dream(dream.query(request), deadline(context)):
+            yield dream.response(event)
+
+    async def StyleTransfer(self, request: pb.StyleTransferRequest, context: Context
+                            ) -> AsyncIterator[pb.StyleTransferResponse]:
+        async for event in self.services.style(style.query(request), deadline(context)):
+            yield style.response(event)
