@@ -71,7 +71,7 @@ def _closure_step(module: nn.Module, job: Job) -> StepReport:
         with eval_mode(module), torch.enable_grad():
             losses, grads = _forward_backward(module, [job], job.make_input(), job.layers)
         for p, g in zip(job.params, grads[0], strict=True):
-            p.grad = g
+            p.grad = g.contiguous()  # torch's L-BFGS flattens with .view(-1): a channels_last model's grads fail
         if not first:
             first.append((losses[0], grads[0]))
         return losses[0].total
