@@ -5,12 +5,15 @@ request gets its status code and the field it concerns."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from convlens.client import AsyncClient, Client, Progress
 from convlens.client import _exceptions as exc
+from convlens.client._cli import main
 from convlens.server.app import ConvLensServer
 
 from .conftest import MODEL, photo
@@ -174,3 +177,22 @@ async def test_sync_client_and_progress_callback(server: ConvLensServer) -> None
 
     seen, result = await asyncio.to_thread(run)
     assert seen == list(range(1, 7)) and result.image.size == (48, 48)  # type: ignore[attr-defined]
+
+
+async def test_cli_dream_and_style_write_pictures(server: ConvLensServer, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    content, style_image = tmp_path / "content.png", tmp_path / "style.png"
+    Image.fromarray(photo()).save(content)
+    Image.fromarray(photo(seed=4)).save(style_image)
+    address = f"127.0.0.1:{server.port}"
+    rc = await asyncio.to_thread(main, ["-s", address, "dream", str(content), "-m", MODEL, "--layer", "stage1",
+                                        "--octaves", "2", "--steps", "2", "--max-size", "48",
+                                        "-o", str(tmp_path / "dream.png")])
+    assert rc == 0 and Image.open(tmp_path / "dream.png").size == (48, 48)
+    rc = await asyncio.to_thread(main, ["-s", address, "style", str(content), str(style_image), "-m", MODEL,
+                                        "--steps", "3", "--size", "32", "--soften", "channels",
+                                        "-o", str(tmp_path / "styled.png")])
+    assert rc == 0 and Image.open(tmp_path / "styled.png").size == (32, 32)
+    out = capsys.readouterr()
+    assert "4/4" in out.err and "3/3" in out.err and "style" in out.err  # the progress bars
+    assert "soften=channels" in out.out and "layer=stage1" in out.out

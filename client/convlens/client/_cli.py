@@ -35,6 +35,8 @@ examples:
   convlens saliency cat.jpg --unit _blocks.10:5:3:4 --method gradient -o unit.png
   convlens maximize efficientnet_lite0 --target 130 -o flamingo.png
   convlens maximize efficientnet_lite0 --unit _blocks.10:5 --preset maco --steps 256 -o unit.png
+  convlens dream cat.jpg -o dream.png
+  convlens style cat.jpg bricks.png --soften channels -o brick_cat.png
   convlens loadtest --rpc saliency --concurrency 1,4,16 --duration 20 --csv sweep.csv \\
       --metrics-url http://localhost:9464/metrics
   convlens top efficientnet_lite0 _blocks.4 7 -k 9 --dataset samples -o unit.png
@@ -113,6 +115,39 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="default: random (printed, so the image can be reproduced)")
     s.add_argument("--lr", type=float, dest="learning_rate", help="Adam's learning rate")
     s.add_argument("--parameterization", choices=["fft", "pixel", "maco"])
+    s.add_argument("--deadline", type=float, default=600.0, help="seconds the whole run may take (default 600)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("dream", help="DeepDream an image at a layer (streams progress)")
+    s.add_argument("image", help="an image file")
+    s.add_argument("-m", "--model", default="efficientnet_lite0")
+    s.add_argument("--layer", help="default: the model's dream layer")
+    s.add_argument("--channel", type=int, help="only this channel of the layer")
+    s.add_argument("--guide", metavar="IMAGE", help="dream toward this image's features")
+    s.add_argument("--octaves", type=int)
+    s.add_argument("--steps", type=int, dest="steps_per_octave", help="steps per octave (default 10)")
+    s.add_argument("--step-size", type=float, dest="step_size")
+    s.add_argument("--max-size", type=int, dest="max_size", help="longest side dreamed at (default 512)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("-o", "--output", metavar="PNG", help="write the image here")
+    s.add_argument("--deadline", type=float, default=600.0, help="seconds the whole run may take (default 600)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("style", help="carry STYLE's texture onto CONTENT (Gatys; streams progress)")
+    s.add_argument("content", help="the content image file")
+    s.add_argument("style", help="the style image file")
+    s.add_argument("-m", "--model", default="efficientnet_lite0")
+    s.add_argument("--style-weight", type=float, dest="style_weight")
+    s.add_argument("--content-weight", type=float, dest="content_weight")
+    s.add_argument("--soften", choices=["none", "channels", "positions", "all"],
+                   help="softmax transform of the features (Wang et al.); default: the model's")
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--optimizer", choices=["adam", "lbfgs"])
+    s.add_argument("--init", choices=["content", "noise"])
+    s.add_argument("--steps", type=int)
+    s.add_argument("--size", type=int, help="longest side of the output (default 256)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("-o", "--output", metavar="PNG", help="write the image here")
     s.add_argument("--deadline", type=float, default=600.0, help="seconds the whole run may take (default 600)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -372,6 +407,47 @@ def _maximize(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _dream(client: Client, args: argparse.Namespace) -> int:
+    bar = None if args.quiet else _ProgressBar(sys.stderr)
+    options = _options(args, ("channel", "octaves", "steps_per_octave", "step_size", "max_size", "seed"))
+    if args.guide:
+        options["guide"] = args.guide
+    r = client.dream(args.image, args.model, args.layer, on_progress=bar,
+                     timeout=max(args.timeout, args.deadline), **options)
+    if bar is not None:
+        bar.finish()
+    gain = r.objective / r.input_objective if r.input_objective else float("nan")
+    print(f"objective {r.objective:.4g} (input {r.input_objective:.4g}, x{gain:.2f})")
+    if r.settings:
+        print("settings: " + " ".join(f"{k}={v}" for k, v in r.settings.items()))
+    if args.output:
+        r.image.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _style(client: Client, args: argparse.Namespace) -> int:
+    bar = None if args.quiet else _ProgressBar(sys.stderr)
+    options = _options(args, ("style_weight", "content_weight", "soften", "temperature", "optimizer", "init",
+                              "steps", "size", "seed"))
+    r = client.style_transfer(args.content, args.style, args.model, on_progress=bar,
+                              timeout=max(args.timeout, args.deadline), **options)
+    if bar is not None:
+        bar.finish()
+    drop = 1 - r.style_loss / r.initial_style_loss if r.initial_style_loss else float("nan")
+    print(f"style loss {r.style_loss:.4g} ({drop:.1%} below the start), content loss {r.content_loss:.4g}")
+    if r.settings:
+        print("settings: " + " ".join(f"{k}={v}" for k, v in r.settings.items()))
+    if args.output:
+        r.image.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
 class _ProgressBar:
     """`[#####-----]  12/512  objective 3.21` on one line of a terminal stream."""
 
@@ -380,8 +456,8 @@ class _ProgressBar:
 
     def __call__(self, p: Any) -> None:
         filled = int(self.width * p.step / max(p.total, 1))
-        value = p.objectives.get("objective")
-        tail = f"  objective {value:.4g}" if value is not None else ""
+        shown = {k: v for k, v in p.objectives.items() if k in ("objective", "style", "content")}
+        tail = "".join(f"  {k} {v:.4g}" for k, v in shown.items())
         self.stream.write(f"\r[{'#' * filled}{'-' * (self.width - filled)}] {p.step:>5}/{p.total}{tail}")
         self.stream.flush()
         self.shown = True
@@ -434,7 +510,7 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 _COMMANDS = {"health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency,
-             "maximize": _maximize, "top": _top, "datasets": _datasets}
+             "maximize": _maximize, "top": _top, "datasets": _datasets, "dream": _dream, "style": _style}
 
 
 if __name__ == "__main__":
