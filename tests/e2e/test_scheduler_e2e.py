@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -36,6 +36,21 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
     return total
 
 
+def wait_for(server: ServerProcess, what: str, condition: Callable[[Callable[..., float]], bool],
+             timeout: float = 120.0) -> None:
+    """Poll the server's metrics until `condition(metric)` holds: its own account, never a sleep and a hope."""
+    deadline = time.monotonic() + timeout
+    while not condition(lambda name, **labels: metric(server, name, **labels)):
+        assert time.monotonic() < deadline, f"the server never reported: {what}"
+        time.sleep(0.02)
+
+
+def computing(server: ServerProcess, started_before: float) -> None:
+    """Until one more task has left the queue for a worker (its queue wait is observed as compute starts)."""
+    wait_for(server, "a task in compute",
+             lambda m: m("convlens_scheduler_queue_wait_seconds_count") >= started_before + 1)
+
+
 def test_a_full_queue_is_refused_at_once_and_every_accepted_call_completes(small_server: ServerProcess) -> None:
     async def run() -> list[object]:
         async with AsyncClient(small_server.address, timeout=300) as c:
@@ -55,37 +70,42 @@ def test_a_full_queue_is_refused_at_once_and_every_accepted_call_completes(small
 
 def test_a_call_whose_deadline_passes_in_the_queue_is_dropped_before_compute(small_server: ServerProcess) -> None:
     before = metric(small_server, "convlens_scheduler_rejections_total", reason="deadline")
+    started = metric(small_server, "convlens_scheduler_queue_wait_seconds_count")
 
     async def run() -> None:
         async with AsyncClient(small_server.address, timeout=300) as c:
             long = asyncio.ensure_future(c.saliency(IMAGE, "efficientnet_lite0", **SLOW))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(computing, small_server, started)  # the worker is busy with `long`
             with pytest.raises(exc.DeadlineExceededError):
                 await c.saliency(IMAGE, "efficientnet_lite0", timeout=0.5, **SLOW)
             await long
 
     asyncio.run(run())
-    time.sleep(0.5)
+    wait_for(small_server, "the queued call dropped at its deadline",
+             lambda m: m("convlens_scheduler_rejections_total", reason="deadline") >= before + 1)
     assert metric(small_server, "convlens_scheduler_rejections_total", reason="deadline") == before + 1
 
 
 def test_a_cancelled_call_is_never_computed_and_does_not_block_the_next(small_server: ServerProcess) -> None:
     before_cancel = metric(small_server, "convlens_scheduler_rejections_total", reason="cancelled")
     before_done = metric(small_server, "convlens_scheduler_tasks_total", rpc="Saliency")
+    started = metric(small_server, "convlens_scheduler_queue_wait_seconds_count")
 
     async def run() -> None:
         async with AsyncClient(small_server.address, timeout=300) as c:
             long = asyncio.ensure_future(c.saliency(IMAGE, "efficientnet_lite0", **SLOW))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(computing, small_server, started)  # the worker is busy with `long`
             doomed = asyncio.ensure_future(c.saliency(IMAGE, "efficientnet_lite0", **SLOW))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_for, small_server, "the second call queued",
+                                    lambda m: m("convlens_scheduler_queue_depth") >= 1)
             doomed.cancel()
             after = await c.saliency(IMAGE, "efficientnet_lite0", method="gradient")
             assert after.attribution.shape == (3, 224, 224)
             await long
 
     asyncio.run(run())
-    time.sleep(0.5)
+    wait_for(small_server, "both surviving calls counted",
+             lambda m: m("convlens_scheduler_tasks_total", rpc="Saliency") >= before_done + 2)
     assert metric(small_server, "convlens_scheduler_rejections_total", reason="cancelled") == before_cancel + 1
     assert metric(small_server, "convlens_scheduler_tasks_total", rpc="Saliency") == before_done + 2
 
