@@ -1,4 +1,4 @@
-"""Scheduler: turns many small requests into few batches, one worker per device (see ARCHITECTURE.md)."""
+"""Scheduler: turns many small requests into few batches, one worker per device (see docs/architecture.md)."""
 
 from convlens.server.scheduler.devices import parse_devices
 from convlens.server.scheduler.policy import BatchPolicy
