@@ -60,6 +60,10 @@ def configure(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # No log line of this server reports its source file, thread or process: finding them costs about a
+    # third of an access line (10 us of ~30), paid on every RPC.
+    logging._srcfile = None  # type: ignore[attr-defined]  # documented switch: "set to None to avoid"
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 class _JsonFormatter(logging.Formatter):
