@@ -39,8 +39,10 @@ async def test_one_access_line_per_rpc_with_request_id_taken_or_made(caplog: pyt
         call = stub.ListModels(pb.ListModelsRequest())
         await call
         assert re.fullmatch("[0-9a-f]{24,}", made) and dict(await call.trailing_metadata())["x-request-id"] != made
+        call = stub.GetModel(pb.GetModelRequest(model="not-a-number"), metadata=(("x-request-id", "req-43"),))
         with pytest.raises(grpc.RpcError):  # an error is logged too, with its code and message
-            await stub.GetModel(pb.GetModelRequest(model="not-a-number"))
+            await call
+        assert ("x-request-id", "req-43") in tuple(await call.trailing_metadata())
     lines = access_lines(caplog)
     assert len(lines) == 4, lines
     first, second, _, third = lines

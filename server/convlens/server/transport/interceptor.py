@@ -153,7 +153,9 @@ class ServiceInterceptor(ServerInterceptor):
                               f"{self.drain.grace_seconds:g} s ran out {call.progress_text()}; retry")
         status = to_status(exc)
         out.code, out.error = status.code, status.details
-        await context.abort_with_status(status)
+        # abort replaces the trailing metadata set before: the request id goes along with the details
+        await context.abort(status.code, status.details,
+                            (*status.trailing_metadata, (REQUEST_ID, out.request_id)))
 
     def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None) -> None:
         if call is not None:
