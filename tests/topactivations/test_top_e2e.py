@@ -16,49 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 from convlens.client import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from convlens.server.launcher import ServerProcess
-from convlens.server.models.model import Preprocess
 from convlens.server.models.preprocess import prepare
 
+from .conftest import PHOTOS, PRE
+
 pytestmark = pytest.mark.slow
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "brick")
-PRE = Preprocess(64, 64, 72, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's defaults
-
-
-def write_photos(root: Path) -> list[str]:
-    import skimage.data
-
-    paths = []
-    for i, name in enumerate(PHOTOS):
-        a = getattr(skimage.data, name)()
-        sub = root / ("set_a" if i % 2 else "set_b" / Path("nested"))
-        sub.mkdir(parents=True, exist_ok=True)
-        path = sub / (f"{name}.jpg" if i % 3 else f"{name}.png")
-        Image.fromarray(a).save(path, quality=92)
-        paths.append(path.relative_to(root).as_posix())
-    (root / "set_a" / "broken.jpg").write_bytes(b"this is not a jpeg")
-    return sorted(paths)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    root = tmp_path_factory.mktemp("top")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    folder = root / "repo" / "resnet18"
-    folder.mkdir(parents=True)
-    torch.save(model.state_dict(), folder / "weights.pt")
-    (folder / "labels.txt").write_text("\n".join(f"thing {i}" for i in range(10)) + "\n")
-    (folder / "model.toml").write_text('format = "torchvision"\narch = "resnet18"\nweights = "weights.pt"\n'
-                                       'labels = "labels.txt"\n'
-                                       "[preprocess]\nsize = 64\nresize = 72\n")
-    photos = root / "photos"
-    paths = write_photos(photos)
-    return {"root": root, "model": model, "photos": photos, "paths": paths, "index": root / "index"}
 
 
 def start(setup: dict[str, object], *extra: str) -> ServerProcess:
@@ -234,3 +200,20 @@ def test_index_is_reused_after_restart_and_rebuilt_when_a_file_changes(setup: di
         rebuilt = c.top_activations("resnet18", layer, 2, k=4, dataset="photos")
         assert metric(third, "convlens_index_images_scanned_total", layer=layer) == len(PHOTOS)
         assert rebuilt.stats is not None and rebuilt.stats.images == len(PHOTOS)
+
+
+def test_cli_top_writes_a_contact_sheet_and_datasets_lists(server: ServerProcess, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from convlens.client._cli import main as cli
+
+    out = tmp_path / "sheet.png"
+    assert cli(["-s", server.address, "--timeout", "300", "top", "resnet18", "layer2", "3", "-k", "6",
+                "--dataset", "photos", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "over 8 images of photos" in text and f"wrote {out}" in text
+    sheet = Image.open(out)
+    assert sheet.size == (3 * 160, 30 + 2 * (160 + 30))  # a title row, 2 rows of 3 cells
+    assert np.asarray(sheet.convert("L")).std() > 20  # crops drawn, not a blank page
+    assert cli(["-s", server.address, "datasets"]) == 0
+    table = capsys.readouterr().out
+    assert "photos" in table and "resnet18:layer2" in table

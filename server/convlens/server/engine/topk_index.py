@@ -194,6 +194,26 @@ class TopKIndex:
                     return False
         return all(np.array_equal(getattr(self, n), getattr(other, n)) for n in ("sum_mean", "max", "positive"))
 
+    def matches(self, other: TopKIndex, *, rtol: float = 1e-5, atol: float = 1e-5) -> bool:
+        """Same entries (images, positions, order), counts and coverage; values equal up to float rounding.
+
+        What two builders that batch differently agree on: a forward pass at batch size 1 and at 8 (or in
+        another layout or process) may differ in the last bits, never in which image holds which rank.
+        """
+        if (self.layer, self.channels, self.map_hw, self.k_max, self.per_image, self.count, self.coverage) != \
+                (other.layer, other.channels, other.map_hw, other.k_max, other.per_image, other.count,
+                 other.coverage) or self.images != other.images:
+            return False
+        for name in RANKINGS:
+            a, b = self.tables[name], other.tables[name]
+            if not all(np.array_equal(x, y) for x, y in ((a.images, b.images), (a.ys, b.ys), (a.xs, b.xs))):
+                return False
+            if not np.allclose(a.values, b.values, rtol=rtol, atol=atol, equal_nan=True):
+                return False
+        return (np.array_equal(self.positive, other.positive)
+                and np.allclose(self.sum_mean, other.sum_mean, rtol=rtol, atol=atol * max(self.count, 1))
+                and np.allclose(self.max, other.max, rtol=rtol, atol=atol))
+
     # ------------------------------------------------------------------ persistence
 
     def to_bytes(self) -> bytes:

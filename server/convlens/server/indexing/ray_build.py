@@ -27,6 +27,9 @@ class _Decode:
     """Ray Data UDF (one per task process): paths -> preprocessed model inputs."""
 
     def __init__(self, model: ModelSource, dataset: DatasetSource) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one decode per CPU slot; resizing needs no thread team
         self.model = model.load()
         self.dataset = dataset.load()
 
