@@ -91,7 +91,7 @@ class ServiceInterceptor(ServerInterceptor):
         self.auth = auth
         self.access_log = access_log or AccessLog()
         self.drain = drain or Drain()
-        self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -99,9 +99,10 @@ class ServiceInterceptor(ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         wrapped = self._handlers.get(details.method)
-        if wrapped is None and details.method not in self._handlers:
+        if wrapped is None:
             wrapped = self._wrap(await continuation(details), details.method)
-            self._handlers[details.method] = wrapped
+            if wrapped is not None:  # unknown names are not kept: callers choose them
+                self._handlers[details.method] = wrapped
         return wrapped  # type: ignore[return-value]
 
     def _wrap(self, handler: grpc.RpcMethodHandler | None, full: str) -> grpc.RpcMethodHandler | None:
