@@ -51,7 +51,8 @@ def paired_rounds(model: torch.nn.Module, best: RawPoint, on: ServerProcess, off
     out = []
     for i in range(rounds):
         for c in levels:
-            raw = measure_one(model, best.layout, best.batch_size, 224, seconds / 2, device).images_per_second
+            raw = measure_one(model, best.layout, best.batch_size, 224, seconds / 2, device,
+                              best.context).images_per_second
             a = sweep(on, (c,), seconds)[0]
             b = sweep(off, (c,), seconds)[0]
             out.append(Round(i + 1, c, raw, a, b))
@@ -74,8 +75,8 @@ def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, se
     on_med = {c: med([r.on.throughput for r in by[c]]) for c in levels}
     best_c = max(levels, key=lambda c: on_med[c])
     batches = sorted({p.batch_size for p in raw})
-    layouts = list(dict.fromkeys(p.layout for p in raw))
-    table = {(p.layout, p.batch_size): p.images_per_second for p in raw}
+    columns = list(dict.fromkeys((p.layout, p.context) for p in raw))
+    table = {(p.layout, p.context, p.batch_size): p.images_per_second for p in raw}
     lines = [
         f"## {device} — {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -84,14 +85,15 @@ def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, se
         f"machine; {seconds:.0f} s per level. Load average (1/5/15 min) at the start: {load[0]}; at the end: "
         f"{load[1]}. The server runs its replicas in **{served_layout}** on this device.",
         "",
-        "**(a) Raw in-process torch, forward + backward to the input** (images/s; layouts interleaved):",
+        "**(a) Raw in-process torch, forward + backward to the input** (images/s; layout, calling thread; "
+        "interleaved):",
         "",
-        "| batch | " + " | ".join(layouts) + " |",
-        "| ---: | " + " | ".join("---:" for _ in layouts) + " |",
-        *(f"| {b} | " + " | ".join(f"{table[(lay, b)]:.2f}" for lay in layouts) + " |" for b in batches),
+        "| batch | " + " | ".join(f"{lay}, {ctx}" for lay, ctx in columns) + " |",
+        "| ---: | " + " | ".join("---:" for _ in columns) + " |",
+        *(f"| {b} | " + " | ".join(f"{table[(lay, ctx, b)]:.2f}" for lay, ctx in columns) + " |" for b in batches),
         "",
-        f"Best raw configuration (the limit below): **{best.layout}, batch {best.batch_size}** "
-        f"({best.images_per_second:.2f} images/s in the table).",
+        f"Best raw configuration (the limit below): **{best.label}** ({best.images_per_second:.2f} images/s "
+        "in the table).",
         "",
         f"**(b) Paired rounds** — raw at the best configuration, then the service with batching on "
         f"(`--batch {device}={batch}`), then off (`--batch {device}=1:0`), back to back:",
@@ -150,9 +152,9 @@ def main() -> int:
     models = in_layouts(load_lite(MODEL).module.to(device), list(LAYOUTS))
     raw = measure(models, 224, [int(b) for b in args.raw_batches.split(",")], args.raw_seconds, device)
     for p in raw:
-        print(f"  {p.layout:>13} batch {p.batch_size:3d}: {p.images_per_second:7.2f} images/s", flush=True)
+        print(f"  {p.label:>40}: {p.images_per_second:7.2f} images/s", flush=True)
     best = max(raw, key=lambda p: p.images_per_second)
-    print(f"best raw: {best.layout}, batch {best.batch_size}")
+    print(f"best raw: {best.label}")
     common = ["--device", args.device, "--max-queue", "1024"]
     with ServerProcess([*common, "--batch", f"{args.device}={batch}"]) as on_srv, \
             ServerProcess([*common, "--batch", f"{args.device}=1:0"]) as off_srv:

@@ -1,9 +1,17 @@
-"""The physical limit: in-process torch throughput of forward + backward to the input, by memory layout and
-batch size, so that the service is compared with the best configuration this machine offers."""
+"""The physical limit: in-process torch throughput of forward + backward to the input, by memory layout,
+batch size and calling thread, so that the service is compared with the best configuration this machine
+offers.
+
+The calling thread matters on a busy machine: torch's OpenMP team spins while it waits at its barriers,
+and a team started from the main thread burnt most of its CPU that way when other processes held the cores
+(0.7-2.3 images/s against 6-11 from a plain thread in the same process, minutes apart, 2026-11-29; with
+OMP_WAIT_POLICY=PASSIVE both ran 7-11). The server computes on a worker thread, so both are measured.
+"""
 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,11 +22,19 @@ from torch import nn
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+CONTEXTS = ("main", "thread")  # the calling thread: this one, or a fresh one (as a server worker)
+
+
 @dataclass(frozen=True)
 class RawPoint:
     layout: str  # a key of LAYOUTS
     batch_size: int
     images_per_second: float
+    context: str = "main"  # a CONTEXTS value
+
+    @property
+    def label(self) -> str:
+        return f"{self.layout}, batch {self.batch_size}, {self.context} thread"
 
 
 def gradient_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +52,14 @@ def in_layouts(model: nn.Module, layouts: Sequence[str]) -> dict[str, nn.Module]
 
 
 def measure_one(model: nn.Module, layout: str, batch: int, size: int, seconds: float,
-                device: torch.device) -> RawPoint:
+                device: torch.device, context: str = "main") -> RawPoint:
+    if context == "thread":
+        out: list[RawPoint] = []
+        worker = threading.Thread(target=lambda: out.append(measure_one(model, layout, batch, size, seconds,
+                                                                          device)))
+        worker.start()
+        worker.join()
+        return RawPoint(layout, batch, out[0].images_per_second, "thread")
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=LAYOUTS[layout])
     gradient_step(model, x)  # warm-up (allocations, kernels)
     n, started = 0, time.perf_counter()
@@ -49,7 +72,7 @@ def measure_one(model: nn.Module, layout: str, batch: int, size: int, seconds: f
 
 
 def measure(models: dict[str, nn.Module], size: int, batch_sizes: Sequence[int], seconds: float,
-            device: torch.device) -> list[RawPoint]:
-    """Every (layout, batch size), the layouts interleaved per batch size so that drift hits both alike."""
-    return [measure_one(model, layout, b, size, seconds, device)
-            for b in batch_sizes for layout, model in models.items()]
+            device: torch.device, contexts: Sequence[str] = CONTEXTS) -> list[RawPoint]:
+    """Every (layout, batch size, context), interleaved per batch size so that drift hits all alike."""
+    return [measure_one(model, layout, b, size, seconds, device, context)
+            for b in batch_sizes for layout, model in models.items() for context in contexts]
