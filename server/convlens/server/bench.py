@@ -33,7 +33,8 @@ def sweep(server: ServerProcess, levels: tuple[int, ...], seconds: float) -> lis
     cfg = LoadTestConfig(target=server.address, rpc="saliency", model=MODEL, method="gradient",
                          concurrency=levels, duration=seconds, warmup=3.0, metrics_url=server.metrics_url,
                          timeout=300.0)
-    return run_loadtest(cfg)
+    results: list[LevelResult] = run_loadtest(cfg)
+    return results
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,10 @@ def _find_dead_channels(model: nn.Module, conv: nn.Module, example: torch.Tensor
     finally:
         for h in handles:
             h.remove()
-    if not consumer or consumer[0].running_var is None:
+    running_var = getattr(consumer[0], "running_var", None) if consumer else None
+    if not isinstance(running_var, torch.Tensor):
         return []
-    return [int(i) for i in torch.nonzero(consumer[0].running_var == 0).flatten().tolist()]
+    return [int(i) for i in torch.nonzero(running_var == 0).flatten().tolist()]
 
 
 def _pair(value: object) -> tuple[int, ...]:
@@ -86,4 +87,4 @@ def _pair(value: object) -> tuple[int, ...]:
         return (value, value)
     if isinstance(value, str):  # padding="same"/"valid"
         return ()
-    return tuple(int(v) for v in value)  # type: ignore[union-attr]
+    return tuple(int(v) for v in value)  # type: ignore[attr-defined]

@@ -37,8 +37,9 @@ def default_cam_layer(model: nn.Module, *, input_size: tuple[int, int] = (224, 2
     """The default Grad-CAM layer for inputs of `input_size` (one no-grad probe, remembered by the
     model's resolver)."""
     lookup = resolver_for(model, resolver)
-    return lookup.remember(("grad_cam.default_layer", tuple(input_size)),
-                           lambda: _probe_default(model, lookup, input_size))
+    layer: str = lookup.remember(("grad_cam.default_layer", tuple(input_size)),
+                                 lambda: _probe_default(model, lookup, input_size))
+    return layer
 
 
 def _probe_default(model: nn.Module, lookup: LayerResolver, input_size: tuple[int, int]) -> str:

@@ -56,7 +56,7 @@ class LayerResolver:
                  model_name: str | None = None) -> None:
         self.model = model
         self.model_name = model_name
-        self._modules = {name: m for name, m in model.named_modules() if name}
+        self._modules: dict[str, nn.Module] = {name: m for name, m in model.named_modules() if name}
         self._names: dict[int, str] = {}
         for name, m in self._modules.items():
             self._names.setdefault(id(m), name)  # a module registered twice keeps its first name
@@ -78,7 +78,7 @@ class LayerResolver:
 
     def module(self, name: str, *, field: str = "layer") -> nn.Module:
         """The module called `name`; NotFound naming `field` otherwise."""
-        module = self._modules.get(name)
+        module: nn.Module | None = self._modules.get(name)
         if module is None:
             raise not_found(name, field, self.model_name)
         return module
