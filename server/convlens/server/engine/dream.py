@@ -191,7 +191,8 @@ class DreamJob:
         return int(oy), int(ox)
 
     def make_input(self) -> torch.Tensor:
-        return self._space.normalize(torch.roll(self.pixels, self.draw_shift(), dims=(-2, -1)))
+        batch: torch.Tensor = self._space.normalize(torch.roll(self.pixels, self.draw_shift(), dims=(-2, -1)))
+        return batch
 
     def loss(self, acts: Activations, row: int) -> StepLoss:
         value = self.objective(acts.layer(self.settings.layer, row))
@@ -234,7 +235,8 @@ def guide_features(model: nn.Module, space: PixelSpace, guide: torch.Tensor, lay
     if scale_up > 1:
         h, w = max(1, round(guide.shape[-2] * scale_up)), max(1, round(guide.shape[-1] * scale_up))
     with torch.no_grad():
-        return layer_features(model, resize(guide.float(), (h, w))[None], [layer], space)[layer][0]
+        features: torch.Tensor = layer_features(model, resize(guide.float(), (h, w))[None], [layer], space)[layer][0]
+    return features
 
 
 def dream(model: nn.Module, image: torch.Tensor, settings: DreamSettings, objective: LayerObjective, *,

@@ -28,7 +28,8 @@ class PixelSpace:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels / 255.0 - mean) / std
+        normalized: torch.Tensor = (pixels / 255.0 - mean) / std
+        return normalized
 
 
 class _Enough(Exception):

@@ -211,7 +211,8 @@ class StyleJob:
         return self.step >= self.settings.steps
 
     def make_input(self) -> torch.Tensor:
-        return self._space.normalize(self.image)
+        batch: torch.Tensor = self._space.normalize(self.image)
+        return batch
 
     def loss(self, acts: Activations, row: int) -> StepLoss:
         terms = loss_terms(self.settings, self.targets, {k: acts.layer(k, row) for k in self.settings.layers})
@@ -238,8 +239,8 @@ def output_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 def prepare_images(content: torch.Tensor, style: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Content at the output size; style scaled so its longest side is `size` too ([3, H, W], 0..255)."""
-    c = resize(content.float(), output_size(*content.shape[-2:], size)).clamp(0.0, 255.0)
-    s = resize(style.float(), output_size(*style.shape[-2:], size)).clamp(0.0, 255.0)
+    c = resize(content.float(), output_size(int(content.shape[-2]), int(content.shape[-1]), size)).clamp(0.0, 255.0)
+    s = resize(style.float(), output_size(int(style.shape[-2]), int(style.shape[-1]), size)).clamp(0.0, 255.0)
     return c, s
 
 
