@@ -1098,7 +1098,9 @@ class TopActivation(_message.Message):
     """Position in the layer's output map (0, 0 for a vector layer)."""
     x: _builtins.int
     crop_png: _builtins.bytes
-    """PNG crop of original_box from the original-resolution image (include_crops)."""
+    """PNG crop of original_box cut from the original-resolution image, downscaled to at most 256 px when
+    larger (include_crops).
+    """
     image_png: _builtins.bytes
     """PNG of the original image, downscaled to at most 640 px, with the box drawn (include_images)."""
     digest: _builtins.str

@@ -119,9 +119,10 @@ class TopKIndex:
     tables: dict[str, Table] = field(default_factory=dict)
     count: int = 0  # images scanned
     coverage: int = 0
-    sum_mean: np.ndarray | None = None  # [C] float64, sum of quantised per-image means
-    max: np.ndarray | None = None  # [C] float32
-    positive: np.ndarray | None = None  # [C] int64
+    # Per channel; empty arrays are allocated for `channels` in __post_init__.
+    sum_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64, sum of quantised image means
+    max: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # float32
+    positive: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64, positions > 0
     meta: dict[str, str] = field(default_factory=dict)  # free-form provenance (model, digests, ...)
 
     def __post_init__(self) -> None:
@@ -129,11 +130,11 @@ class TopKIndex:
             raise ValueError("k_max and per_image must be >= 1")
         for name in RANKINGS:
             self.tables.setdefault(name, Table.empty(self.channels, self.k_max))
-        if self.sum_mean is None:
+        if self.sum_mean.size == 0:
             self.sum_mean = np.zeros(self.channels, np.float64)
-        if self.max is None:
+        if self.max.size == 0:
             self.max = np.full(self.channels, -np.inf, np.float32)
-        if self.positive is None:
+        if self.positive.size == 0:
             self.positive = np.zeros(self.channels, np.int64)
 
     # ------------------------------------------------------------------ building
@@ -175,7 +176,6 @@ class TopKIndex:
         return out
 
     def stats(self, channel: int) -> ChannelStats:
-        assert self.sum_mean is not None and self.max is not None and self.positive is not None
         if self.count == 0:
             return ChannelStats(0, 0.0, 0.0, 0.0)
         positions = self.count * self.map_hw[0] * self.map_hw[1]
@@ -222,13 +222,13 @@ class TopKIndex:
                   "map_hw": list(self.map_hw), "k_max": self.k_max, "per_image": self.per_image,
                   "count": self.count, "coverage": str(self.coverage), "meta": self.meta,
                   "images": [[i.path, i.digest] for i in self.images]}
-        arrays: dict[str, np.ndarray] = {"sum_mean": self.sum_mean, "max": self.max,  # type: ignore[dict-item]
-                                         "positive": self.positive}  # type: ignore[dict-item]
+        arrays: dict[str, np.ndarray] = {"sum_mean": self.sum_mean, "max": self.max, "positive": self.positive}
         for name in RANKINGS:
             for part, a in zip(("values", "images", "ys", "xs"), self.tables[name].arrays(), strict=True):
                 arrays[f"{name}.{part}"] = a
         buf = io.BytesIO()
-        np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
         return buf.getvalue()
 
     @classmethod
@@ -239,7 +239,7 @@ class TopKIndex:
                 raise ValueError(f"{source}: index format {header.get('version')}, expected {FORMAT_VERSION}")
             tables = {name: Table(*(z[f"{name}.{p}"] for p in ("values", "images", "ys", "xs")))
                       for name in RANKINGS}
-            return cls(header["layer"], header["channels"], tuple(header["map_hw"]),  # type: ignore[arg-type]
+            return cls(header["layer"], header["channels"], tuple(header["map_hw"]),
                        header["k_max"], header["per_image"], [ImageId(p, d) for p, d in header["images"]],
                        tables, header["count"], int(header["coverage"]), z["sum_mean"], z["max"],
                        z["positive"], dict(header["meta"]))

@@ -42,7 +42,7 @@ from convlens.server.service.images import ImageInput, to_array
 
 RANKINGS = ("max", "mean")
 MAX_CALLER_IMAGES = 64
-CROP_MAX_SIDE = 512  # crops larger than this (late layers see most of the photo) are downscaled
+CROP_MAX_SIDE = 256  # crops larger than this (late layers see most of the photo) are downscaled
 PICTURE_MAX_SIDE = 640
 Box = tuple[int, int, int, int]
 
@@ -228,7 +228,7 @@ def draw_box(rgb: np.ndarray, box: Box) -> Image.Image:
     scale = min(1.0, PICTURE_MAX_SIDE / max(image.size))
     if scale < 1.0:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.LANCZOS)
+                             Image.Resampling.LANCZOS, reducing_gap=2.0)
     draw = ImageDraw.Draw(image)
     x0, y0, x1, y1 = (v * scale for v in box)
     width = max(2, round(max(image.size) / 160))
@@ -240,7 +240,8 @@ def _fit(image: Image.Image, side: int) -> Image.Image:
     if max(image.size) <= side:
         return image
     s = side / max(image.size)
-    return image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))), Image.Resampling.LANCZOS)
+    return image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))), Image.Resampling.LANCZOS,
+                        reducing_gap=2.0)
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:

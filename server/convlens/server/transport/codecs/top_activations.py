@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
+from PIL import Image
+
 from convlens.server.errors import InvalidArgument
 from convlens.server.service.top_activations import (
     Box,
@@ -10,7 +14,7 @@ from convlens.server.service.top_activations import (
     TopActivationsQuery,
     TopItem,
 )
-from convlens.server.transport.codecs.common import enum, geometry, image_input, png
+from convlens.server.transport.codecs.common import enum, geometry, image_input
 from convlens.v1 import convlens_pb2 as pb
 
 RANKINGS = {pb.RANKING_UNSPECIFIED: "max", pb.RANKING_MAX: "max", pb.RANKING_MEAN: "mean"}
@@ -29,6 +33,15 @@ def query(request: pb.TopActivationsRequest) -> TopActivationsQuery:
         dataset=request.dataset, ranking=enum(RANKINGS, request.ranking, "ranking", "Ranking"),
         max_per_image=request.max_per_image or 1, images=images, crops=request.include_crops,
         pictures=request.include_images)
+
+
+def png(image: Image.Image | None) -> bytes:
+    """Fast PNG (zlib level 1): photos barely compress, and level 6 took ~100 ms per 512-px crop."""
+    if image is None:
+        return b""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def _box(b: Box) -> pb.Box:
