@@ -4,6 +4,7 @@ float tolerance (only the order of floating-point sums may differ)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -104,6 +105,24 @@ def test_relu_net_gradients_equal_in_both_layouts() -> None:
     plain = compute_saliency(model, payloads)
     fast = compute_saliency(model.replica(CPU, memory_format=CL), payloads)
     for a, b in zip(plain, fast, strict=True):
+        torch.testing.assert_close(b.attribution, a.attribution, rtol=1e-4,
+                                   atol=1e-5 * float(a.attribution.abs().max()))
+
+
+def test_torchscript_gradients_equal_in_both_layouts() -> None:
+    from convlens.server.models.torchscript_module import ScriptedModel
+    from tests.models.conftest import TinyCNN
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # torch.jit.script is deprecated; served TorchScript files still exist
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(TinyCNN().eval())
+    model = served(ScriptedModel(scripted))
+    replica = model.replica(CPU, memory_format=CL)
+    assert conv_weights(replica) == [] or all(w.is_contiguous(memory_format=CL) for w in conv_weights(replica))
+    assert replica.module.get_submodule("conv1").weight.is_contiguous(memory_format=CL)
+    payloads = [SaliencyPayload(SaliencyOptions(method="guided_backprop"), image, None) for image in images(2)]
+    for a, b in zip(compute_saliency(model, payloads), compute_saliency(replica, payloads), strict=True):
         torch.testing.assert_close(b.attribution, a.attribution, rtol=1e-4,
                                    atol=1e-5 * float(a.attribution.abs().max()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -95,9 +96,13 @@ class ServedModel:
             memory_format = torch.contiguous_format
         if device == self.device and memory_format == self.memory_format:
             return self
-        module = copy.deepcopy(self.module).to(device).eval()
-        if memory_format != torch.contiguous_format:
-            module = module.to(memory_format=memory_format)
+        with warnings.catch_warnings():
+            # Converting a TorchScript module reads its parameters' `.grad`, which warns about non-leaf
+            # tensors; the conversion itself is right (tests/scheduler/test_layout.py).
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            module = copy.deepcopy(self.module).to(device).eval()
+            if memory_format != torch.contiguous_format:
+                module = module.to(memory_format=memory_format)
         return replace(self, module=module, device=device, memory_format=memory_format)
 
     @property
