@@ -12,6 +12,7 @@ from PIL import Image
 
 from convlens.client import Client, LayerInfo
 from convlens.server.demo_dream_style import dream_style_section
+from convlens.server.demo_units import units_section
 from convlens.server.launcher import ServerProcess
 
 MODEL = "efficientnet_lite0"
@@ -107,6 +108,7 @@ def main() -> int:
         sections.append(f"<h2>Saliency: which pixels decide the top-1 class</h2><p>Predictions: {preds}. "
                         "Each pair: heatmap overlay, then the signed attribution (grey = 0).</p>"
                         + "".join(figures))
+        sections.append(units_section(c, out))
         sections.append(dream_style_section(c, out))
 
     page = f"""<!doctype html><meta charset=utf-8><title>ConvLens demo</title>
