@@ -77,9 +77,7 @@ def target(message: pb.Target, has_field: bool, field: str = "target") -> Target
     if kind == "class_index":
         return ClassTarget(int(message.class_index))
     if kind == "unit":
-        u = message.unit
-        if u.HasField("y") != u.HasField("x"):
-            raise InvalidArgument("give both y and x, or neither (a whole channel)", field=f"{field}.unit.y")
+        u = message.unit  # "both y and x or neither" is the engine's rule (targets.validate_target), not ours
         return UnitTarget(
             layer=u.layer, channel=int(u.channel),
             y=int(u.y) if u.HasField("y") else None, x=int(u.x) if u.HasField("x") else None,
