@@ -34,7 +34,7 @@ class RawPoint:
 
     @property
     def label(self) -> str:
-        return f"{self.layout}, batch {self.batch_size}, {self.context} thread"
+        return f"{self.layout}, batch {self.batch_size}, {'main' if self.context == 'main' else 'worker'} thread"
 
 
 def gradient_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
