@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from convlens.client import Client, ConvLensError, Progress, Timeout, UnavailableError
 from convlens.client._config import ChannelConfig
 from convlens.server.launcher import ServerProcess
 from convlens.v1 import convlens_pb2 as pb
@@ -97,3 +98,46 @@ def test_sigterm_under_load_answers_every_accepted_call_and_exits_0_within_grace
     assert all(served[rid]["code"] == "OK" for rid in accepted)
     finished_after_signal = [t for code, t in outcomes.values() if code == "OK" and t > signalled]
     assert len(finished_after_signal) >= 3  # the calls in flight at SIGTERM were drained, not dropped
+
+
+def test_a_stream_outliving_the_grace_ends_unavailable_saying_how_far_it_got(tmp_path: Path) -> None:
+    repo = write_tiny_repo(tmp_path / "repo", size=64)
+    grace = 3.0
+    srv = ServerProcess(serve_args(repo, "--grace", str(grace)), log_path=tmp_path / "server.log")
+    srv.start()
+    steps: list[int] = []
+    got_going = threading.Event()
+    result: dict[str, object] = {}
+
+    def on_progress(p: Progress) -> None:
+        steps.append(p.step)
+        if p.step >= 3:
+            got_going.set()
+
+    def run() -> None:
+        with Client(srv.address, timeout=Timeout(stream=120)) as c:
+            try:
+                result["ok"] = c.maximize_unit(TINY, 1, steps=4096, size=64, on_progress=on_progress)
+            except ConvLensError as e:
+                result["error"] = e
+
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        deadline = time.monotonic() + 120
+        while not got_going.wait(0.05):
+            assert not result and time.monotonic() < deadline, f"the stream never made progress: {result}"
+        assert srv.proc is not None
+        signalled = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(grace + 15) == 0
+        took = time.monotonic() - signalled
+        t.join(30)
+    finally:
+        srv.stop()
+    err = result.get("error")
+    assert isinstance(err, UnavailableError), result
+    assert took < grace + 1.0  # the grace, and the moment it takes to deliver a signal and reap a process
+    assert "of 4096" in err.message and "grace" in err.message, err.message
+    reported = int(err.message.split("after step ")[1].split()[0])
+    assert reported == steps[-1]  # the last progress the caller saw is the one the status names

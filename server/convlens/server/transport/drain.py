@@ -27,6 +27,7 @@ class InFlight:
     step: int = 0
     total_steps: int = 0
     cut: bool = False
+    in_body: bool = False  # awaiting the servicer (cancellable), not grpc sending a response
 
     def progress_text(self) -> str:
         if self.total_steps:
@@ -75,8 +76,9 @@ class Drain:
         calls = [c for c in self._calls if c.task is not None and not c.task.done()]
         for c in calls:
             c.cut = True
-            assert c.task is not None
-            c.task.cancel()
+            if c.in_body:  # otherwise the call notices `cut` as soon as grpc has sent its response
+                assert c.task is not None
+                c.task.cancel()
         return len(calls)
 
     async def shut_down(self, server: grpc.aio.Server, grace: float) -> None:
@@ -89,7 +91,7 @@ class Drain:
         end = time.monotonic() + grace
         self.start(grace)
         stopping = asyncio.create_task(server.stop(grace))
-        margin = min(1.0, grace / 10)
+        margin = min(max(1.0, grace / 10), grace / 2)  # for answering the cut calls and stopping
         if not await self.wait_idle(end - margin - time.monotonic()):
             log.warning("drain: the grace of %g s ran out; ending %d calls with UNAVAILABLE", grace, self.cut())
             await self.wait_idle(end - time.monotonic())

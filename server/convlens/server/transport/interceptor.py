@@ -179,7 +179,13 @@ class ServiceInterceptor(ServerInterceptor):
             call = None
             try:
                 call = self._admit(m, request, context, out)
-                return await behavior(request, context)
+                if call is None:
+                    return await behavior(request, context)
+                call.in_body = True
+                try:
+                    return await behavior(request, context)
+                finally:
+                    call.in_body = False
             except AbortError:
                 out.code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -200,17 +206,35 @@ class ServiceInterceptor(ServerInterceptor):
             started = time.perf_counter()
             out = _Outcome()
             call = None
+            responses: Any = None
+            finished = False
             try:
                 call = self._admit(m, request, context, out)
                 responses = behavior(request, context)
                 if not hasattr(responses, "__aiter__"):  # a handler that writes with context.write()
                     await responses  # (health Watch)
+                    finished = True
                     return
-                async for response in responses:
+                iterator = responses.__aiter__()
+                while True:
+                    # A drain cancels the task only while it is in here (computing the next response);
+                    # while grpc is sending one, a cancel would hit grpc's own write and lose the status.
+                    if call is not None:
+                        call.in_body = True
+                    try:
+                        response = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        if call is not None:
+                            call.in_body = False
                     if call is not None:
                         call.responses += 1
                         _note_progress(call, response)
                     yield response
+                    if call is not None and call.cut:  # cut while the response was on its way out
+                        raise asyncio.CancelledError
+                finished = True
             except AbortError:
                 out.code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -222,6 +246,10 @@ class ServiceInterceptor(ServerInterceptor):
             except Exception as exc:
                 await self._fail(exc, call, context, out)
             finally:
+                if not finished and out.code == _OK:  # closed at a yield: the caller went away
+                    out.code = grpc.StatusCode.CANCELLED
+                if responses is not None and hasattr(responses, "aclose"):
+                    await responses.aclose()  # release the job now, not when the generator is collected
                 self._done(m, started, context.peer(), out, call)
         return wrapper
 
@@ -234,6 +262,8 @@ class ServiceInterceptor(ServerInterceptor):
             call = None
             try:
                 call = self._admit(m, None, context, out)
+                if call is not None:
+                    call.in_body = True  # short calls: a drain may cancel them anywhere
                 async for response in behavior(requests, context):
                     yield response
             except AbortError:
