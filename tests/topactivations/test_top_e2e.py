@@ -83,6 +83,23 @@ def test_top_k_equals_plain_forward_hooks(server: ServerProcess, setup: dict[str
     assert top.images_scanned == len(PHOTOS) and top.dataset == "photos"
     assert top.stats is not None and top.stats.images == len(PHOTOS)
     assert all(e.digest and e.image_index == -1 for e in top)
+    if ranking == "max":  # the best image's spatial max is the channel's max over the dataset
+        assert top.stats.max == pytest.approx(want[0][1], rel=1e-4, abs=1e-5)
+
+
+def test_several_regions_per_image_are_distinct_peaks(server: ServerProcess) -> None:
+    with Client(server.address, timeout=300) as c:
+        one = c.top_activations("resnet18", "layer2", 3, k=8, dataset="photos")
+        many = c.top_activations("resnet18", "layer2", 3, k=8, dataset="photos", max_per_image=3)
+    assert (many[0].source, many[0].score, many[0].y, many[0].x) == (one[0].source, one[0].score, one[0].y, one[0].x)
+    scores = [e.score for e in many]
+    assert scores == sorted(scores, reverse=True) and len(many) == 8
+    by_image: dict[str, list[tuple[int, int]]] = {}
+    for e in many:
+        by_image.setdefault(e.source, []).append((e.y, e.x))
+    assert max(len(v) for v in by_image.values()) > 1 and all(len(v) <= 3 for v in by_image.values())
+    for spots in by_image.values():  # distinct 3x3 peaks: no two regions of one image are neighbours
+        assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 1 for i, a in enumerate(spots) for b in spots[i + 1:])
 
 
 def test_box_holds_every_pixel_the_unit_depends_on(server: ServerProcess, setup: dict[str, object]) -> None:
