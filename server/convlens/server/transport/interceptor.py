@@ -208,6 +208,7 @@ class ServiceInterceptor(ServerInterceptor):
             call = None
             responses: Any = None
             finished = False
+            peer = context.peer()  # now: after the call ended, context.peer() can segfault (grpc 1.7x, seen here)
             try:
                 call = self._admit(m, request, context, out)
                 responses = behavior(request, context)
@@ -250,7 +251,7 @@ class ServiceInterceptor(ServerInterceptor):
                     out.code = grpc.StatusCode.CANCELLED
                 if responses is not None and hasattr(responses, "aclose"):
                     await responses.aclose()  # release the job now, not when the generator is collected
-                self._done(m, started, context.peer(), out, call)
+                self._done(m, started, peer, out, call)
         return wrapper
 
     def _bidi(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
