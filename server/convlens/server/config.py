@@ -10,8 +10,10 @@ from pathlib import Path
 
 from convlens.server.scheduler.policy import BatchPolicy
 
-# Defaults per device kind. CPU: measured with `make bench` on 2 cores (docs/performance.md) — batching
-# gains little there, so batches stay small and the delay short. GPU: larger batches pay off.
+# Defaults per device kind. CPU: measured on 2 cores (docs/performance.md) and re-measured once replicas ran
+# in channels_last (2026-11-29, interleaved servers): size 8 lost to size 4 at concurrency 16 (0.73x) and a
+# 10 ms delay cost 0.88x alone (concurrency 1), so batches stay at 4 and the delay at 2 ms. GPU: larger
+# batches pay off (not measured here: no GPU lent).
 DEFAULT_POLICIES = {"cpu": BatchPolicy(4, 0.002), "cuda": BatchPolicy(32, 0.005)}
 
 
