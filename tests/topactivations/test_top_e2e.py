@@ -200,6 +200,9 @@ def test_index_is_reused_after_restart_and_rebuilt_when_a_file_changes(setup: di
     with start(setup) as first, Client(first.address, timeout=300) as c:
         before = c.top_activations("resnet18", layer, 2, k=4, dataset="photos")
         assert metric(first, "convlens_index_images_scanned_total", layer=layer) == len(PHOTOS)
+        # The scan went through the scheduler (batched beside other work), one task per image.
+        assert metric(first, "convlens_scheduler_tasks_total", rpc="TopActivationsScan") == len(PHOTOS)
+        assert metric(first, "convlens_index_build_progress", layer=layer) == 1.0
     with start(setup) as second, Client(second.address, timeout=300) as c:
         again = c.top_activations("resnet18", layer, 2, k=4, dataset="photos")
         assert [(e.source, e.score) for e in again] == [(e.source, e.score) for e in before]
