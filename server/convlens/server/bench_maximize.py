@@ -1,0 +1,130 @@
+"""`make bench` for MaximizeUnit: iteration-level batching of callers' optimisations, measured.
+
+In one run, paired rounds, back to back: (a) the same 8 jobs one after another through the server, then
+all 8 at once (the step scheduler batches their steps): the wall-time ratio; (b) a raw in-process loop of
+the very batched step the server runs (8 MaximizeJobs, `run_step` on a channels_last replica, no gRPC,
+no scheduler): job-steps per second, against the server's job-steps per second with 8 at once. Medians of
+per-round ratios are reported: this machine's speed drifts over minutes, so only side-by-side numbers
+compare.
+
+    python -m convlens.server.bench_maximize --out docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from convlens.client import AsyncClient
+from convlens.server.engine.optimize.maximize import MaximizeJob, MaximizeSettings
+from convlens.server.engine.optimize.objectives import ClassLogit
+from convlens.server.engine.optimize.runner import run_step
+from convlens.server.launcher import ServerProcess
+from convlens.server.models.embedded import load_lite
+from convlens.server.scheduler.policy import memory_format_for
+
+MODEL = "efficientnet_lite0"
+MARKER = "<!-- bench_maximize -->"
+CLASSES = (130, 144, 351, 736, 302, 63, 436, 100, 1, 967)
+
+
+def raw_steps_per_second(args: argparse.Namespace, device: torch.device) -> float:
+    """Job-steps per second of the server's batched step, run in process."""
+    model = load_lite(MODEL)
+    replica = model.replica(device, memory_format=memory_format_for(device))
+    pre = model.preprocess
+    jobs = [MaximizeJob(MaximizeSettings.resolve(args.preset, steps=args.steps, size=args.size, seed=i),
+                        ClassLogit(CLASSES[i % len(CLASSES)]), mean=pre.mean, std=pre.std, device=device)
+            for i in range(args.jobs)]
+    run_step(replica.module, jobs)  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.steps - 1):
+        run_step(replica.module, jobs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return args.jobs * (args.steps - 1) / (time.perf_counter() - start)
+
+
+async def one(client: AsyncClient, i: int, args: argparse.Namespace) -> None:
+    await client.maximize_unit(MODEL, CLASSES[i % len(CLASSES)], preset=args.preset, steps=args.steps,
+                               size=args.size, seed=i)
+
+
+async def service_round(address: str, args: argparse.Namespace) -> tuple[float, float]:
+    async with AsyncClient(address, timeout=3600) as client:
+        start = time.perf_counter()
+        for i in range(args.jobs):
+            await one(client, i, args)
+        sequential = time.perf_counter() - start
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i, args) for i in range(args.jobs)))
+        return sequential, time.perf_counter() - start
+
+
+def report(rows: list[tuple[float, float, float]], args: argparse.Namespace) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    wall = [c / s for s, c, _ in rows]
+    service = [args.jobs * args.steps / c for _, c, _ in rows]
+    vs_raw = [sv / raw for sv, (_, _, raw) in zip(service, rows, strict=True)]
+    lines = [
+        f"### MaximizeUnit: {args.jobs} jobs at once vs one after another ({when})", "",
+        f"Device {args.device} ({torch.get_num_threads()} torch threads here); preset {args.preset}, "
+        f"{args.steps} steps at {args.size} px per job; server step batch policy {args.batch}; "
+        f"{args.rounds} paired rounds (`python -m convlens.server.bench_maximize`).", "",
+        "| round | one after another (s) | at once (s) | wall ratio | service job-steps/s | raw loop job-steps/s "
+        "| service / raw |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r, ((s, c, raw), ratio, sv, vr) in enumerate(zip(rows, wall, service, vs_raw, strict=True), 1):
+        lines.append(f"| {r} | {s:.1f} | {c:.1f} | {ratio:.2f} | {sv:.1f} | {raw:.1f} | {vr:.2f} |")
+    lines += ["", f"Median wall ratio (at once / one after another): **{statistics.median(wall):.2f}** "
+                  f"(goal on a CPU <= 0.8); median service / raw loop: **{statistics.median(vs_raw):.2f}** "
+                  "(goal >= 0.85). The service's time includes each job's admission, final scoring forward, "
+                  "PNG encoding and the gRPC stream; the raw loop is the batched step alone."]
+    return "\n".join(lines) + "\n"
+
+
+def record(path: Path, text: str) -> None:
+    """Insert the run under MARKER in its own section (everything else in the file stays)."""
+    previous = path.read_text() if path.exists() else "# Performance\n"
+    if MARKER not in previous:
+        previous = (previous.rstrip("\n") + "\n\n## MaximizeUnit: step batching across callers\n\n"
+                    + MARKER + "\n")
+    head, _, tail = previous.partition(MARKER)
+    path.write_text(f"{head}{MARKER}\n\n{text}\n{tail.lstrip(chr(10))}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("docs/performance.md"))
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--preset", default="lucid")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", default="8:2", help="the server's batch policy SIZE:DELAY_MS")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    flags = ["--device", args.device, "--batch", f"{args.device}={args.batch}", "--max-jobs", str(2 * args.jobs)]
+    rows = []
+    with ServerProcess(flags) as server:
+        asyncio.run(service_round(server.address, argparse.Namespace(**{**vars(args), "jobs": 1, "steps": 2})))
+        for r in range(args.rounds):
+            sequential, concurrent = asyncio.run(service_round(server.address, args))
+            raw = raw_steps_per_second(args, device)
+            rows.append((sequential, concurrent, raw))
+            print(f"  round {r + 1}: one after another {sequential:.1f} s, at once {concurrent:.1f} s "
+                  f"(ratio {concurrent / sequential:.2f}); service {args.jobs * args.steps / concurrent:.1f} "
+                  f"job-steps/s, raw {raw:.1f}", flush=True)
+    text = report(rows, args)
+    print(text)
+    record(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
