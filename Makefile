@@ -37,6 +37,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m convlens.server.bench --out docs/performance.md
 	$(PY) -m convlens.server.bench_dream_style --out docs/performance.md
+	$(PY) -m convlens.server.bench_maximize --out docs/performance.md
 
 clean:
 	rm -rf out build *.egg-info

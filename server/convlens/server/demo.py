@@ -12,6 +12,7 @@ from PIL import Image
 
 from convlens.client import Client, LayerInfo
 from convlens.server.demo_dream_style import dream_style_section
+from convlens.server.demo_maximize import maximize_section
 from convlens.server.demo_units import units_section
 from convlens.server.launcher import ServerProcess
 
@@ -110,6 +111,7 @@ def main() -> int:
                         + "".join(figures))
         sections.append(units_section(c, out))
         sections.append(dream_style_section(c, out))
+        sections.append(maximize_section(c, out))
 
     page = f"""<!doctype html><meta charset=utf-8><title>ConvLens demo</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}
