@@ -144,7 +144,14 @@ class Worker:
 
 
 def _settle(outcomes: list[Outcome], done: asyncio.Future[None]) -> None:
-    """On the loop: deliver results; futures already done (cancelled, or failed by stop) are skipped."""
+    """On the loop: deliver results; futures already done (cancelled, or failed by stop) are skipped.
+
+    The worker's `done` is set first: callbacks run in the order they are scheduled, so the dispatcher
+    hands the worker its next batch before the callers' handlers encode their responses (which then
+    overlaps the next compute instead of delaying it).
+    """
+    if not done.done():
+        done.set_result(None)
     for entry, error, result in outcomes:
         if entry.future.done():
             continue
@@ -152,5 +159,3 @@ def _settle(outcomes: list[Outcome], done: asyncio.Future[None]) -> None:
             entry.future.set_exception(error)
         else:
             entry.future.set_result(result)
-    if not done.done():
-        done.set_result(None)
