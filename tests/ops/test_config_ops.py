@@ -16,13 +16,18 @@ def options(target: str) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("target", ["ipv4:10.0.0.1:50051,10.0.0.2:50051", "dns:///convlens.ns.svc:50051"])
-def test_multi_address_targets_balance_round_robin(target: str) -> None:
-    assert options(target)["grpc.lb_policy_name"] == "round_robin"
+def test_multi_address_targets_balance_round_robin_over_healthy_replicas(target: str) -> None:
+    opts = options(target)
+    assert opts["grpc.lb_policy_name"] == "round_robin"
+    config = json.loads(str(opts["grpc.service_config"]))
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "convlens.v1.InspectionService"}
 
 
 def test_single_target_keeps_pick_first_and_every_target_retries_unavailable_with_keepalive() -> None:
     opts = options("localhost:50051")
     assert "grpc.lb_policy_name" not in opts
+    assert "healthCheckConfig" not in json.loads(str(opts["grpc.service_config"]))
     (method,) = json.loads(str(opts["grpc.service_config"]))["methodConfig"]
     assert method["name"] == [{"service": "convlens.v1.InspectionService"}]
     policy = method["retryPolicy"]

@@ -28,8 +28,14 @@ class Retry:
     max_backoff: float = 2.0
     backoff_multiplier: float = 2.0
 
-    def service_config(self) -> str:
-        return json.dumps({"methodConfig": [{
+    def service_config(self, *, balanced: bool = False) -> str:
+        """Balanced (several replicas): round robin over the replicas the gRPC health service calls SERVING,
+        watched by the channel itself, so a draining replica stops getting calls the moment it says so."""
+        config: dict[str, Any] = {}
+        if balanced:
+            config["loadBalancingConfig"] = [{"round_robin": {}}]
+            config["healthCheckConfig"] = {"serviceName": _SERVICE}
+        return json.dumps({**config, "methodConfig": [{
             "name": [{"service": _SERVICE}],
             "retryPolicy": {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff}s",
                             "maxBackoff": f"{self.max_backoff}s", "backoffMultiplier": self.backoff_multiplier,
@@ -127,7 +133,7 @@ class ChannelConfig:
             ("grpc.max_receive_message_length", size),
             ("grpc.primary_user_agent", _USER_AGENT),
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", Retry().service_config()),
+            ("grpc.service_config", Retry().service_config(balanced=_is_multi_address(self.target))),
             *KEEPALIVE_OPTIONS,
         ]
         if _is_multi_address(self.target):

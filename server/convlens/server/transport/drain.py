@@ -40,6 +40,7 @@ class Drain:
         self.draining = False
         self.grace_seconds = 0.0
         self._calls: set[InFlight] = set()
+        self._watchers: set[asyncio.Task[object]] = set()  # health Watch streams: as long as their callers
         self._idle: asyncio.Event | None = None
 
     @property
@@ -50,6 +51,13 @@ class Drain:
         call = InFlight(asyncio.current_task())
         self._calls.add(call)
         return call
+
+    def watch(self) -> None:
+        """The current task serves a health Watch stream: ended once the real calls are done."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
 
     def leave(self, call: InFlight) -> None:
         self._calls.discard(call)
@@ -90,10 +98,22 @@ class Drain:
         """
         end = time.monotonic() + grace
         self.start(grace)
-        stopping = asyncio.create_task(server.stop(grace))
+        # Health is NOT_SERVING already; SDK clients balancing over replicas watch it and stop picking this
+        # one within a round trip. Give them that moment (calls still arriving get UNAVAILABLE, which they
+        # retry) before closing the listener: grpc kills calls that reach a stopping server unmatched with
+        # a bare CANCELLED, which no client retries.
+        await asyncio.sleep(min(0.25, grace / 8))
+        stopping = asyncio.create_task(server.stop(max(end - time.monotonic(), 0.0)))
         margin = min(max(1.0, grace / 10), grace / 2)  # for answering the cut calls and stopping
         if not await self.wait_idle(end - margin - time.monotonic()):
             log.warning("drain: the grace of %g s ran out; ending %d calls with UNAVAILABLE", grace, self.cut())
             await self.wait_idle(end - time.monotonic())
-        await server.stop(0)  # what is left: health Watch streams, which last as long as their callers
-        await stopping
+        # Handlers have returned, but grpc may still be sending their responses: let its own shutdown
+        # finish them (it returns once no call is left), after ending the health Watch streams.
+        for task in list(self._watchers):
+            task.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), max(end - time.monotonic(), 0.5))
+        except TimeoutError:
+            await server.stop(0)
+            await stopping

@@ -140,7 +140,11 @@ class ServiceInterceptor(ServerInterceptor):
         if m.needs_token:
             assert self.auth is not None
             out.caller = self.auth.check(metadata)
-        return None if m.health else self.drain.enter()
+        if m.health:
+            if m.stream:
+                self.drain.watch()
+            return None
+        return self.drain.enter()
 
     async def _fail(self, exc: BaseException, call: InFlight | None, context: grpc.aio.ServicerContext,
                     out: _Outcome) -> None:
@@ -240,6 +244,9 @@ class ServiceInterceptor(ServerInterceptor):
                 out.code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except asyncio.CancelledError as exc:
+                if m.health and self.drain.draining:  # a Watch ended by the drain: say so, and end the RPC
+                    out.code = grpc.StatusCode.UNAVAILABLE
+                    await context.abort(out.code, "server shut down")
                 if call is None or not call.cut:
                     out.code = grpc.StatusCode.CANCELLED
                     raise
