@@ -11,10 +11,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from convlens.client import Client, ConvLensError
 from convlens.server.launcher import ServerProcess
 from tests.ops.conftest import TINY, metric_value, scrape, serve_args
+
+pytestmark = pytest.mark.slow  # real server processes
 
 
 def saliency_ok(text: str) -> float:

@@ -194,6 +194,7 @@ def scraped(tiny_repo: Path) -> str:
         return scrape(srv.metrics_url)
 
 
+@pytest.mark.slow  # a real server process
 def test_every_dashboard_alert_and_adapter_query_parses_and_uses_exported_metrics(scraped: str) -> None:
     names = exported(scraped)
     assert "grpc_server_handled_total" in names and "convlens_scheduler_queue_depth" in names

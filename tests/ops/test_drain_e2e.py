@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from PIL import Image
 
 from convlens.client import Client, ConvLensError, Progress, Timeout, UnavailableError
@@ -20,6 +21,8 @@ from convlens.server.launcher import ServerProcess
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
 from tests.ops.conftest import TINY, metric_value, scrape, serve_args, write_tiny_repo
+
+pytestmark = pytest.mark.slow  # real server processes
 
 GRACE = 30.0
 

@@ -16,6 +16,8 @@ from convlens.client import TLS, Client, UnauthenticatedError, UnavailableError
 from convlens.server.launcher import ServerProcess
 from tests.ops.conftest import TINY, Pki, serve_args
 
+pytestmark = pytest.mark.slow  # real server processes
+
 TOKEN = "tok-7f3a9c1e5b2d4a6f8e0c"
 
 
