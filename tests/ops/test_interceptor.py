@@ -163,3 +163,12 @@ async def test_drain_returns_as_soon_as_calls_finish() -> None:
         await srv.shut_down(grace=30.0)
         assert time.monotonic() - t0 < 5.0
         assert (await call).model.name == "0.2"
+
+
+async def test_health_cli_exit_code_follows_the_status() -> None:
+    from convlens.client._cli import main as cli_main
+    async with InProcessServer() as srv:
+        assert await asyncio.to_thread(cli_main, ["-s", srv.address, "health"]) == 0
+        await srv.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert await asyncio.to_thread(cli_main, ["-s", srv.address, "health"]) == 1
+        assert await asyncio.to_thread(cli_main, ["-s", srv.address, "health", "--service", "nope"]) == 1

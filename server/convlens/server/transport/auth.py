@@ -25,8 +25,8 @@ log = logging.getLogger("convlens.server.auth")
 DEFAULT_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                   "/grpc.reflection.v1.ServerReflection/")
 
-HOW_TO = ("send the metadata 'authorization: Bearer <token>' (SDK: Client(..., token=...); "
-          "CLI: --token or CONVLENS_TOKEN)")
+HOW_TO = ("send the metadata 'authorization: Bearer <token>' with a token this server is configured with "
+          "(SDK: Client(..., token=...); CLI: --token or CONVLENS_TOKEN)")
 
 
 class Unauthenticated(Exception):
@@ -105,7 +105,7 @@ class TokenAuth:
             if hmac.compare_digest(entry.digest, presented) and found is None:
                 found = entry.name
         if found is None:
-            raise Unauthenticated(f"unknown bearer token: {HOW_TO} with a token the server is configured with")
+            raise Unauthenticated(f"unknown bearer token: {HOW_TO}")
         return found
 
     def _entries(self) -> list[_Entry]:

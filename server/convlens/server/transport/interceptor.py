@@ -173,7 +173,7 @@ class ServiceInterceptor(ServerInterceptor):
                                    peer=peer, request_id=out.request_id, caller=out.caller, error=out.error,
                                    responses=call.responses if m.stream and call is not None else None)
 
-    # ------------------------------------------------------------------ the two call shapes
+    # ------------------------------------------------------------------ the call shapes
 
     def _unary(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
