@@ -16,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from convlens.server.config import from_args
 from convlens.server.launcher import ServerProcess
 from tests.ops.conftest import scrape, serve_args
 
@@ -90,6 +91,7 @@ def test_deployment_gpu_probes_termination_and_wiring() -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == 50051  # native gRPC probes, not exec
     assert pod["terminationGracePeriodSeconds"] > _grace_arg(c["args"])
+    assert from_args(c["args"]).grace_seconds == _grace_arg(c["args"])  # the server accepts its arguments
     assert pod["securityContext"]["runAsNonRoot"] is True
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -123,6 +125,7 @@ def test_compose_parses_and_references_files_that_exist() -> None:
         assert rule_file in mounts, f"prometheus reads {rule_file}, which is not mounted"
     targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     assert "convlens:9464" in targets and "9464:9464" in services["convlens"]["ports"]
+    assert from_args(services["convlens"]["command"]).log_format == "json"
     # Grafana: the provisioned data source is the one the dashboard uses; the provider path is mounted.
     prov = mounts["/etc/grafana/provisioning"]
     (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
@@ -141,6 +144,8 @@ def test_dockerfile_cuda_base_server_extra_non_root_health_check() -> None:
     assert any(".[server]" in x for x in lines if x.startswith("RUN"))
     user = [x for x in lines if x.startswith("USER ")][-1]
     assert user.split()[1].split(":")[0] not in ("root", "0")
+    cmd = next(x for x in lines if x.startswith("CMD "))
+    assert from_args(json.loads(cmd[4:])).grace_seconds > 0
     health = next(x for x in lines if x.startswith("HEALTHCHECK"))
     assert json.loads(health.split("CMD", 1)[1])[:2] == ["convlens", "health"]
     root = DEPLOY.parent
