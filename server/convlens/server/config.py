@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from convlens.server.scheduler.policy import BatchPolicy
 
@@ -170,7 +171,7 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         **_operations(p, args), **_datasets(p, args))
 
 
-def _operations(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, object]:
+def _operations(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
