@@ -29,20 +29,22 @@ from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput
 from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview
 
-# The default dream layer per model, chosen by looking (docs/quality.md): a stride-16 block, as
-# google/deepdream's inception_4c is for GoogLeNet.
-DEFAULT_LAYERS = {
-    "efficientnet_lite0": "_blocks.8",
-    "efficientnet_lite1": "_blocks.10",
-    "efficientnet_lite2": "_blocks.10",
-}
+# The default dream layer per model, chosen by looking (docs/quality.md): Lite0's last stride-16 block
+# dreams eyes, noses and fur, the object parts google/deepdream's inception_4c is known for; the stride-8
+# blocks and the first stride-16 ones dream stripes and spots.
+DEFAULT_LAYERS = {"efficientnet_lite0": "_blocks.10"}
 
 
 def default_layer(model: ServedModel) -> str:
-    """The model's dream layer: from the table, else the middle stride-16 map layer of its catalog."""
+    """The model's dream layer: from the table, else its last stride-16 block (`_blocks.N` of the
+    EfficientNet-Lite family), else the middle stride-16 map layer of its catalog."""
     if model.name in DEFAULT_LAYERS and DEFAULT_LAYERS[model.name] in model.layer_index:
         return DEFAULT_LAYERS[model.name]
     maps = [s for s in model.layers if len(s.output_shape) == 3 and s.receptive_field is not None]
+    blocks = [s.name for s in maps if s.receptive_field and s.receptive_field.jump_y == 16
+              and s.name.startswith("_blocks.") and s.name.count(".") == 1]
+    if blocks:
+        return blocks[-1]
     for jump in (16, 8, 32, 4):
         candidates = [s.name for s in maps if s.receptive_field and s.receptive_field.jump_y == jump]
         if candidates:
