@@ -56,6 +56,8 @@ class Objective:
 class Sum(Objective):
     """sum_i w_i * objective_i; nested sums flatten, so `terms` names every leaf once."""
 
+    parts: tuple[tuple[float, Objective], ...]
+
     def __init__(self, parts: tuple[tuple[float, Objective], ...]) -> None:
         flat: list[tuple[float, Objective]] = []
         for weight, part in parts:

@@ -46,7 +46,8 @@ class Adam(Optimizer):
     def step_many(optimizers: Sequence[Adam], params: Sequence[Sequence[torch.Tensor]],
                   grads: Sequence[Sequence[torch.Tensor]]) -> None:
         """One Adam step for each job; parameters of equal shape, dtype, device and betas/eps are stacked."""
-        groups: dict[tuple[object, ...], list[tuple[Adam, torch.Tensor, torch.Tensor, int]]] = defaultdict(list)
+        Key = tuple[tuple[int, ...], torch.dtype, torch.device, tuple[float, float], float]
+        groups: dict[Key, list[tuple[Adam, torch.Tensor, torch.Tensor, int]]] = defaultdict(list)
         for opt, ps, gs in zip(optimizers, params, grads, strict=True):
             if opt.exp_avg is None or opt.exp_avg_sq is None:
                 opt.exp_avg = [torch.zeros_like(p) for p in ps]
