@@ -1885,7 +1885,9 @@ class DreamRequest(_message.Message):
     octave_scale: _builtins.float
     """Size ratio between octaves, above 1 and at most 4; default 1.4."""
     steps_per_octave: _builtins.int
-    """Ascent steps per octave, 1..200; default 10."""
+    """Ascent steps per octave, 1..200; default 10 (google/deepdream's), or the model's where 10 are too
+    few (EfficientNet-Lite0: 20, see docs/quality.md).
+    """
     step_size: _builtins.float
     """Step x += step_size / mean(|g|) * g on the 0..255 scale; default 1.5."""
     jitter: _builtins.int
