@@ -100,4 +100,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # On a thread of its own, as the server's worker runs steps: on this oversubscribed 2-core machine torch
+    # ran the same step 15-30x slower on the main thread (see server/convlens/server/bench_maximize.py).
+    import threading
+
+    worker = threading.Thread(target=main)
+    worker.start()
+    worker.join()
