@@ -51,6 +51,20 @@ async def test_lone_task_goes_after_max_batch_delay(make_scheduler) -> None:
     assert 0.09 <= elapsed < 2.0
 
 
+async def test_a_caller_who_is_alone_does_not_wait_for_companions(make_scheduler) -> None:
+    """One caller at a time (the last batch ran alone, nobody arrived meanwhile): no max_batch_delay."""
+    s = await make_scheduler(max_batch_size=8, max_batch_delay=2.0)
+    rec = Recorder()
+    # A fresh worker assumes company: the first lone task waits the delay...
+    assert await asyncio.wait_for(s.submit(task(0, rec)), 10) == 0
+    for i in range(1, 4):  # ...then, seeing one caller at a time, it stops waiting (2 s would trip wait_for)
+        assert await asyncio.wait_for(s.submit(task(i, rec)), 1.5) == 10 * i
+    assert [b for _, b in rec.batches] == [[0], [1], [2], [3]]
+    # Company brings the delay back: two callers together wait for more, then go as one batch.
+    assert await asyncio.wait_for(asyncio.gather(s.submit(task(5, rec)), s.submit(task(6, rec))), 10) == [50, 60]
+    assert rec.batches[-1] == ("m", [5, 6])
+
+
 async def test_full_group_goes_at_once(make_scheduler) -> None:
     s = await make_scheduler(max_batch_size=2, max_batch_delay=30.0)
     rec = Recorder()
