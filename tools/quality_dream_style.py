@@ -29,7 +29,7 @@ from convlens.server.engine import style as S
 from convlens.server.engine.layer_features import PixelSpace, layer_features
 from convlens.server.engine.optimize.runner import run_step
 from convlens.server.models.embedded import load_lite
-from convlens.server.service.dream import DEFAULT_LAYERS
+from convlens.server.service.dream import DEFAULT_LAYERS, DEFAULT_STEPS_PER_OCTAVE
 from convlens.server.service.style import DEFAULTS
 
 IMG = Path("docs/img")
@@ -104,12 +104,13 @@ def gain(model, space, job: D.DreamJob) -> tuple[float, float]:
 def dream_layers(args: argparse.Namespace) -> None:
     served = load_lite("efficientnet_lite0")
     model, space = served.module, PixelSpace(served.preprocess.mean, served.preprocess.std)
-    layers = ["_blocks.2", "_blocks.4", "_blocks.5", "_blocks.7", "_blocks.8", "_blocks.10", "_blocks.12"]
+    layers = args.layers.split(",")
     rows = []
-    for name in ("chelsea", "coffee"):
+    for name in args.photos.split(","):
         image = photo(name)
         jobs = dream_jobs(model, space, [image] * len(layers),
-                          [D.DreamSettings(layer=layer, max_size=args.size) for layer in layers])
+                          [D.DreamSettings(layer=layer, max_size=args.size, steps_per_octave=args.steps_per_octave)
+                           for layer in layers])
         wall = run_batched(model, jobs)
         row = [(f"{name} input", to_pil(D.resize(image, D.fit_size(*image.shape[-2:], args.size))))]
         for job in jobs:
@@ -118,19 +119,21 @@ def dream_layers(args: argparse.Namespace) -> None:
             row.append((f"{job.settings.layer} x{after / before:.1f}", to_pil(job.picture())))
         rows.append(row)
         print(f"({name}: {wall:.0f} s)")
-    sheet(rows, cell=args.cell).save(IMG / "dream_layers.png")
+    sheet(rows, cell=args.cell).save(IMG / f"dream_layers{args.tag}.jpg", quality=85)
 
 
 def dream_default(args: argparse.Namespace) -> None:
     served = load_lite("efficientnet_lite0")
     model, space = served.module, PixelSpace(served.preprocess.mean, served.preprocess.std)
-    layer = DEFAULT_LAYERS["efficientnet_lite0"]
+    layer, steps = DEFAULT_LAYERS["efficientnet_lite0"], DEFAULT_STEPS_PER_OCTAVE["efficientnet_lite0"]
     names = ["chelsea", "coffee", "astronaut", "china"]
     images = [photo(n) for n in names]
-    jobs = dream_jobs(model, space, images, [D.DreamSettings(layer=layer, seed=i) for i in range(len(names))])
+    jobs = dream_jobs(model, space, images, [D.DreamSettings(layer=layer, seed=i, steps_per_octave=steps)
+                                             for i in range(len(names))])
     guide = photo("flower")
     feats = D.guide_features(model, space, guide, layer, max(D.fit_size(*images[0].shape[-2:], 512)))
-    guided = dream_jobs(model, space, [images[0]], [D.DreamSettings(layer=layer)], [D.guide_objective(feats)])
+    guided = dream_jobs(model, space, [images[0]], [D.DreamSettings(layer=layer, steps_per_octave=steps)],
+                        [D.guide_objective(feats)])
     wall = run_batched(model, jobs + guided)
     rows, row = [], []
     for name, job in zip([*names, "chelsea guided by flower"], jobs + guided, strict=True):
@@ -142,7 +145,7 @@ def dream_default(args: argparse.Namespace) -> None:
     rows.append([(n, to_pil(i)) for n, i in zip(names, images, strict=True)] + [("guide: flower", to_pil(guide))])
     rows.append(row)
     print(f"({wall:.0f} s for {len(jobs) + 1} dreams)")
-    sheet(rows, cell=args.cell).save(IMG / "dream_default.png")
+    sheet(rows, cell=args.cell).save(IMG / "dream_default.jpg", quality=85)
 
 
 # ---------------------------------------------------------------- style
@@ -160,9 +163,10 @@ class Judge:
         feats = layer_features(self.model, image[None], JUDGE_LAYERS, self.space)
         return {k: S.gram(v[0]) for k, v in feats.items()}
 
-    def distance(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    def distance(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                 layers: Sequence[str] = JUDGE_LAYERS) -> float:
         """Sum over layers of ||G_a - G_b||^2 / ||G_b||^2 (each layer counts alike)."""
-        return float(sum(((a[k] - b[k]).pow(2).sum() / b[k].pow(2).sum()) for k in JUDGE_LAYERS))
+        return float(sum(((a[k] - b[k]).pow(2).sum() / b[k].pow(2).sum()) for k in layers))
 
 
 @torch.no_grad()
@@ -175,11 +179,12 @@ def content_cosine(model, space, layer: str, a: torch.Tensor, b: torch.Tensor) -
 def evaluate(model, space, judge: Judge, job: S.StyleJob, content: torch.Tensor, style: torch.Tensor,
              initial: float) -> dict[str, float]:
     out = job.picture()
-    gs = judge.grams(style)
-    ratio = judge.distance(judge.grams(out), gs) / judge.distance(judge.grams(content), gs)
+    gs, go, gc = judge.grams(style), judge.grams(out), judge.grams(content)
+    ratio = judge.distance(go, gs) / judge.distance(gc, gs)
+    per_layer = " ".join(f"{judge.distance(go, gs, (k,)) / judge.distance(gc, gs, (k,)):.2f}" for k in JUDGE_LAYERS)
     return {"style_drop": 1 - job.losses["style"] / initial,
             "cosine": content_cosine(model, space, job.settings.content_layer, out, content),
-            "lite2_ratio": ratio}
+            "lite2_ratio": ratio, "per_layer": per_layer}
 
 
 def style_jobs(model, space, pairs, settings_list):
@@ -227,20 +232,26 @@ def style_sweep(args: argparse.Namespace) -> None:
     content, style = photo("chelsea"), photo(args.style)
     variants = [dict(soften=s, style_weight=w, temperature=t) for s, t in json.loads(args.softens)
                 for w in json.loads(args.weights)]
+    if args.variants:
+        variants = [{"soften": "none", "temperature": 1.0, "style_weight": 1.0, **v} for v in json.loads(args.variants)]
+        for v in variants:
+            if "style_layers" in v:
+                v["style_layers"] = tuple(v["style_layers"])
     settings = [base_settings(size=args.size, steps=args.steps, **v) for v in variants]
     jobs, prepared = style_jobs(model, space, [(content, style)] * len(settings), settings)
     initial, wall = run_style(model, space, jobs)
     row = []
     for v, job, (c, s), init in zip(variants, jobs, prepared, initial, strict=True):
         m = evaluate(model, space, judge, job, c, s, init)
+        extra = {k: x for k, x in v.items() if k not in ("soften", "temperature", "style_weight")}
         print(f"| {v['soften']} | {v['temperature']:g} | {v['style_weight']:g} | {m['style_drop']:.1%} | "
-              f"{m['cosine']:.2f} | {m['lite2_ratio']:.2f} |")
+              f"{m['cosine']:.2f} | {m['lite2_ratio']:.2f} | {extra or ''} | {m['per_layer']} |")
         row.append((f"{v['soften']} T{v['temperature']:g} w{v['style_weight']:g} r{m['lite2_ratio']:.2f}",
                     to_pil(job.picture())))
     print(f"({wall:.0f} s for {len(jobs)} jobs batched)")
     per_row = args.per_row
     sheet([row[i:i + per_row] for i in range(0, len(row), per_row)], cell=args.cell).save(
-        IMG / f"style_sweep_{args.style}{args.tag}.png")
+        IMG / f"style_sweep_{args.style}{args.tag}.jpg", quality=85)
 
 
 def style_default(args: argparse.Namespace) -> None:
@@ -259,7 +270,7 @@ def style_default(args: argparse.Namespace) -> None:
         rows.append([(cn, to_pil(c)), (sn, to_pil(s)), (f"x{m['lite2_ratio']:.2f} cos {m['cosine']:.2f}",
                                                         to_pil(job.picture()))])
     print(f"({wall:.0f} s for {len(jobs)} jobs batched; settings {settings[0]})")
-    sheet(rows, cell=args.cell).save(IMG / f"style_default{args.tag}.png")
+    sheet(rows, cell=args.cell).save(IMG / f"style_default{args.tag}.jpg", quality=85)
 
 
 def adam_lbfgs(args: argparse.Namespace) -> None:
@@ -284,7 +295,7 @@ def adam_lbfgs(args: argparse.Namespace) -> None:
     print(f"| L-BFGS | {lb.step} | {lwall:.0f} s | {lb.losses['style']:.4g} | {ml['style_drop']:.1%} | "
           f"{ml['cosine']:.2f} | {ml['lite2_ratio']:.2f} |")
     sheet([[("Adam", to_pil(adam.picture())), ("L-BFGS, same wall time", to_pil(lb.picture()))]],
-          cell=args.cell).save(IMG / "style_adam_lbfgs.png")
+          cell=args.cell).save(IMG / "style_adam_lbfgs.jpg", quality=85)
 
 
 def main() -> None:
@@ -298,6 +309,10 @@ def main() -> None:
     p.add_argument("--weights", default="[1e3, 1e4, 1e5]")
     p.add_argument("--pairs", default="chelsea:brick,coffee:gravel,astronaut:grass,china:flower")
     p.add_argument("--overrides", default="{}")
+    p.add_argument("--variants", default="", help="JSON list of setting overrides, instead of softens x weights")
+    p.add_argument("--layers", default="_blocks.2,_blocks.4,_blocks.5,_blocks.7,_blocks.8,_blocks.10,_blocks.12")
+    p.add_argument("--photos", default="chelsea,coffee")
+    p.add_argument("--steps-per-octave", type=int, default=10)
     p.add_argument("--per-row", type=int, default=3)
     p.add_argument("--tag", default="")
     p.add_argument("--threads", type=int, default=2)
