@@ -195,7 +195,8 @@ class StyleJob:
         self.params = [self.image]
         self.optimizer: Optimizer
         if settings.optimizer == "lbfgs":
-            self.optimizer = LBFGS(lr=1.0, max_iter=1, history_size=100, line_search_fn="strong_wolfe")
+            self.optimizer = LBFGS(lr=1.0, max_iter=1, history_size=100, line_search_fn="strong_wolfe",
+                                   tolerance_grad=0.0, tolerance_change=0.0)
         else:
             self.optimizer = Adam(settings.learning_rate)
         self.layers = frozenset(settings.layers)

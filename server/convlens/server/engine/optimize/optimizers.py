@@ -96,9 +96,13 @@ class LBFGS(Optimizer):
     needs_closure = True
 
     def __init__(self, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
-                 line_search_fn: str | None = None) -> None:
+                 line_search_fn: str | None = None, tolerance_grad: float = 1e-7,
+                 tolerance_change: float = 1e-9) -> None:
         self.lr, self.max_iter, self.history_size = lr, max_iter, history_size
         self.line_search_fn = line_search_fn  # None or "strong_wolfe" (torch's)
+        # torch's absolute stopping tolerances; a loss whose gradients are tiny in absolute terms (style
+        # losses on 0..255 pixels) needs 0, or L-BFGS "converges" before its first move.
+        self.tolerance_grad, self.tolerance_change = tolerance_grad, tolerance_change
         self.steps = 0
         self._torch: torch.optim.LBFGS | None = None
 
@@ -108,5 +112,7 @@ class LBFGS(Optimizer):
     def torch_optimizer(self, params: Sequence[torch.Tensor]) -> torch.optim.LBFGS:
         if self._torch is None:
             self._torch = torch.optim.LBFGS(list(params), lr=self.lr, max_iter=self.max_iter,
-                                            history_size=self.history_size, line_search_fn=self.line_search_fn)
+                                            history_size=self.history_size, line_search_fn=self.line_search_fn,
+                                            tolerance_grad=self.tolerance_grad,
+                                            tolerance_change=self.tolerance_change)
         return self._torch
