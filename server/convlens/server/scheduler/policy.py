@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 # Memory layout of every replica's weights (and so of every activation after the first conv), per device
 # kind. channels_last (NHWC) lets oneDNN on the CPU run convolutions, depthwise ones above all, without
 # converting layouts: EfficientNet-Lite0 forward + backward on the 2-core CPU ran 1.35-1.8x faster than in
