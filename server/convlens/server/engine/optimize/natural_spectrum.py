@@ -2,8 +2,12 @@
 scikit-learn ship inside their wheels (never downloaded), once per size, then cached in memory.
 
 Each photo is cropped to a centred square, resized to the requested side, put on the 0..1 scale and
-into the decorrelated colour space (MacoParam recorrelates after the inverse transform), and its rfft2
-magnitude is averaged over photos.
+into the decorrelated colour space (MacoParam recorrelates after the inverse transform), windowed, and its
+rfft2 magnitude is averaged over photos.
+
+The window matters: an unwindowed photo is periodic only in the FFT's imagination, and its border jump puts
+energy on the two frequency axes (about 2x their neighbours here), which MACO's fixed magnitude then forces
+into every picture as a faint horizontal/vertical grid. A Hann window (mean kept, energy restored) removes it.
 """
 
 from __future__ import annotations
@@ -58,12 +62,21 @@ def _square(image: np.ndarray, size: int) -> torch.Tensor:
         F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def _windowed(t: torch.Tensor) -> torch.Tensor:
+    """`t` [1, C, S, S] under a 2-D Hann window: the mean kept, the varying part's energy unchanged."""
+    size = t.shape[-1]
+    hann = torch.hann_window(size, periodic=False, dtype=t.dtype)
+    window = hann[:, None] * hann[None, :]
+    mean = t.mean(dim=(-2, -1), keepdim=True)
+    return (t - mean) * window / window.pow(2).mean().sqrt() + mean
+
+
 @lru_cache(maxsize=8)
 def average_magnitude(size: int) -> torch.Tensor:
     """[3, size, size // 2 + 1] float32 on the CPU; the same tensor for every call with `size`."""
     total = torch.zeros(3, size, size // 2 + 1, dtype=torch.float64)
     for load in PHOTOS.values():
-        t = decorrelate(_square(load(), size)).double()
+        t = _windowed(decorrelate(_square(load(), size)).double())
         total += torch.fft.rfft2(t, norm="ortho").abs()[0]
     magnitude = (total / len(PHOTOS)).float()
     magnitude.requires_grad_(False)
