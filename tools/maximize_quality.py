@@ -48,7 +48,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/img"))
     p.add_argument("--json", type=Path, default=Path("docs/img/maximize_quality.json"))
     p.add_argument("--tag", default="", help="appended to the preset in file names, e.g. _320")
+    p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                   help="override a preset knob for every job, e.g. --set learning_rate=0.05 (repeatable)")
     args = p.parse_args()
+    overrides = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     lite0 = load_lite("efficientnet_lite0").replica(cpu, memory_format=torch.channels_last)
@@ -57,7 +60,7 @@ def main() -> None:
     jobs: dict[tuple[str, int], MaximizeJob] = {}
     for preset in args.presets.split(","):
         for c in CLASSES:
-            s = MaximizeSettings.resolve(preset, steps=args.steps, size=args.size, seed=args.seed)
+            s = MaximizeSettings.resolve(preset, steps=args.steps, size=args.size, seed=args.seed, **overrides)
             jobs[(preset, c)] = MaximizeJob(s, ClassLogit(c), mean=pre.mean, std=pre.std, device=cpu)
     start = time.monotonic()
     batches = 0
@@ -90,7 +93,7 @@ def main() -> None:
         print(f"{preset:8s} {c:4d} {CLASSES[c]:14s} logit {r['logit']:6.1f}  lite0 top1 {r['lite0_top1']!s:5} "
               f"p={r['lite0_p']:.2f}  lite2 top1 {r['lite2_top1']!s:5} top5 {r['lite2_top5']!s:5} "
               f"p={r['lite2_p']:.2f} ({r['lite2_says']})", flush=True)
-    summary = {"steps": args.steps, "size": args.size, "seed": args.seed, "seconds": elapsed,
+    summary = {"steps": args.steps, "size": args.size, "seed": args.seed, "overrides": overrides, "seconds": elapsed,
                "step_batches": batches, "torch_threads": torch.get_num_threads(), "rows": rows}
     args.json.write_text(json.dumps(summary, indent=1))
     for preset in args.presets.split(","):
