@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -254,27 +255,25 @@ def _silence_stdout() -> None:
         pass
 
 
-def _serve(rest: list[str]) -> int:
+def _server_command(module: str, command: str, rest: list[str]) -> int:
+    """Run `module.main(rest)` from the server package. Imported lazily: the SDK must import (and the client
+    commands must run) without torch installed."""
     try:
-        # Lazy: the SDK must import (and `convlens models` must run) without torch installed.
-        from convlens.server.app import main as serve_main
+        entry = importlib.import_module(module).main
     except ImportError as e:
-        print("error: the server needs `pip install 'convlens[server]'`", file=sys.stderr)
+        print(f"error: `convlens {command}` needs `pip install 'convlens[server]'`", file=sys.stderr)
         print(f"  ({e})", file=sys.stderr)
         return 2
-    rc: Any = serve_main(rest)
+    rc: Any = entry(rest)
     return int(rc or 0)
 
 
+def _serve(rest: list[str]) -> int:
+    return _server_command("convlens.server.app", "serve", rest)
+
+
 def _index(rest: list[str]) -> int:
-    try:
-        # Lazy, as for `serve`: building an index runs the server's code, the SDK stays torch-free.
-        from convlens.server.indexing.cli import main as index_main
-    except ImportError as e:
-        print("error: `convlens index` needs `pip install 'convlens[server]'`", file=sys.stderr)
-        print(f"  ({e})", file=sys.stderr)
-        return 2
-    return int(index_main(rest) or 0)
+    return _server_command("convlens.server.indexing.cli", "index", rest)
 
 
 def _top(client: Client, args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from convlens.client.loadtest import LevelResult, LoadTestConfig, run_loadtest
 from convlens.server.bench_raw import LAYOUTS, RawPoint, in_layouts, measure, measure_one
+from convlens.server.bench_record import record
 from convlens.server.config import DEFAULT_POLICIES
 from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
@@ -122,16 +123,6 @@ def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, se
 MARKER = "<!-- make bench inserts its runs below this line, newest first -->"
 
 
-def record(path: Path, text: str) -> None:
-    """Insert the run under MARKER (the hand-written sections above it, and others' below, stay)."""
-    previous = path.read_text() if path.exists() else f"# Performance\n\n{MARKER}\n"
-    if MARKER not in previous:
-        previous = previous.rstrip("\n") + f"\n\n{MARKER}\n"
-    head, _, tail = previous.partition(MARKER)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{head}{MARKER}\n\n{text}\n{tail.lstrip(chr(10))}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
@@ -165,7 +156,7 @@ def main() -> int:
     served = "channels_last" if memory_format_for(device) == torch.channels_last else "contiguous"
     text = report(raw, rounds, batch, args.device, args.seconds, (load_start, _load()), served)
     print(text)
-    record(args.out, text)
+    record(args.out, text, MARKER)
     return 0
 
 

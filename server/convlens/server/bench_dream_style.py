@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from convlens.client import AsyncClient
+from convlens.server.bench_record import record
 from convlens.server.launcher import ServerProcess
 
 MODEL = "efficientnet_lite0"
@@ -86,16 +87,6 @@ def report(results: dict[str, list[tuple[float, float]]], args: argparse.Namespa
     return "\n".join(lines) + "\n"
 
 
-def record(path: Path, text: str) -> None:
-    """Insert the run under MARKER in its own section (everything else in the file stays)."""
-    previous = path.read_text() if path.exists() else "# Performance\n"
-    if MARKER not in previous:
-        previous = (previous.rstrip("\n") + "\n\n## Dream and StyleTransfer: step batching across callers\n\n"
-                    + MARKER + "\n")
-    head, _, tail = previous.partition(MARKER)
-    path.write_text(f"{head}{MARKER}\n\n{text}\n{tail.lstrip(chr(10))}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/performance.md"))
@@ -113,7 +104,7 @@ def main() -> int:
         results = asyncio.run(rounds(server.address, args))
     text = report(results, args, args.batch)
     print(text)
-    record(args.out, text)
+    record(args.out, text, MARKER, "Dream and StyleTransfer: step batching across callers")
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from convlens.client import AsyncClient
+from convlens.server.bench_record import record
 from convlens.server.engine.optimize.maximize import MaximizeJob, MaximizeSettings
 from convlens.server.engine.optimize.objectives import ClassLogit
 from convlens.server.engine.optimize.runner import run_step
@@ -129,16 +130,6 @@ def report(rows: list[tuple[float, float, float]], args: argparse.Namespace, bat
     return "\n".join(lines) + "\n"
 
 
-def record(path: Path, text: str) -> None:
-    """Insert the run under MARKER in its own section (everything else in the file stays)."""
-    previous = path.read_text() if path.exists() else "# Performance\n"
-    if MARKER not in previous:
-        previous = (previous.rstrip("\n") + "\n\n## MaximizeUnit: step batching across callers\n\n"
-                    + MARKER + "\n")
-    head, _, tail = previous.partition(MARKER)
-    path.write_text(f"{head}{MARKER}\n\n{text}\n{tail.lstrip(chr(10))}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/performance.md"))
@@ -169,7 +160,7 @@ def main() -> int:
                   f"job-steps/s, raw {raw:.1f}", flush=True)
     text = report(rows, args, batches, busies)
     print(text)
-    record(args.out, text)
+    record(args.out, text, MARKER, "MaximizeUnit: step batching across callers")
     return 0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convlens.server.engine.layers import not_found
 from convlens.server.engine.topk_index import (
     DEFAULT_PER_IMAGE,
     Candidates,
@@ -35,8 +36,7 @@ def layer_output(module: nn.Module, layer: str, inputs: torch.Tensor, *, channel
     """The output of module `layer` (its first call) for a batch, without running the rest of the model."""
     target = dict(module.named_modules()).get(layer)
     if target is None:
-        raise NotFound(f"no layer {layer!r}; list the model's layers with GetModel (`convlens layers MODEL`)",
-                       field="layer")
+        raise not_found(layer, "layer")
     captured: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, _inputs: Any, output: Any) -> None:

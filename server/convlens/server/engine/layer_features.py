@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from convlens.server.engine.hooks import forward_hooks
+from convlens.server.engine.layers import not_found
 from convlens.server.errors import NotFound
 
 
@@ -44,8 +45,7 @@ def layer_features(
     modules = dict(model.named_modules())
     for name in wanted:
         if name not in modules:
-            raise NotFound(f"no layer {name!r}; list the model's layers with GetModel (`convlens layers MODEL`)",
-                           field=field)
+            raise not_found(name, field)
     captured: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Any:
