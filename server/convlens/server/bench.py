@@ -54,7 +54,7 @@ def paired_rounds(model: torch.nn.Module, best: RawPoint, on: ServerProcess, off
     for i in range(rounds):
         for c in levels:
             raw = measure_one(model, best.layout, best.batch_size, 224, seconds / 2, device,
-                              best.context).images_per_second
+                              best.context, best.shards).images_per_second
             a = sweep(on, (c,), seconds)[0]
             b = sweep(off, (c,), seconds)[0]
             out.append(Round(i + 1, c, raw, a, b))
@@ -88,7 +88,8 @@ def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, se
         f"{load[1]}. The server runs its replicas in **{served_layout}** on this device.",
         "",
         "**(a) Raw in-process torch, forward + backward to the input** (images/s; layout, calling thread; "
-        "interleaved):",
+        "interleaved; `shards`: that many threads side by side, each with its share of the intra-op threads and "
+        "its own model copy, each at the row's batch size, images/s summed):",
         "",
         "| batch | " + " | ".join(f"{lay}, {ctx}" for lay, ctx in columns) + " |",
         "| ---: | " + " | ".join("---:" for _ in columns) + " |",
@@ -137,12 +138,15 @@ def main() -> int:
     device = torch.device(args.device)
     levels = tuple(int(c) for c in args.concurrency.split(","))
     default = DEFAULT_POLICIES["cuda" if device.type == "cuda" else "cpu"]
-    batch = args.batch or f"{default.max_batch_size}:{default.max_batch_delay * 1000:g}"
+    batch = args.batch or f"{default.max_batch_size}:{default.max_batch_delay * 1000:g}:{default.shards}"
+    parts = batch.split(":")
+    shards = int(parts[2]) if len(parts) > 2 else default.shards
     load_start = _load()
 
     print(f"(a) raw torch, forward + backward to the input (load {load_start})")
     models = in_layouts(load_lite(MODEL).module.to(device), list(LAYOUTS))
-    raw = measure(models, 224, [int(b) for b in args.raw_batches.split(",")], args.raw_seconds, device)
+    raw = measure(models, 224, [int(b) for b in args.raw_batches.split(",")], args.raw_seconds, device,
+                  shards=shards)
     for p in raw:
         print(f"  {p.label:>40}: {p.images_per_second:7.2f} images/s", flush=True)
     best = max(raw, key=lambda p: p.images_per_second)

@@ -6,6 +6,10 @@ The calling thread matters on a busy machine: torch's OpenMP team spins while it
 and a team started from the main thread burnt most of its CPU that way when other processes held the cores
 (0.7-2.3 images/s against 6-11 from a plain thread in the same process, minutes apart, 2026-11-29; with
 OMP_WAIT_POLICY=PASSIVE both ran 7-11). The server computes on a worker thread, so both are measured.
+
+"shards" runs the server's CPU shards' configuration without the server: that many threads, each with its
+share of the intra-op threads and a model of its own, each looping over batches of `batch_size` on its own
+(no barrier between them); images/s is their sum (scheduler/shards.py says why this can beat one team).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from convlens.server.scheduler.shards import pin_intra_op_threads
+
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-CONTEXTS = ("main", "thread")  # the calling thread: this one, or a fresh one (as a server worker)
+CONTEXTS = ("main", "thread", "shards")  # this thread, a fresh one (as a server worker), or parallel shards
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,12 @@ class RawPoint:
     batch_size: int
     images_per_second: float
     context: str = "main"  # a CONTEXTS value
+    shards: int = 1  # for context "shards": how many ran side by side, each at batch_size
 
     @property
     def label(self) -> str:
+        if self.context == "shards":
+            return f"{self.layout}, batch {self.batch_size} on each of {self.shards} shards"
         return f"{self.layout}, batch {self.batch_size}, {'main' if self.context == 'main' else 'worker'} thread"
 
 
@@ -52,7 +61,9 @@ def in_layouts(model: nn.Module, layouts: Sequence[str]) -> dict[str, nn.Module]
 
 
 def measure_one(model: nn.Module, layout: str, batch: int, size: int, seconds: float,
-                device: torch.device, context: str = "main") -> RawPoint:
+                device: torch.device, context: str = "main", shards: int = 2) -> RawPoint:
+    if context == "shards":
+        return _measure_shards(model, layout, batch, size, seconds, device, shards)
     if context == "thread":
         out: list[RawPoint] = []
         worker = threading.Thread(target=lambda: out.append(measure_one(model, layout, batch, size, seconds,
@@ -71,8 +82,31 @@ def measure_one(model: nn.Module, layout: str, batch: int, size: int, seconds: f
     return RawPoint(layout, batch, n / (time.perf_counter() - started))
 
 
+def _measure_shards(model: nn.Module, layout: str, batch: int, size: int, seconds: float, device: torch.device,
+                    shards: int) -> RawPoint:
+    total = torch.get_num_threads()
+    per = max(1, total // shards)
+    copies = [model, *(copy.deepcopy(model) for _ in range(shards - 1))]
+    out: list[float] = []
+
+    def run(m: nn.Module) -> None:
+        pin_intra_op_threads(per)
+        out.append(measure_one(m, layout, batch, size, seconds, device).images_per_second)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in copies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.set_num_threads(total)  # the process-wide value, which each shard's pin changed, as it was
+    return RawPoint(layout, batch, sum(out), "shards", shards)
+
+
 def measure(models: dict[str, nn.Module], size: int, batch_sizes: Sequence[int], seconds: float,
-            device: torch.device, contexts: Sequence[str] = CONTEXTS) -> list[RawPoint]:
-    """Every (layout, batch size, context), interleaved per batch size so that drift hits all alike."""
-    return [measure_one(model, layout, b, size, seconds, device, context)
+            device: torch.device, contexts: Sequence[str] = CONTEXTS, shards: int = 2) -> list[RawPoint]:
+    """Every (layout, batch size, context), interleaved per batch size so that drift hits all alike.
+    Shards are a CPU configuration: skipped on other devices or with one shard."""
+    if device.type != "cpu" or shards < 2:
+        contexts = [c for c in contexts if c != "shards"]
+    return [measure_one(model, layout, b, size, seconds, device, context, shards)
             for b in batch_sizes for layout, model in models.items() for context in contexts]

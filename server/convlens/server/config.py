@@ -9,13 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from convlens.server.scheduler.policy import BatchPolicy
 
 # Defaults per device kind. CPU: measured on 2 cores (docs/performance.md) and re-measured once replicas ran
 # in channels_last (2026-11-29, interleaved servers): size 8 lost to size 4 at concurrency 16 (0.73x) and a
 # 10 ms delay cost 0.88x alone (concurrency 1), so batches stay at 4 and the delay at 2 ms. GPU: larger
 # batches pay off (not measured here: no GPU lent).
-DEFAULT_POLICIES = {"cpu": BatchPolicy(4, 0.002), "cuda": BatchPolicy(32, 0.005)}
+DEFAULT_CPU_SHARDS = min(2, torch.get_num_threads())
+DEFAULT_POLICIES = {"cpu": BatchPolicy(8, 0.002, DEFAULT_CPU_SHARDS), "cuda": BatchPolicy(32, 0.005)}
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,20 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _policy(text: str) -> tuple[str, BatchPolicy]:
-    """DEVICE=SIZE[:DELAY_MS], e.g. cpu=4:2 or cuda:0=32:5."""
+    """DEVICE=SIZE[:DELAY_MS[:SHARDS]], e.g. cpu=8:2:2 or cuda:0=32:5; SHARDS (CPU only) defaults to the
+    device kind's."""
     device, sep, rest = text.rpartition("=")
     if not sep or not device:
-        raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[:DELAY_MS], got {text!r}")
-    size, _, delay = rest.partition(":")
+        raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[:DELAY_MS[:SHARDS]], got {text!r}")
+    size, _, tail = rest.partition(":")
+    delay, _, shards = tail.partition(":")
+    default = DEFAULT_POLICIES["cuda" if device.startswith("cuda") else "cpu"].shards
     try:
-        return device, BatchPolicy(int(size), (float(delay) if delay else 2.0) / 1000)
+        return device, BatchPolicy(int(size), (float(delay) if delay else 2.0) / 1000,
+                                   int(shards) if shards else default)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[:DELAY_MS] with size >= 1 and delay >= 0, "
-                                         f"got {text!r} ({exc})") from None
+        raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[:DELAY_MS[:SHARDS]] with size >= 1, delay >= 0 "
+                                         f"and shards >= 1, got {text!r} ({exc})") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,8 +100,9 @@ def parser() -> argparse.ArgumentParser:
                    help="optimisation jobs (MaximizeUnit, Dream, StyleTransfer) running at once; beyond it "
                         "new ones get RESOURCE_EXHAUSTED (default 64); their steps never count against --max-queue")
     p.add_argument("--batch", type=_policy, action="append", default=[],
-                   metavar="DEVICE=SIZE[:DELAY_MS]",
-                   help="batching policy per device, e.g. --batch cpu=4:2 --batch cuda:0=32:5 "
+                   metavar="DEVICE=SIZE[:DELAY_MS[:SHARDS]]",
+                   help="batching policy per device, e.g. --batch cpu=8:2:2 --batch cuda:0=32:5; SHARDS (CPU "
+                        f"only, default {DEFAULT_CPU_SHARDS} here): compute threads that split each batch "
                         "(env CONVLENS_BATCH, comma separated)")
     p.add_argument("--grace", type=float, default=float(_env("GRACE", "10") or 10),
                    help="seconds in-flight calls get to finish on SIGTERM/SIGINT (default 10)")

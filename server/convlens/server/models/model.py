@@ -88,13 +88,15 @@ class ServedModel:
         """Stack [3, H, W] images into the batch this replica runs best on (its device and layout)."""
         return torch.stack(list(images)).to(device=self.device, memory_format=self.memory_format)
 
-    def replica(self, device: torch.device, memory_format: torch.memory_format | None = None) -> ServedModel:
+    def replica(self, device: torch.device, memory_format: torch.memory_format | None = None, *,
+                fresh: bool = False) -> ServedModel:
         """This model on `device`, its weights in `memory_format` (default: as they are); the same object
-        when nothing changes. A changed layout copies the module: the repository's stays untouched."""
+        when nothing changes, unless `fresh` (a thread that registers hooks needs a module of its own). A
+        changed layout copies the module: the repository's stays untouched."""
         memory_format = self.memory_format if memory_format is None else memory_format
         if not self.layout_applies:
             memory_format = torch.contiguous_format
-        if device == self.device and memory_format == self.memory_format:
+        if device == self.device and memory_format == self.memory_format and not fresh:
             return self
         with warnings.catch_warnings():
             # Converting a TorchScript module reads its parameters' `.grad`, which warns about non-leaf

@@ -27,12 +27,18 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
 class BatchPolicy:
     max_batch_size: int = 8
     max_batch_delay: float = 0.005  # seconds a batch waits for companions once it has its first task
+    # CPU only: compute threads that split each batch of two or more tasks between them, each with its share
+    # of torch's intra-op threads and its own replicas (a lone task runs on the worker with all of them).
+    # See worker.py's module docstring for why this beats one batch on all cores.
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_batch_delay < 0:
             raise ValueError(f"max_batch_delay must be >= 0 seconds, got {self.max_batch_delay}")
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
 
 
 def policies_for(devices: list[torch.device],
@@ -43,4 +49,7 @@ def policies_for(devices: list[torch.device],
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise ValueError(f"batch policies given for devices not served: {unknown}; devices are {names}")
+    gpu_shards = sorted(n for n, p in given.items() if p.shards > 1 and not n.startswith("cpu"))
+    if gpu_shards:
+        raise ValueError(f"shards > 1 splits a batch between CPU threads; devices {gpu_shards} are not CPUs")
     return {name: given.get(name, BatchPolicy()) for name in names}

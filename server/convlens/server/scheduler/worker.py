@@ -3,6 +3,10 @@
 The loop side (`_dispatch`, a coroutine) takes a batch from the batcher when the worker is free and hands
 it to the thread; the thread computes and settles the tasks' futures back on the loop with
 `call_soon_threadsafe`. Torch releases the GIL while it computes, so the asyncio server stays responsive.
+
+On the CPU a worker may split each batch of two or more tasks between `policy.shards` compute threads, each
+with its share of the intra-op threads (scheduler/shards.py says why that is faster); a lone task runs on
+the worker thread itself with all of them, so a lone caller loses nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +25,8 @@ from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.batcher import Batcher, Entry
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
+from convlens.server.scheduler.shards import Shard, pin_intra_op_threads, split
+from convlens.server.scheduler.task import Task
 
 # (entry, error or None, result): what the thread sends back for one task.
 Outcome = tuple[Entry, BaseException | None, Any]
@@ -40,6 +46,7 @@ class Worker:
         self._metrics = metrics
         self._label = str(device)
         self._replicas: dict[str, ServedModel] = {}  # touched only by the worker thread
+        self._shards: list[Shard] = []  # made by the worker thread when it starts
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._inflight: list[Entry] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +111,23 @@ class Worker:
     def _thread_main(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # so ops without an explicit device land here too
+        elif self.policy.shards > 1:
+            self._start_shards()
+        try:
+            self._serve()
+        finally:
+            for shard in self._shards:
+                shard.stop()
+
+    def _start_shards(self) -> None:
+        total = torch.get_num_threads()
+        per = max(1, total // self.policy.shards)
+        self._shards = [Shard(f"convlens-shard-{self.device}-{i}", per) for i in range(self.policy.shards)]
+        for shard in self._shards:
+            shard.start()
+        pin_intra_op_threads(total)  # this thread (lone tasks), and the process-wide value back as it was
+
+    def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             batch, done = job
             try:
@@ -133,7 +157,7 @@ class Worker:
                 start - entry.enqueued)
         outcomes: list[Outcome]
         try:
-            results = list(task.compute(self._replica(task.model), [e.task.payload for e in live]))
+            results = self._compute(task, [e.task.payload for e in live])
             if len(results) != len(live):
                 raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
                                    f"results for {len(live)} payloads")
@@ -149,11 +173,35 @@ class Worker:
         self._metrics.worker_busy_seconds.labels(device=self._label).inc(elapsed)
         return outcomes
 
-    def _replica(self, name: str) -> ServedModel:
-        replica = self._replicas.get(name)
-        if replica is None:  # made lazily, on this thread, so a slow copy to a GPU never blocks the loop
-            replica = self._replicas[name] = self._models(name).replica(
-                self.device, memory_format=memory_format_for(self.device))
+    def _compute(self, task: Task, payloads: list[Any]) -> list[Any]:
+        """The batch's results in order: on this thread, or split between the shards (all finish first)."""
+        mine = self._replica(task.model, self._replicas)
+        if len(payloads) < 2 or not self._shards or not mine.layout_applies:  # ONNX sessions are not copied
+            return list(task.compute(mine, payloads))
+        def on(shard: Shard, chunk: Sequence[Any]) -> Callable[[], list[Any]]:
+            return lambda: list(task.compute(self._replica(task.model, shard.replicas), chunk))
+
+        futures = [shard.submit(on(shard, chunk))
+                   for shard, chunk in zip(self._shards, split(payloads, len(self._shards)), strict=False)]
+        results: list[Any] = []
+        failure: BaseException | None = None
+        for future in futures:  # wait for every chunk, so no shard still computes when the next batch comes
+            try:
+                results.extend(future.result())
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return results
+
+    def _replica(self, name: str, replicas: dict[str, ServedModel]) -> ServedModel:
+        """`replicas` belongs to the calling thread. Made lazily, there, so that a slow copy to a GPU never
+        blocks the loop."""
+        replica = replicas.get(name)
+        if replica is None:
+            fresh = {} if replicas is self._replicas else {"fresh": True}  # a shard's own module, for its hooks
+            replica = replicas[name] = self._models(name).replica(
+                self.device, memory_format=memory_format_for(self.device), **fresh)
         return replica
 
 

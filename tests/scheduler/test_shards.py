@@ -1,0 +1,129 @@
+"""A CPU worker with shards splits each batch of two or more tasks between its compute threads, each with
+its share of the intra-op threads and a module of its own; a lone task runs on the worker with all of
+them. The results are those of one unsplit compute, in order, whatever the methods' hooks do."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from convlens.server.engine.saliency import SaliencyOptions
+from convlens.server.engine.targets import ClassTarget, UnitTarget
+from convlens.server.metrics import Metrics
+from convlens.server.models.model import ServedModel
+from convlens.server.ops.saliency import SaliencyPayload, compute_saliency
+from convlens.server.scheduler import BatchPolicy, Scheduler, Task
+from convlens.server.scheduler.policy import policies_for
+from convlens.server.scheduler.shards import split
+from tests.engine.conftest import LiteNet, randomise_batchnorm, seeded
+from tests.scheduler.test_layout import images, served
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def lite() -> ServedModel:
+    return served(randomise_batchnorm(seeded(LiteNet(), 5)))
+
+
+@pytest.mark.parametrize("n, parts", [(1, 2), (2, 2), (5, 2), (7, 3), (3, 8), (8, 2)])
+def test_split_is_contiguous_near_equal_and_complete(n: int, parts: int) -> None:
+    items = list(range(n))
+    chunks = split(items, parts)
+    assert [x for c in chunks for x in c] == items
+    assert len(chunks) == min(n, parts) and all(chunks)
+    assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
+
+
+def test_shards_are_refused_on_a_gpu() -> None:
+    with pytest.raises(ValueError, match="not CPUs"):
+        policies_for([CPU, torch.device("cuda", 0)], {"cuda:0": BatchPolicy(8, 0.0, 2)})
+    with pytest.raises(ValueError, match="shards must be >= 1"):
+        BatchPolicy(8, 0.0, 0)
+
+
+async def _submit_all(scheduler: Scheduler, payloads: list[Any], compute: Any) -> list[Any]:
+    tasks = [Task(model="tiny", rpc="Saliency", key=p.batch_key, payload=p, compute=compute) for p in payloads]
+    return list(await asyncio.gather(*(scheduler.submit(t) for t in tasks)))
+
+
+def _scheduler(model: ServedModel, policy: BatchPolicy) -> Scheduler:
+    return Scheduler(lambda name: model, [CPU], Metrics(), policies={"cpu": policy}, max_queue=64)
+
+
+async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(lite: ServedModel
+                                                                                          ) -> None:
+    seen: list[tuple[str, int, int, int]] = []  # thread, intra-op threads, chunk size, module id
+
+    def compute(replica: ServedModel, payloads: Any) -> list[Any]:
+        seen.append((threading.current_thread().name, torch.get_num_threads(), len(payloads), id(replica.module)))
+        return compute_saliency(replica, payloads)
+
+    total = torch.get_num_threads()
+    scheduler = _scheduler(lite, BatchPolicy(6, 60.0, shards=2))  # a batch forms only when 6 are queued
+    await scheduler.start()
+    try:
+        payloads = [SaliencyPayload(SaliencyOptions(), image, ClassTarget(i % 5)) for i, image in
+                    enumerate(images(6))]
+        batched = await _submit_all(scheduler, payloads, compute)
+        lone_policy = _scheduler(lite, BatchPolicy(1, 0.0, shards=2))
+        await lone_policy.start()
+        try:
+            (alone,) = await _submit_all(lone_policy, payloads[:1], compute)
+        finally:
+            await lone_policy.stop(2.0)
+    finally:
+        await scheduler.stop(2.0)
+    shard_calls, lone_call = seen[:2], seen[2]
+    assert sorted(size for _, _, size, _ in shard_calls) == [3, 3]
+    assert len({name for name, *_ in shard_calls}) == 2 and all("shard" in name for name, *_ in shard_calls)
+    assert all(threads == max(1, total // 2) for _, threads, _, _ in shard_calls)
+    assert len({module for *_, module in shard_calls}) == 2 and id(lite.module) not in {m for *_, m in shard_calls}
+    assert "worker" in lone_call[0] and lone_call[1] == total and lone_call[2] == 1
+    assert torch.get_num_threads() == total, "the process-wide thread count must be left as it was"
+    expected = compute_saliency(lite, payloads)
+    for got, want in zip([*batched, alone], [*expected, expected[0]], strict=True):
+        assert got.target == want.target
+        torch.testing.assert_close(got.attribution, want.attribution, rtol=1e-4,
+                                   atol=1e-5 * float(want.attribution.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "grad_cam"])
+async def test_hooking_methods_give_the_unsplit_results_under_load(lite: ServedModel, method: str) -> None:
+    """Methods that hook the module (ReLU rules, Grad-CAM's layer) run in both shards at once: each
+    shard's hooks must only see its own forward."""
+    scheduler = _scheduler(lite, BatchPolicy(8, 0.001, shards=2))
+    await scheduler.start()
+    try:
+        targets = [None, ClassTarget(3), UnitTarget("_blocks.1._depthwise_conv", 5, y=6, x=6)]
+        payloads = [SaliencyPayload(SaliencyOptions(method=method), image, targets[i % 3])
+                    for i, image in enumerate(images(16))]
+        got = await _submit_all(scheduler, payloads, compute_saliency)
+    finally:
+        await scheduler.stop(2.0)
+    for a, b in zip(got, compute_saliency(lite, payloads), strict=True):
+        torch.testing.assert_close(a.attribution, b.attribution, rtol=1e-4,
+                                   atol=1e-5 * float(b.attribution.abs().max()))
+
+
+async def test_a_failing_chunk_fails_its_batch_and_the_worker_goes_on(lite: ServedModel) -> None:
+    def compute(replica: ServedModel, payloads: Any) -> list[Any]:
+        if any(p == "boom" for p in payloads):
+            raise RuntimeError("boom")
+        return [f"ok {p}" for p in payloads]
+
+    scheduler = _scheduler(lite, BatchPolicy(4, 60.0, shards=2))
+    await scheduler.start()
+    try:
+        tasks = [Task(model="tiny", rpc="Saliency", key="k", payload=p, compute=compute)
+                 for p in ["a", "b", "c", "boom"]]
+        results = await asyncio.gather(*(scheduler.submit(t) for t in tasks), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        again = [Task(model="tiny", rpc="Saliency", key="k", payload=p, compute=compute) for p in "wxyz"]
+        assert await asyncio.gather(*(scheduler.submit(t) for t in again)) == [f"ok {p}" for p in "wxyz"]
+    finally:
+        await scheduler.stop(2.0)
