@@ -53,7 +53,9 @@ class Metrics:
         self.steps = Counter("convlens_optimization_steps_total",
                              "Optimisation steps computed (rate() of it: steps per second).",
                              ["model", "rpc"], registry=r)
-        self.step_batch_size = Histogram("convlens_step_batch_size", "Jobs sharing one optimisation step.",
+        self.step_batch_size = Histogram("convlens_step_batch_size",
+                                         "Jobs sharing one forward/backward of an optimisation step (on a CPU "
+                                         "with shards: one shard's part of the batch).",
                                          ["model", "rpc"], buckets=BATCH_BUCKETS, registry=r)
         self.first_progress_seconds = Histogram("convlens_time_to_first_progress_seconds",
                                                 "Time from admitting a job to its first step's progress event.",
