@@ -35,8 +35,9 @@ from convlens.server.service.progress import Progress, caller_pixels, picture, w
 DEFAULT_LAYERS = {"efficientnet_lite0": "_blocks.10"}
 # Steps per octave where google/deepdream's 10 are not enough: Lite0's block outputs (a residual stream after
 # a linear projection, not a ReLU output like inception_4c/output) carry a large baseline energy, and 10 steps
-# raised the objective only 2.4-2.7x on the embedded photos; 20 raise it 3.4-3.7x (docs/quality.md).
-DEFAULT_STEPS_PER_OCTAVE = {"efficientnet_lite0": 20}
+# raised the objective only 2.4-2.7x on the embedded photos, 20 only 2.95-3.65x (coffee short); 30 raise it
+# 3.4-3.8x, and by eye still dream rather than overpaint (40: 3.7-4.1x, faces everywhere; docs/quality.md).
+DEFAULT_STEPS_PER_OCTAVE = {"efficientnet_lite0": 30}
 
 
 def default_layer(model: ServedModel) -> str:
