@@ -18,7 +18,7 @@ from convlens.server.models.model import ServedModel
 from convlens.server.ops.saliency import SaliencyPayload, compute_saliency
 from convlens.server.scheduler import BatchPolicy, Scheduler, Task
 from convlens.server.scheduler.policy import policies_for
-from convlens.server.scheduler.shards import split
+from convlens.server.scheduler.shards import process_default_threads, set_process_default_threads, split
 from tests.engine.conftest import LiteNet, randomise_batchnorm, seeded
 from tests.scheduler.test_layout import images, served
 
@@ -64,6 +64,7 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
         return compute_saliency(replica, payloads)
 
     total = torch.get_num_threads()
+    default = process_default_threads()
     scheduler = _scheduler(lite, BatchPolicy(6, 60.0, shards=2))  # a batch forms only when 6 are queued
     await scheduler.start()
     try:
@@ -84,7 +85,8 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
     assert all(threads == max(1, total // 2) for _, threads, _, _ in shard_calls)
     assert len({module for *_, module in shard_calls}) == 2 and id(lite.module) not in {m for *_, m in shard_calls}
     assert "worker" in lone_call[0] and lone_call[1] == total and lone_call[2] == 1
-    assert torch.get_num_threads() == total, "the process-wide thread count must be left as it was"
+    assert torch.get_num_threads() == total, "this thread's count must be left as it was"
+    assert process_default_threads() == default, "so must the count new threads start with"
     expected = compute_saliency(lite, payloads)
     for got, want in zip([*batched, alone], [*expected, expected[0]], strict=True):
         assert got.target == want.target
@@ -127,3 +129,31 @@ async def test_a_failing_chunk_fails_its_batch_and_the_worker_goes_on(lite: Serv
         assert await asyncio.gather(*(scheduler.submit(t) for t in again)) == [f"ok {p}" for p in "wxyz"]
     finally:
         await scheduler.stop(2.0)
+
+
+def test_the_process_default_is_set_apart_from_the_callers_count() -> None:
+    mine, default = torch.get_num_threads(), process_default_threads()
+    try:
+        set_process_default_threads(1)
+        assert process_default_threads() == 1 and torch.get_num_threads() == mine
+    finally:
+        set_process_default_threads(default)
+    assert process_default_threads() == default
+
+
+async def test_the_worker_takes_its_thread_count_from_the_scheduler(lite: ServedModel) -> None:
+    seen: list[int] = []
+
+    def compute(replica: ServedModel, payloads: Any) -> list[Any]:
+        seen.append(torch.get_num_threads())
+        return [None] * len(payloads)
+
+    scheduler = Scheduler(lambda name: lite, [CPU], Metrics(), policies={"cpu": BatchPolicy(4, 0.01, shards=2)},
+                          threads=1)  # the four of the second submit are queued in one loop turn: one batch
+    await scheduler.start()
+    try:
+        await _submit_all(scheduler, [SaliencyPayload(SaliencyOptions(), images(1)[0], None)], compute)
+        await _submit_all(scheduler, [SaliencyPayload(SaliencyOptions(), im, None) for im in images(4)], compute)
+    finally:
+        await scheduler.stop(2.0)
+    assert seen == [1, 1, 1]  # the lone task on the worker, then two shards with max(1, 1 // 2) each

@@ -9,8 +9,10 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -67,7 +69,7 @@ class ConvLensServer:
 
         policies = {str(d): cfg.policy_for(str(d)) for d in devices}
         self._scheduler = Scheduler(repo.get, devices, self.metrics, policies=policies, max_queue=cfg.max_queue,
-                                    max_jobs=cfg.max_jobs)
+                                    max_jobs=cfg.max_jobs, threads=cfg.threads or None)
         await self._scheduler.start()
 
         limit = cfg.max_message_mb * 1024 * 1024
@@ -149,6 +151,11 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = from_args(argv)
     access_log.configure(config.log_format, config.log_level)
+    # Only the workers run OpenMP teams (scheduler/shards.py: with more team threads than cores, every team
+    # stops spinning and a lone call ran at 0.6x). So the process runs torch on one thread from here on —
+    # model loading, image preparation, the event loop — and each worker pins its own count.
+    config = replace(config, threads=config.threads or torch.get_num_threads())
+    torch.set_num_threads(1)
     asyncio.run(serve(config))
     # Drained: every call answered, the scheduler and its threads stopped. What is left is the interpreter
     # tearing down torch and grpc, 1-2 s measured here, which a pod's termination grace would pay for

@@ -35,6 +35,7 @@ class ServerConfig:
     max_message_mb: int = 64
     max_queue: int = 256
     max_jobs: int = 64  # optimisation jobs (MaximizeUnit, Dream, StyleTransfer) running at once
+    threads: int = 0  # intra-op threads of the CPU worker's compute; 0: torch's default (the physical cores)
     grace_seconds: float = 10.0
     policies: dict[str, BatchPolicy] = field(default_factory=dict)  # per device string, overrides defaults
     log_level: str = "INFO"
@@ -101,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-jobs", type=int, default=int(_env("MAX_JOBS", "64") or 64),
                    help="optimisation jobs (MaximizeUnit, Dream, StyleTransfer) running at once; beyond it "
                         "new ones get RESOURCE_EXHAUSTED (default 64); their steps never count against --max-queue")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS", "0") or 0),
+                   help="intra-op threads of the CPU worker's compute, split between its shards (default 0: "
+                        f"torch's default, {torch.get_num_threads()} here); every other thread runs torch on one")
     p.add_argument("--batch", type=_policy, action="append", default=[],
                    metavar="DEVICE=SIZE[:DELAY_MS[:SHARDS]]",
                    help="batching policy per device, e.g. --batch cpu=8:2:2 --batch cuda:0=32:5; SHARDS (CPU "
@@ -173,11 +177,13 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         p.error("--max-queue must be >= 1")
     if args.max_jobs < 1:
         p.error("--max-jobs must be >= 1")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: torch's default)")
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, metrics=not args.no_metrics,
         model_repo=Path(args.model_repo) if args.model_repo else None, embedded=not args.no_embedded,
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue, max_jobs=args.max_jobs,
-        grace_seconds=args.grace, policies=policies, log_level=args.log_level,
+        threads=args.threads, grace_seconds=args.grace, policies=policies, log_level=args.log_level,
         **_operations(p, args), **_datasets(p, args))
 
 

@@ -30,14 +30,14 @@ class Scheduler:
 
     def __init__(self, models: Callable[[str], ServedModel], devices: Sequence[torch.device],
                  metrics: Metrics, *, policies: Mapping[str, BatchPolicy] | None = None,
-                 max_queue: int = 256, max_jobs: int = 64) -> None:
+                 max_queue: int = 256, max_jobs: int = 64, threads: int | None = None) -> None:
         devices = list(devices)
         if not devices:
             raise ValueError("the scheduler needs at least one device")
         self._metrics = metrics
         self._batcher = Batcher(metrics, max_queue)
         per_device = policies_for(devices, policies)
-        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics) for d in devices]
+        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads) for d in devices]
         self._jobs = JobRegistry(devices, max_jobs, metrics, self._batcher.notify)
         self._state = "new"  # new -> running -> stopping -> stopped
         self._stopped: asyncio.Future[None] | None = None

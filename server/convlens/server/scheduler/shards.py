@@ -8,6 +8,15 @@ spin at the barrier waiting for it. Two single-threaded streams never wait for e
 one loop on 2 threads 36.5-38.1 images/s at batch 4, two loops on 1 thread each 41.4-42.7 in total (+12%);
 with a process busy 25% of the time beside them, 24.8-25.8 against 35.8-36.2 (+42%).
 
+Why a lone task on the worker thread used to run at 0.6x the speed of the same call on the main thread
+(batch 1: 15.8-16.5 vs 24.9-26.6 images/s): GNU OpenMP counts every thread of every team in the process,
+and once there are more than cores it has its team members sleep almost at once after each parallel region
+instead of spinning, so each of the hundreds of regions of a forward + backward pays a futex wake-up. A
+team the main thread started while loading models was enough. With the main thread at one intra-op thread
+from the start, the same call on a fresh thread ran at 26.1 images/s. So `convlens serve` sets the process
+to one intra-op thread before it loads anything (app.main), and only the workers (`pin_intra_op_threads`)
+run teams: the worker's own, for lone tasks, and none in single-threaded shards.
+
 Each shard is a daemon thread (a compute stuck past stop's grace must not block exit) whose intra-op
 thread count is set once when it starts; torch keeps that count per thread. Each owns its replicas, so
 hooks one shard registers never fire in another's forward.
@@ -24,6 +33,24 @@ from typing import Any
 import torch
 
 Work = tuple[Callable[[], Any], "Future[Any]"]
+
+
+def process_default_threads() -> int:
+    """The intra-op thread count a thread that has not run torch yet will start with (torch's process-wide
+    value; `torch.get_num_threads()` answers for the calling thread only)."""
+    out: list[int] = []
+    probe = threading.Thread(target=lambda: out.append(torch.get_num_threads()), name="convlens-threads-probe")
+    probe.start()
+    probe.join()
+    return out[0]
+
+
+def set_process_default_threads(n: int) -> None:
+    """Set the count threads that have not run torch yet will start with, leaving the caller's own as it is
+    (`torch.set_num_threads` sets both the calling thread's and the process-wide value)."""
+    setter = threading.Thread(target=torch.set_num_threads, args=(n,), name="convlens-threads-setter")
+    setter.start()
+    setter.join()
 
 
 def pin_intra_op_threads(n: int) -> None:

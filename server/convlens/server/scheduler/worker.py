@@ -25,7 +25,13 @@ from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.batcher import Batcher, Entry
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
-from convlens.server.scheduler.shards import Shard, pin_intra_op_threads, split
+from convlens.server.scheduler.shards import (
+    Shard,
+    pin_intra_op_threads,
+    process_default_threads,
+    set_process_default_threads,
+    split,
+)
 from convlens.server.scheduler.task import Task
 
 # (entry, error or None, result): what the thread sends back for one task.
@@ -35,9 +41,12 @@ Job = tuple[list[Entry], "asyncio.Future[None]"]
 
 class Worker:
     def __init__(self, device: torch.device, policy: BatchPolicy, batcher: Batcher,
-                 models: Callable[[str], ServedModel], metrics: Metrics) -> None:
+                 models: Callable[[str], ServedModel], metrics: Metrics, threads: int | None = None) -> None:
         self.device = device
         self.policy = policy
+        # Intra-op threads of this worker's compute on a CPU (split between its shards, all of them for a lone
+        # task); default: the constructing thread's count.
+        self.threads = threads or torch.get_num_threads()
         # A caller who is alone does not wait for companions (see _policy_now).
         self._alone_policy = BatchPolicy(policy.max_batch_size, 0.0)
         self._alone = False  # the last batch had one task and nothing arrived while it computed
@@ -47,6 +56,7 @@ class Worker:
         self._label = str(device)
         self._replicas: dict[str, ServedModel] = {}  # touched only by the worker thread
         self._shards: list[Shard] = []  # made by the worker thread when it starts
+        self._ready = threading.Event()  # the worker thread has set its (and its shards') thread counts
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._inflight: list[Entry] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,6 +71,7 @@ class Worker:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
+        self._ready.wait(30.0)  # so that no thread starts torch while the process-wide count is changing
         self._dispatcher = self._loop.create_task(self._dispatch(), name=f"convlens-dispatch-{self.device}")
 
     async def close(self, error: Callable[[], ConvLensError]) -> None:
@@ -109,23 +120,30 @@ class Worker:
     # ---- the worker thread ----
 
     def _thread_main(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # so ops without an explicit device land here too
-        elif self.policy.shards > 1:
-            self._start_shards()
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # so ops without an explicit device land here too
+            else:
+                self._set_threads()
+        finally:
+            self._ready.set()
         try:
             self._serve()
         finally:
             for shard in self._shards:
                 shard.stop()
 
-    def _start_shards(self) -> None:
-        total = torch.get_num_threads()
-        per = max(1, total // self.policy.shards)
-        self._shards = [Shard(f"convlens-shard-{self.device}-{i}", per) for i in range(self.policy.shards)]
-        for shard in self._shards:
-            shard.start()
-        pin_intra_op_threads(total)  # this thread (lone tasks), and the process-wide value back as it was
+    def _set_threads(self) -> None:
+        """Start the shards, each with its share of the threads; this thread (lone tasks) gets them all; the
+        process-wide value, which pinning changes, is put back as it was."""
+        default = process_default_threads()
+        if self.policy.shards > 1:
+            per = max(1, self.threads // self.policy.shards)
+            self._shards = [Shard(f"convlens-shard-{self.device}-{i}", per) for i in range(self.policy.shards)]
+            for shard in self._shards:
+                shard.start()
+        pin_intra_op_threads(self.threads)
+        set_process_default_threads(default)
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
