@@ -1,12 +1,9 @@
 """The physical limit: in-process torch throughput of forward + backward to the input, by memory layout,
-batch size and calling thread, so that the service is compared with the best configuration this machine
-offers.
+batch size and threading, so that the service is compared with the best configuration this machine offers.
 
-The calling thread matters on a busy machine: torch's OpenMP team spins while it waits at its barriers,
-and a team started from the main thread burnt most of its CPU that way when other processes held the cores
-(0.7-2.3 images/s against 6-11 from a plain thread in the same process, minutes apart, 2026-11-29; with
-OMP_WAIT_POLICY=PASSIVE both ran 7-11). The server computes on a worker thread, so both are measured.
-
+"main": one loop on this thread with every intra-op thread (the only OpenMP team of the process: a second
+team makes GNU OpenMP stop spinning, see scheduler/shards.py; an earlier "worker thread" column measured
+after the main thread's team existed ran 0.6x at batch 1 for that reason alone, not for being a thread).
 "shards" runs the server's CPU shards' configuration without the server: that many threads, each with its
 share of the intra-op threads and a model of its own, each looping over batches of `batch_size` on its own
 (no barrier between them); images/s is their sum (scheduler/shards.py says why this can beat one team).
@@ -28,7 +25,7 @@ from convlens.server.scheduler.shards import pin_intra_op_threads
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-CONTEXTS = ("main", "thread", "shards")  # this thread, a fresh one (as a server worker), or parallel shards
+CONTEXTS = ("main", "shards")  # one loop on this thread, or loops on parallel single-threaded shards
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,7 @@ class RawPoint:
     def label(self) -> str:
         if self.context == "shards":
             return f"{self.layout}, batch {self.batch_size} on each of {self.shards} shards"
-        return f"{self.layout}, batch {self.batch_size}, {'main' if self.context == 'main' else 'worker'} thread"
+        return f"{self.layout}, batch {self.batch_size}, one thread with {torch.get_num_threads()} intra-op"
 
 
 def gradient_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,13 +61,6 @@ def measure_one(model: nn.Module, layout: str, batch: int, size: int, seconds: f
                 device: torch.device, context: str = "main", shards: int = 2) -> RawPoint:
     if context == "shards":
         return _measure_shards(model, layout, batch, size, seconds, device, shards)
-    if context == "thread":
-        out: list[RawPoint] = []
-        worker = threading.Thread(target=lambda: out.append(measure_one(model, layout, batch, size, seconds,
-                                                                          device)))
-        worker.start()
-        worker.join()
-        return RawPoint(layout, batch, out[0].images_per_second, "thread")
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=LAYOUTS[layout])
     gradient_step(model, x)  # warm-up (allocations, kernels)
     n, started = 0, time.perf_counter()
