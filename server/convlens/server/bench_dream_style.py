@@ -21,6 +21,7 @@ import torch
 
 from convlens.client import AsyncClient
 from convlens.server.bench_record import record
+from convlens.server.config import DEFAULT_CPU_SHARDS
 from convlens.server.launcher import ServerProcess
 
 MODEL = "efficientnet_lite0"
@@ -102,7 +103,9 @@ def main() -> int:
     flags = ["--device", args.device, "--batch", f"{args.device}={args.batch}", "--max-jobs", str(2 * args.jobs)]
     with ServerProcess(flags) as server:
         results = asyncio.run(rounds(server.address, args))
-    text = report(results, args, args.batch)
+    parts = args.batch.split(":")
+    shards = int(parts[2]) if len(parts) > 2 else (DEFAULT_CPU_SHARDS if args.device == "cpu" else 1)
+    text = report(results, args, f"{args.batch} ({shards} shard(s))")
     print(text)
     record(args.out, text, MARKER, "Dream and StyleTransfer: step batching across callers")
     return 0

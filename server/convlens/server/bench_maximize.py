@@ -136,7 +136,8 @@ def report(rows: list[tuple[float, float, float]], args: argparse.Namespace, bat
     lines = [
         f"### MaximizeUnit: {args.jobs} jobs at once vs one after another ({when})", "",
         f"Device {args.device} ({torch.get_num_threads()} torch threads here); preset {args.preset}, "
-        f"{args.steps} steps at {args.size} px per job; server step batch policy {args.batch}; "
+        f"{args.steps} steps at {args.size} px per job; server step batch policy {args.batch} "
+        f"({args.shards} shard(s)); "
         f"{args.rounds} paired rounds (`python -m convlens.server.bench_maximize`).", "",
         "| round | one after another (s) | at once (s) | wall ratio | mean step batch | worker busy (at once) "
         "| service job-steps/s | raw loop job-steps/s | service / raw |",
@@ -168,6 +169,7 @@ def main() -> int:
     device = torch.device(args.device)
     parts = args.batch.split(":")
     shards = int(parts[2]) if len(parts) > 2 else (DEFAULT_CPU_SHARDS if device.type == "cpu" else 1)
+    args.shards = shards
     flags = ["--device", args.device, "--batch", f"{args.device}={args.batch}", "--max-jobs", str(2 * args.jobs)]
     rows: list[tuple[float, float, float]] = []
     batches: list[float] = []
