@@ -53,6 +53,17 @@ def _no_result(rpc: str) -> ConvLensError:
     return InternalError(f"{rpc} stream ended without a result", code=grpc.StatusCode.INTERNAL)
 
 
+def _health_check(channel: Any, service: str) -> tuple[Any, Any]:
+    """The Health.Check method on `channel` (blocking or asyncio alike) and its request."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    return health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest(service=service)
+
+
+def _status_name(reply: Any) -> str:
+    from grpc_health.v1 import health_pb2
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
 class Client:
     """A blocking ConvLens client. Use as a context manager, or call close().
 
@@ -88,14 +99,12 @@ class Client:
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's gRPC health status ("SERVING", "NOT_SERVING", ...), or `service`'s."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        check, request = _health_check(self._channel, service)
         try:
-            reply = health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=service), metadata=self._config.metadata,
-                timeout=_pick(timeout, self._config.timeout.unary))
+            reply = check(request, metadata=self._config.metadata, timeout=_pick(timeout, self._config.timeout.unary))
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        return _status_name(reply)
 
     # ------------------------------------------------------------ plumbing
 
@@ -253,6 +262,16 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's gRPC health status ("SERVING", "NOT_SERVING", ...), or `service`'s."""
+        check, request = _health_check(self._channel, service)
+        try:
+            reply = await check(request, metadata=self._config.metadata,
+                                timeout=_pick(timeout, self._config.timeout.unary))
+        except grpc.RpcError as err:
+            raise _map_rpc_error(err) from err
+        return _status_name(reply)
 
     # ------------------------------------------------------------ plumbing
 
