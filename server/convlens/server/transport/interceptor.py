@@ -162,6 +162,19 @@ class ServiceInterceptor(ServerInterceptor):
         await context.abort(status.code, status.details,
                             (*status.trailing_metadata, (REQUEST_ID, out.request_id)))
 
+    async def _failed(self, exc: BaseException, call: InFlight | None, context: grpc.aio.ServicerContext,
+                      out: _Outcome) -> None:
+        """How every call shape ends on an exception (always raises): an abort already sent goes on as it is;
+        a cancellation that is not the drain cutting the call is the caller leaving; the rest (including a cut
+        call's cancellation) is answered as a status by _fail."""
+        if isinstance(exc, AbortError):
+            out.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise exc
+        if isinstance(exc, asyncio.CancelledError) and (call is None or not call.cut):
+            out.code = grpc.StatusCode.CANCELLED
+            raise exc
+        await self._fail(exc, call, context, out)
+
     def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None) -> None:
         if call is not None:
             self.drain.leave(call)
@@ -190,16 +203,8 @@ class ServiceInterceptor(ServerInterceptor):
                     return await behavior(request, context)
                 finally:
                     call.in_body = False
-            except AbortError:
-                out.code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError as exc:
-                if call is None or not call.cut:
-                    out.code = grpc.StatusCode.CANCELLED
-                    raise
-                await self._fail(exc, call, context, out)
-            except Exception as exc:  # every failure is reported as a status
-                await self._fail(exc, call, context, out)
+            except (asyncio.CancelledError, Exception) as exc:  # every failure is reported as a status
+                await self._failed(exc, call, context, out)
             finally:
                 self._done(m, started, context.peer(), out, call)
         return wrapper
@@ -240,19 +245,11 @@ class ServiceInterceptor(ServerInterceptor):
                     if call is not None and call.cut:  # cut while the response was on its way out
                         raise asyncio.CancelledError
                 finished = True
-            except AbortError:
-                out.code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError as exc:
-                if m.health and self.drain.draining:  # a Watch ended by the drain: say so, and end the RPC
-                    out.code = grpc.StatusCode.UNAVAILABLE
+            except (asyncio.CancelledError, Exception) as exc:
+                if isinstance(exc, asyncio.CancelledError) and m.health and self.drain.draining:
+                    out.code = grpc.StatusCode.UNAVAILABLE  # a Watch ended by the drain: say so, end the RPC
                     await context.abort(out.code, "server shut down")
-                if call is None or not call.cut:
-                    out.code = grpc.StatusCode.CANCELLED
-                    raise
-                await self._fail(exc, call, context, out)
-            except Exception as exc:
-                await self._fail(exc, call, context, out)
+                await self._failed(exc, call, context, out)
             finally:
                 if not finished and out.code == _OK:  # closed at a yield: the caller went away
                     out.code = grpc.StatusCode.CANCELLED
@@ -274,16 +271,8 @@ class ServiceInterceptor(ServerInterceptor):
                     call.in_body = True  # short calls: a drain may cancel them anywhere
                 async for response in behavior(requests, context):
                     yield response
-            except AbortError:
-                out.code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError as exc:
-                if call is None or not call.cut:
-                    out.code = grpc.StatusCode.CANCELLED
-                    raise
-                await self._fail(exc, call, context, out)
-            except Exception as exc:
-                await self._fail(exc, call, context, out)
+            except (asyncio.CancelledError, Exception) as exc:  # every failure is reported as a status
+                await self._failed(exc, call, context, out)
             finally:
                 self._done(m, started, context.peer(), out, call)
         return wrapper
