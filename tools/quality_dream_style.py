@@ -222,7 +222,8 @@ def lite0():
 def base_settings(**kw) -> S.StyleSettings:
     d = DEFAULTS["efficientnet_lite0"]
     base = S.StyleSettings(style_layers=d.style_layers, content_layer=d.content_layer, style_weight=d.style_weight,
-                           soften=d.soften, temperature=d.temperature, learning_rate=d.learning_rate)
+                           soften=d.soften, temperature=d.temperature, learning_rate=d.learning_rate,
+                           style_distance=d.style_distance)
     return dataclasses.replace(base, **kw)
 
 

@@ -63,6 +63,22 @@ def test_loss_terms_by_hand() -> None:
     assert float(terms["total"]) == pytest.approx(float(10 * style + 2 * content))
 
 
+def test_relative_style_distance_by_hand() -> None:
+    # one layer, Gram by hand: ||G(x) - G(s)||^2 / ||G(s)||^2, whatever the Gram's normalisation constant
+    g_s = torch.tensor([[5.0, 1.0], [1.0, 10.0]])  # G(F2), normalisation "none"
+    g_x = torch.tensor([[20.0, 4.0], [4.0, 40.0]])  # G(2 F2) = 4 G(F2)
+    expected = float(((g_x - g_s) ** 2).sum() / (g_s**2).sum())  # = 9
+    assert expected == pytest.approx(9.0)
+    for norm in S.GRAM_NORMALIZATIONS:
+        settings = S.StyleSettings(style_layers=("a",), content_layer="a", gram_normalization=norm,
+                                   style_distance="relative")
+        targets = S.targets_from_features(settings, {"a": F2}, {"a": F2})
+        assert float(S.loss_terms(settings, targets, {"a": 2 * F2})["style"]) == pytest.approx(expected)
+    mse = S.StyleSettings(style_layers=("a",), content_layer="a", gram_normalization="none")
+    mse_terms = S.loss_terms(mse, S.targets_from_features(mse, {"a": F2}, {"a": F2}), {"a": 2 * F2})
+    assert float(mse_terms["style"]) == pytest.approx(float(((g_x - g_s) ** 2).mean()))
+
+
 def test_losses_vanish_at_the_targets(lite_net: nn.Module) -> None:
     settings = S.StyleSettings(style_layers=("_conv_stem", "_blocks.0"), content_layer="_blocks.1", steps=1,
                                size=32, soften="channels")
@@ -85,6 +101,8 @@ def test_adam_job_same_alone_and_batched(lite_net: nn.Module) -> None:
             (photo(seed=4), photo(seed=5), _settings(soften="channels", temperature=2.0, style_weight=1e5,
                                                      learning_rate=1.0)),
             (photo(seed=6), photo(seed=7), _settings(style_weight=1e4, gram_normalization="elements",
+                                                     learning_rate=1.0)),
+            (photo(seed=8), photo(seed=9), _settings(style_weight=1e3, style_distance="relative",
                                                      learning_rate=1.0))]
     alone = [S.transfer(lite_net, SPACE, c, s, st) for c, s, st in jobs]
     together = [S.start(lite_net, SPACE, c, s, st) for c, s, st in jobs]
@@ -137,7 +155,7 @@ def test_output_size_keeps_the_aspect() -> None:
     ({"steps": 0}, "steps"), ({"steps": 10**6}, "steps"), ({"size": 8}, "size"), ({"size": 4096}, "size"),
     ({"init": "zeros"}, "init"), ({"optimizer": "sgd"}, "optimizer"), ({"soften": "x"}, "soften"),
     ({"temperature": 0.0}, "temperature"), ({"gram_normalization": "x"}, "gram_normalization"),
-    ({"learning_rate": 0.0}, "learning_rate"),
+    ({"learning_rate": 0.0}, "learning_rate"), ({"style_distance": "l1"}, "style_distance"),
 ])
 def test_validate_names_the_field(change: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as info:

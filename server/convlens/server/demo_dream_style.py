@@ -82,8 +82,9 @@ def dream_style_section(c: Client, out: Path) -> str:
     soft = [_figure(out, f"soften_{s}.png", results[f"soften_{s}"].image, f"soften = {s}")
             for s in ("none", "channels")]
     settings = results["style_chelsea_brick"].settings or {}
-    return ("<h2>DeepDream</h2><p>google/deepdream's method (4 octaves x 1.4, 10 steps each, normalised step "
-            f"1.5, jitter 32) at an early layer ({EARLY}) and the default late one; last, a dream guided by "
+    return ("<h2>DeepDream</h2><p>google/deepdream's method (4 octaves x 1.4, "
+            f"{g.settings.get('steps_per_octave')} steps each (the model's default), normalised step 1.5, "
+            f"jitter 32) at an early layer ({EARLY}) and the default late one; last, a dream guided by "
             "another image's features. Objective gains measured by a plain forward pass on the result.</p>"
             + "".join(dreams)
             + "<h2>Style transfer</h2><p>Gatys et al. with the model's defaults "

@@ -2,9 +2,14 @@
 one deeper layer match a content image's.
 
     G(f)_km   = sum_p f_k(p) f_m(p) / norm           f: one layer's [C, H, W] features, p: positions
-    L_style   = sum_l w_l * mean_km (G(f_l(x)) - G(f_l(style)))^2
+    L_style   = sum_l w_l * mean_km (G(f_l(x)) - G(f_l(style)))^2           style_distance "mse" (Gatys)
+              = sum_l w_l * ||G(f_l(x)) - G(f_l(style))||^2 / ||G(f_l(style))||^2    "relative"
     L_content = mean (f_c(x) - f_c(content))^2
     L         = style_weight * L_style + content_weight * L_content
+
+The "relative" style distance makes each layer count alike whatever the scale of its features (raw
+activations of a network without a softmax-like last stage differ by orders of magnitude between layers, and
+"mse" then weighs almost only the loudest layer); it is also independent of the Gram normalisation.
 
 Gram normalisation: "positions" divides by H*W (the expectation over positions Gatys writes; independent
 of the image size), "elements" by C*H*W (the PyTorch tutorial's a*b*c*d with one image), "none" by 1.
@@ -39,6 +44,7 @@ from convlens.server.errors import InvalidArgument
 
 SOFTEN = ("none", "channels", "positions", "all")
 GRAM_NORMALIZATIONS = ("positions", "elements", "none")
+STYLE_DISTANCES = ("mse", "relative")
 INITS = ("content", "noise")
 OPTIMIZERS = ("adam", "lbfgs")
 
@@ -63,6 +69,7 @@ class StyleSettings:
     soften: str = "none"
     temperature: float = 1.0
     gram_normalization: str = "positions"
+    style_distance: str = "mse"
     seed: int = 0
 
     @property
@@ -107,6 +114,9 @@ def validate(s: StyleSettings) -> None:
         raise InvalidArgument(f"unknown soften {s.soften!r}; use one of {', '.join(SOFTEN)}", field="soften")
     if not 1e-3 <= s.temperature <= 1e3:
         raise InvalidArgument(f"temperature = {s.temperature} is out of range (0.001..1000)", field="temperature")
+    if s.style_distance not in STYLE_DISTANCES:
+        raise InvalidArgument(f"unknown style_distance {s.style_distance!r}; use one of {', '.join(STYLE_DISTANCES)}",
+                              field="style_distance")
     if s.gram_normalization not in GRAM_NORMALIZATIONS:
         raise InvalidArgument(f"unknown gram_normalization {s.gram_normalization!r}; use one of "
                               f"{', '.join(GRAM_NORMALIZATIONS)}", field="gram_normalization")
@@ -144,6 +154,15 @@ def soften(features: torch.Tensor, mode: str = "none", temperature: float = 1.0)
     raise ValueError(f"unknown softening {mode!r}")
 
 
+def style_distance(g: torch.Tensor, target: torch.Tensor, mode: str = "mse") -> torch.Tensor:
+    """One layer's style term: the mean squared difference of the Grams, or relative to the target's norm."""
+    if mode == "mse":
+        return (g - target).pow(2).mean()
+    if mode == "relative":
+        return (g - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+    raise ValueError(f"unknown style distance {mode!r}")
+
+
 @dataclass(frozen=True)
 class StyleTargets:
     """What a job's image is pulled toward: the style image's Grams and the content image's features."""
@@ -169,7 +188,7 @@ def loss_terms(settings: StyleSettings, targets: StyleTargets,
     style = torch.zeros((), device=targets.content.device)
     for layer, w in zip(s.style_layers, s.layer_weights, strict=True):
         g = gram(soften(features[layer], s.soften, s.temperature), s.gram_normalization)
-        style = style + w * (g - targets.grams[layer]).pow(2).mean()
+        style = style + w * style_distance(g, targets.grams[layer], s.style_distance)
     content = (soften(features[s.content_layer], s.soften, s.temperature) - targets.content).pow(2).mean()
     return {"style": style, "content": content, "total": s.style_weight * style + s.content_weight * content}
 
