@@ -11,8 +11,10 @@ import pytest
 
 from convlens.client import _cli, _convert, _types
 from convlens.server.engine import integrated_gradients, render, saliency, smoothgrad, targets
+from convlens.server.engine import style as style_engine
 from convlens.server.transport.codecs import common, filters
 from convlens.server.transport.codecs import saliency as saliency_codec
+from convlens.server.transport.codecs import style as style_codec
 from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
@@ -52,6 +54,12 @@ def test_sdk_scalings_reductions_and_baselines_are_the_engines() -> None:
     assert set(typing.get_args(_types.Reduction)) == set(targets.REDUCTIONS)
 
 
+def test_sdk_style_tables_are_the_servers() -> None:
+    assert _convert._DISTANCES == named(style_codec.DISTANCES)
+    assert set(_convert._DISTANCES) == set(style_engine.STYLE_DISTANCES) == set(typing.get_args(_types.StyleDistance))
+    assert _convert._SOFTEN == named(style_codec.SOFTEN) and set(_convert._SOFTEN) == set(style_engine.SOFTEN)
+
+
 def test_cli_choices_are_the_engines() -> None:
     choices: dict[str, set[str]] = {}
     parser = _cli._parser()
@@ -59,9 +67,12 @@ def test_cli_choices_are_the_engines() -> None:
     for sub in subparsers:
         for command in sub.choices.values():
             for action in command._actions:
-                if action.choices is not None and action.dest in ("scaling", "reduction", "method", "base_method"):
+                if action.choices is not None and action.dest in ("scaling", "reduction", "method", "base_method",
+                                                                  "style_distance", "soften"):
                     choices.setdefault(action.dest, set()).update(action.choices)
     assert choices["scaling"] == set(render.SCALINGS)
     assert choices["reduction"] == set(targets.REDUCTIONS)
     assert choices["method"] == choices["base_method"] == set(saliency.METHODS)
     assert set(smoothgrad.BASES) <= choices["base_method"]
+    assert choices["style_distance"] == set(style_engine.STYLE_DISTANCES)
+    assert choices["soften"] == set(style_engine.SOFTEN)

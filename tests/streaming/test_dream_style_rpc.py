@@ -15,6 +15,9 @@ from convlens.client import AsyncClient, Client, Progress
 from convlens.client import _exceptions as exc
 from convlens.client._cli import main
 from convlens.server.app import ConvLensServer
+from convlens.server.errors import InvalidArgument
+from convlens.server.transport.codecs import style as style_codec
+from convlens.v1 import convlens_pb2 as pb
 
 from .conftest import MODEL, photo
 
@@ -94,6 +97,22 @@ async def test_style_adam_same_alone_and_batched(client: AsyncClient, server: Co
     diff = np.abs(pixels(alone.image) - pixels(together[0].image))
     assert diff.max() <= 2 and diff.mean() < 0.05
     assert alone.style_loss == pytest.approx(together[0].style_loss, rel=1e-3)
+
+
+async def test_style_distance_is_asked_for_and_reported(client: AsyncClient) -> None:
+    """The two distances are different losses on the same images; the settings say which one ran."""
+    opts = dict(STYLE, init="content", seed=3)
+    mse = await client.style_transfer(photo(seed=1), photo(seed=2), MODEL, style_distance="mse", **opts)
+    relative = await client.style_transfer(photo(seed=1), photo(seed=2), MODEL, style_distance="relative", **opts)
+    assert mse.settings["style_distance"] == "mse" and relative.settings["style_distance"] == "relative"
+    assert relative.initial_style_loss != pytest.approx(mse.initial_style_loss, rel=1e-2)
+    default = await client.style_transfer(photo(seed=1), photo(seed=2), MODEL, **opts)
+    assert default.settings["style_distance"] == "mse"  # a model without a table entry: Gatys' distance
+    with pytest.raises(ValueError, match="style_distance"):  # the SDK knows the names
+        await client.style_transfer(photo(seed=1), photo(seed=2), MODEL, style_distance="cosine", **opts)
+    with pytest.raises(InvalidArgument) as refused:  # and the server the values
+        style_codec.query(pb.StyleTransferRequest(model=MODEL, style_distance=7))
+    assert [v.field for v in refused.value.violations] == ["style_distance"]
 
 
 async def test_lbfgs_runs_and_reports_it(client: AsyncClient) -> None:

@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--content-weight", type=float, dest="content_weight")
     s.add_argument("--soften", choices=["none", "channels", "positions", "all"],
                    help="softmax transform of the features (Wang et al.); default: the model's")
+    s.add_argument("--style-distance", choices=["mse", "relative"], dest="style_distance",
+                   help="how each style layer's Gram matrix is compared; default: the model's")
     s.add_argument("--temperature", type=float)
     s.add_argument("--optimizer", choices=["adam", "lbfgs"])
     s.add_argument("--init", choices=["content", "noise"])
@@ -431,8 +433,8 @@ def _dream(client: Client, args: argparse.Namespace) -> int:
 
 def _style(client: Client, args: argparse.Namespace) -> int:
     bar = None if args.quiet else _ProgressBar(sys.stderr)
-    options = _options(args, ("style_weight", "content_weight", "soften", "temperature", "optimizer", "init",
-                              "steps", "size", "seed"))
+    options = _options(args, ("style_weight", "content_weight", "soften", "style_distance", "temperature",
+                              "optimizer", "init", "steps", "size", "seed"))
     r = client.style_transfer(args.content, args.style, args.model, on_progress=bar,
                               timeout=max(args.timeout, args.deadline), **options)
     if bar is not None:

@@ -230,7 +230,8 @@ class Client:
                        on_progress: ProgressCallback | None = None, timeout: float | None = None,
                        **options: Unpack[StyleTransferOptions]) -> StyleTransferResult:
         """Gatys style transfer of `content` toward `style`'s texture (Adam by default, so it batches with other
-        callers'); `soften=` "none" / "channels" / "positions" / "all" (Wang et al.'s softmax transform)."""
+        callers'); `soften=` "none" / "channels" / "positions" / "all" (Wang et al.'s softmax transform);
+        `style_distance=` "mse" / "relative" (each layer's ||G - G_style||^2 / ||G_style||^2)."""
         events = self.stream_style_transfer(content, style, model, timeout=timeout, **options)
         return self._drain("StyleTransfer", events, on_progress)
 

@@ -63,6 +63,7 @@ _SOFTEN = {"none": pb.SOFTEN_NONE, "channels": pb.SOFTEN_CHANNELS, "positions": 
 _GRAMS = {"positions": pb.GRAM_NORMALIZATION_POSITIONS, "elements": pb.GRAM_NORMALIZATION_ELEMENTS,
           "none": pb.GRAM_NORMALIZATION_NONE}
 _INITS = {"content": pb.STYLE_INIT_CONTENT, "noise": pb.STYLE_INIT_NOISE}
+_DISTANCES = {"mse": pb.STYLE_DISTANCE_MSE, "relative": pb.STYLE_DISTANCE_RELATIVE}
 
 
 def _choice(table: Mapping[str, int], value: str, what: str) -> int:
@@ -176,6 +177,8 @@ def style_request(content: ImageInput, style: ImageInput, model: str,
         kw["gram_normalization"] = _choice(_GRAMS, kw["gram_normalization"], "gram_normalization")
     if "init" in kw:
         kw["init"] = _choice(_INITS, kw["init"], "init")
+    if "style_distance" in kw:
+        kw["style_distance"] = _choice(_DISTANCES, kw["style_distance"], "style_distance")
     return pb.StyleTransferRequest(model=model, content=to_image(content, what="content"),
                                    style=to_image(style, what="style"), **kw)
 
@@ -311,7 +314,8 @@ def dream_result(r: pb.DreamResult) -> DreamResult:
 
 
 def style_result(r: pb.StyleTransferResult) -> StyleTransferResult:
-    enums = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS, "init": _INITS}
+    enums = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS, "init": _INITS,
+             "style_distance": _DISTANCES}
     return StyleTransferResult(_image(r.image_png), r.style_loss, r.content_loss, r.total_loss,
                                r.initial_style_loss, _fields(r.settings, enums))
 

@@ -20,6 +20,7 @@ Parameterization = Literal["fft", "pixel", "maco"]
 MaximizePreset = Literal["lucid", "lecture", "maco"]
 Optimizer = Literal["lbfgs", "adam"]
 Soften = Literal["none", "channels", "positions", "all"]
+StyleDistance = Literal["mse", "relative"]
 GramNormalization = Literal["positions", "elements", "none"]
 StyleInit = Literal["content", "noise"]
 
@@ -304,6 +305,7 @@ class StyleTransferOptions(TypedDict, total=False):
     size: int
     optimizer: Optimizer
     soften: Soften | bool  # True: "channels"
+    style_distance: StyleDistance  # per style layer: "mse" (Gatys) or "relative" (||G - G_s||^2 / ||G_s||^2)
     temperature: float
     gram_normalization: GramNormalization
     init: StyleInit

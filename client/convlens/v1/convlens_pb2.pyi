@@ -368,6 +368,30 @@ GRAM_NORMALIZATION_NONE: GramNormalization.ValueType  # 3
 """Not divided."""
 Global___GramNormalization: _TypeAlias = GramNormalization  # noqa: Y015
 
+class _StyleDistance:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StyleDistanceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StyleDistance.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STYLE_DISTANCE_UNSPECIFIED: _StyleDistance.ValueType  # 0
+    """The model's default (EfficientNet-Lite0: RELATIVE, see docs/quality.md)."""
+    STYLE_DISTANCE_MSE: _StyleDistance.ValueType  # 1
+    """Mean squared difference of the entries (Gatys et al.): layers with loud activations weigh most."""
+    STYLE_DISTANCE_RELATIVE: _StyleDistance.ValueType  # 2
+    """||G - G_style||^2 / ||G_style||^2: every layer counts alike whatever its activations' scale."""
+
+class StyleDistance(_StyleDistance, metaclass=_StyleDistanceEnumTypeWrapper):
+    """StyleDistance is how one style layer's Gram matrix G is compared with the style image's G_style."""
+
+STYLE_DISTANCE_UNSPECIFIED: StyleDistance.ValueType  # 0
+"""The model's default (EfficientNet-Lite0: RELATIVE, see docs/quality.md)."""
+STYLE_DISTANCE_MSE: StyleDistance.ValueType  # 1
+"""Mean squared difference of the entries (Gatys et al.): layers with loud activations weigh most."""
+STYLE_DISTANCE_RELATIVE: StyleDistance.ValueType  # 2
+"""||G - G_style||^2 / ||G_style||^2: every layer counts alike whatever its activations' scale."""
+Global___StyleDistance: _TypeAlias = StyleDistance  # noqa: Y015
+
 class _StyleInit:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -2088,6 +2112,7 @@ class StyleTransferRequest(_message.Message):
     GRAM_NORMALIZATION_FIELD_NUMBER: _builtins.int
     INIT_FIELD_NUMBER: _builtins.int
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    STYLE_DISTANCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     content_layer: _builtins.str
     """Layer whose features are matched; default: the model's (a stride-16 block for EfficientNet-Lite0)."""
@@ -2114,6 +2139,8 @@ class StyleTransferRequest(_message.Message):
     init: Global___StyleInit.ValueType
     learning_rate: _builtins.float
     """Adam's learning rate on the 0..255 pixel scale; unset: the model's default."""
+    style_distance: Global___StyleDistance.ValueType
+    """How each style layer's Gram matrix is compared; unset: the model's default."""
     @_builtins.property
     def content(self) -> Global___Image:
         """The content image (required)."""
@@ -2154,10 +2181,11 @@ class StyleTransferRequest(_message.Message):
         gram_normalization: Global___GramNormalization.ValueType = ...,
         init: Global___StyleInit.ValueType = ...,
         learning_rate: _builtins.float | None = ...,
+        style_distance: Global___StyleDistance.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_weight", b"content_weight", "learning_rate", b"learning_rate", "style", b"style", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "init", b"init", "learning_rate", b"learning_rate", "model", b"model", "optimizer", b"optimizer", "preview_every", b"preview_every", "seed", b"seed", "size", b"size", "soften", b"soften", "soften_mode", b"soften_mode", "steps", b"steps", "style", b"style", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "init", b"init", "learning_rate", b"learning_rate", "model", b"model", "optimizer", b"optimizer", "preview_every", b"preview_every", "seed", b"seed", "size", b"size", "soften", b"soften", "soften_mode", b"soften_mode", "steps", b"steps", "style", b"style", "style_distance", b"style_distance", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__content_weight: _TypeAlias = _typing.Literal["content_weight"]  # noqa: Y015
     _WhichOneofArgType__content_weight: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight"]  # noqa: Y015
@@ -2200,6 +2228,7 @@ class StyleTransferSettings(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
+    STYLE_DISTANCE_FIELD_NUMBER: _builtins.int
     content_layer: _builtins.str
     style_weight: _builtins.float
     content_weight: _builtins.float
@@ -2215,6 +2244,7 @@ class StyleTransferSettings(_message.Message):
     height: _builtins.int
     """Size of the returned image."""
     width: _builtins.int
+    style_distance: Global___StyleDistance.ValueType
     @_builtins.property
     def style_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -2238,10 +2268,11 @@ class StyleTransferSettings(_message.Message):
         seed: _builtins.int = ...,
         height: _builtins.int = ...,
         width: _builtins.int = ...,
+        style_distance: Global___StyleDistance.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "height", b"height", "init", b"init", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "seed", b"seed", "size", b"size", "soften", b"soften", "steps", b"steps", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "height", b"height", "init", b"init", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "seed", b"seed", "size", b"size", "soften", b"soften", "steps", b"steps", "style_distance", b"style_distance", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

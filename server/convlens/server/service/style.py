@@ -80,6 +80,7 @@ class StyleQuery:
     gram_normalization: str | None = None
     init: str | None = None
     learning_rate: float | None = None
+    style_distance: str | None = None
     seed: int = 0
     preview_every: int = 0
 
@@ -115,8 +116,8 @@ class StyleService:
             optimizer=q.optimizer or base.optimizer,
             learning_rate=float(_or(q.learning_rate, d.learning_rate)),  # type: ignore[arg-type]
             soften=q.soften or d.soften, temperature=float(_or(q.temperature, d.temperature)),  # type: ignore[arg-type]
-            gram_normalization=q.gram_normalization or base.gram_normalization, style_distance=d.style_distance,
-            seed=q.seed)
+            gram_normalization=q.gram_normalization or base.gram_normalization,
+            style_distance=q.style_distance or d.style_distance, seed=q.seed)
         validate(settings)
         for name in settings.style_layers:
             self._map_layer(model, name, "style_layers")

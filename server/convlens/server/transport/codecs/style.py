@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from convlens.server.engine.style import STYLE_DISTANCES
 from convlens.server.service.progress import Progress
 from convlens.server.service.style import StyleAnswer, StyleQuery
 from convlens.server.transport.codecs.common import enum, optional_image, png
 from convlens.server.transport.codecs.dream import progress
+from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
 OPTIMIZERS = {pb.OPTIMIZER_UNSPECIFIED: "adam", pb.OPTIMIZER_ADAM: "adam", pb.OPTIMIZER_LBFGS: "lbfgs"}
@@ -14,6 +16,7 @@ SOFTEN = {pb.SOFTEN_NONE: "none", pb.SOFTEN_CHANNELS: "channels", pb.SOFTEN_POSI
 GRAMS = {pb.GRAM_NORMALIZATION_UNSPECIFIED: "positions", pb.GRAM_NORMALIZATION_POSITIONS: "positions",
          pb.GRAM_NORMALIZATION_ELEMENTS: "elements", pb.GRAM_NORMALIZATION_NONE: "none"}
 INITS = {pb.STYLE_INIT_UNSPECIFIED: "content", pb.STYLE_INIT_CONTENT: "content", pb.STYLE_INIT_NOISE: "noise"}
+DISTANCES = enum_names(pb.StyleDistance, STYLE_DISTANCES, unspecified=None)  # UNSPECIFIED: the model's default
 
 
 def _soften(request: pb.StyleTransferRequest) -> str | None:
@@ -41,6 +44,8 @@ def query(request: pb.StyleTransferRequest) -> StyleQuery:
         gram_normalization=enum(GRAMS, request.gram_normalization, "gram_normalization", "GramNormalization"),
         init=enum(INITS, request.init, "init", "StyleInit"),
         learning_rate=request.learning_rate if request.HasField("learning_rate") else None,
+        style_distance=(None if request.style_distance == pb.STYLE_DISTANCE_UNSPECIFIED
+                        else enum(DISTANCES, request.style_distance, "style_distance", "StyleDistance")),
         seed=int(request.seed),
         preview_every=max(0, int(request.preview_every)),
     )
@@ -59,7 +64,8 @@ def response(event: Progress | StyleAnswer) -> pb.StyleTransferResponse:
         style_weight=s.style_weight, content_weight=s.content_weight, steps=s.steps, size=s.size,
         optimizer=_code(OPTIMIZERS, s.optimizer), soften=_code(SOFTEN, s.soften), temperature=s.temperature,
         gram_normalization=_code(GRAMS, s.gram_normalization), init=_code(INITS, s.init),
-        learning_rate=s.learning_rate, seed=s.seed, height=event.image.height, width=event.image.width)
+        learning_rate=s.learning_rate, seed=s.seed, height=event.image.height, width=event.image.width,
+        style_distance=_code(DISTANCES, s.style_distance))
     return pb.StyleTransferResponse(result=pb.StyleTransferResult(
         image_png=png(event.image), style_loss=event.losses.get("style", 0.0),
         content_loss=event.losses.get("content", 0.0), total_loss=event.losses.get("total", 0.0),
