@@ -64,9 +64,13 @@ def pin_intra_op_threads(n: int) -> None:
 
 
 class Shard:
-    def __init__(self, name: str, threads: int) -> None:
+    """A compute thread: runs submitted callables one at a time, in order. `threads`: its intra-op thread
+    count, pinned when it starts (None: left as torch gives it); `setup` runs first on the thread."""
+
+    def __init__(self, name: str, threads: int | None, setup: Callable[[], Any] | None = None) -> None:
         self.threads = threads
         self.replicas: dict[str, Any] = {}  # touched only by this shard's thread
+        self._setup = setup
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -78,14 +82,22 @@ class Shard:
     def stop(self) -> None:
         self._work.put(None)
 
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
         self._work.put((fn, future))
         return future
 
     def _main(self) -> None:
-        pin_intra_op_threads(self.threads)
-        self._ready.set()
+        try:
+            if self._setup is not None:
+                self._setup()
+            if self.threads is not None:
+                pin_intra_op_threads(self.threads)
+        finally:
+            self._ready.set()
         while (work := self._work.get()) is not None:
             fn, future = work
             try:

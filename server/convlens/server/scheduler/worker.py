@@ -1,21 +1,24 @@
-"""One worker per device: a dedicated thread that runs one batch at a time on that device's replicas.
+"""One worker per device: compute threads ("lanes") that each run one batch at a time on their own replicas.
 
-The loop side (`_dispatch`, a coroutine) takes a batch from the batcher when the worker is free and hands
-it to the thread; the thread computes and settles the tasks' futures back on the loop with
-`call_soon_threadsafe`. Torch releases the GIL while it computes, so the asyncio server stays responsive.
+The loop side (`_dispatch`, a coroutine) takes a batch from the batcher whenever a lane is free and hands it
+to that lane's thread; the outcome comes back through a future and is settled on the loop. Torch releases
+the GIL while it computes, so the asyncio server stays responsive.
 
-On the CPU a worker may split each batch of two or more tasks between `policy.shards` compute threads, each
-with its share of the intra-op threads (scheduler/shards.py says why that is faster); a lone task runs on
-the worker thread itself with all of them, so a lone caller loses nothing.
+A GPU, or a CPU with one shard, has one lane. A CPU with `policy.shards` > 1 has the device lane (every
+intra-op thread) and one lane per shard, each with its share (scheduler/shards.py says why that is faster).
+When every shard is free a batch is split between them; when one is free it takes a batch of its share of
+max_batch_size on its own, without waiting for the others (no barrier between halves). The device lane runs
+what must not be split or copied — a task that is alone, so a lone caller gets every thread, and models whose
+module cannot be copied per shard (ONNX) — and never while a shard computes, nor the reverse.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -25,18 +28,11 @@ from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.batcher import Batcher, Entry
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
-from convlens.server.scheduler.shards import (
-    Shard,
-    pin_intra_op_threads,
-    process_default_threads,
-    set_process_default_threads,
-    split,
-)
-from convlens.server.scheduler.task import Task
+from convlens.server.scheduler.shards import Shard, process_default_threads, set_process_default_threads, split
 
-# (entry, error or None, result): what the thread sends back for one task.
+# (entry, error or None, result): what a lane sends back for one task.
 Outcome = tuple[Entry, BaseException | None, Any]
-Job = tuple[list[Entry], "asyncio.Future[None]"]
+WHOLE = 0  # the device lane's index
 
 
 class Worker:
@@ -44,121 +40,168 @@ class Worker:
                  models: Callable[[str], ServedModel], metrics: Metrics, threads: int | None = None) -> None:
         self.device = device
         self.policy = policy
-        # Intra-op threads of this worker's compute on a CPU (split between its shards, all of them for a lone
-        # task); default: the constructing thread's count.
+        # Intra-op threads of this worker's compute on a CPU (split between its shards, all of them on the
+        # device lane); default: the constructing thread's count.
         self.threads = threads or torch.get_num_threads()
-        # A caller who is alone does not wait for companions (see _policy_now).
-        self._alone_policy = BatchPolicy(policy.max_batch_size, 0.0)
-        self._alone = False  # the last batch had one task and nothing arrived while it computed
+        self._shard_count = policy.shards if device.type == "cpu" else 1
+        self._alone = False  # the last batch had one task, ran alone, and nothing arrived while it computed
+        self._ran = False  # some batch has finished (before that, a lone task is taken as alone)
         self._batcher = batcher
         self._models = models
         self._metrics = metrics
         self._label = str(device)
-        self._replicas: dict[str, ServedModel] = {}  # touched only by the worker thread
-        self._shards: list[Shard] = []  # made by the worker thread when it starts
-        self._ready = threading.Event()  # the worker thread has set its (and its shards') thread counts
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._inflight: list[Entry] = []
+        self._lanes: list[Shard] = []  # [device lane, *shard lanes]; made in start()
+        self._busy: dict[int, list[Entry]] = {}  # lane index -> the entries it computes
+        self._held: list[Entry] | None = None  # taken for the device lane, waiting for the shards to finish
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        self._thread = threading.Thread(target=self._thread_main, name=f"convlens-worker-{device}",
-                                        daemon=True)  # a compute stuck past stop's grace must not block exit
+        self._changed: asyncio.Event | None = None
 
     @property
     def busy(self) -> bool:
-        return bool(self._inflight)
+        return bool(self._busy) or self._held is not None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
-        self._ready.wait(30.0)  # so that no thread starts torch while the process-wide count is changing
+        self._lanes = self._make_lanes()
+        self._changed = self._batcher.listen()
         self._dispatcher = self._loop.create_task(self._dispatch(), name=f"convlens-dispatch-{self.device}")
+
+    def _make_lanes(self) -> list[Shard]:
+        """Started lanes. On a CPU each pins its thread count, and the process-wide value (which pinning
+        changes) is put back as it was: threads that start torch later get what they got before."""
+        name = f"convlens-worker-{self.device}"
+        if self.device.type == "cuda":
+            lane = Shard(name, None, setup=lambda: torch.cuda.set_device(self.device))  # ops without a device
+            lane.start()
+            return [lane]
+        default = process_default_threads()
+        lanes = [Shard(name, self.threads)]
+        if self._shard_count > 1:
+            per = max(1, self.threads // self._shard_count)
+            lanes += [Shard(f"convlens-shard-{self.device}-{i}", per) for i in range(self._shard_count)]
+        for lane in lanes:
+            lane.start()
+        set_process_default_threads(default)
+        return lanes
 
     async def close(self, error: Callable[[], ConvLensError]) -> None:
         """Stop taking batches; fail what is still computing with `error()` (its result will be ignored)."""
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        for entry in self._inflight:
-            if not entry.future.done():
-                entry.future.set_exception(error())
-        stuck = self.busy
-        self._inflight = []
-        self._jobs.put(None)  # the thread exits after its current batch, if any
-        if self._thread.is_alive() and not stuck:
-            await asyncio.to_thread(self._thread.join, 5.0)
+        for entries in [*self._busy.values(), self._held or []]:
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(error())
+        stuck = bool(self._busy)
+        self._busy, self._held = {}, None
+        for lane in self._lanes:
+            lane.stop()  # each lane's thread exits after its current batch, if any
+        if not stuck:
+            for lane in self._lanes:
+                await asyncio.to_thread(lane.join, 5.0)
+
+    # ---- the loop side ----
 
     async def _dispatch(self) -> None:
-        assert self._loop is not None
-        changed = self._batcher.listen()
+        assert self._changed is not None
+        changed = self._changed
         while True:
             changed.clear()  # before take(): a put after it sets the event again, so no wake-up is lost
-            batch, wait = self._batcher.take(self._policy_now(), time.monotonic(), self._label)
+            free = self._free_lanes()
+            if not free:
+                await changed.wait()
+                continue
+            batch, wait = self._batcher.take(self._policy_now(len(free)), time.monotonic(), self._label)
             if not batch:
                 try:
                     await asyncio.wait_for(changed.wait(), wait)
                 except TimeoutError:
                     pass
                 continue
-            done: asyncio.Future[None] = self._loop.create_future()
-            self._inflight = batch
-            self._jobs.put((batch, done))
-            await done  # one batch at a time per device
-            self._inflight = []
-            self._alone = len(batch) == 1 and self._batcher.depth == 0
-
-    def _policy_now(self) -> BatchPolicy:
-        """The policy for the next take. Waiting max_batch_delay only pays when companions are likely: when
-        the last batch ran alone and nobody arrived while it computed (one caller at a time), a lone task on
-        this idle worker runs at once. Measured on the busy 2-core CPU, the 2 ms timed wait cost a lone caller
-        15% (11.2-11.8 vs 13.3-13.7 requests/s with batching off), more than the delay itself: the loop
-        must be woken by a timer on a contended machine. Any concurrency brings the delay back at once."""
-        if self._alone and self._batcher.depth <= 1:
-            return self._alone_policy
-        return self.policy
-
-    # ---- the worker thread ----
-
-    def _thread_main(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # so ops without an explicit device land here too
+            if len(self._lanes) == 1:
+                self._launch(WHOLE, batch, len(batch))
+            elif self._on_device_lane(batch, len(free)):
+                if self._busy:  # an ONNX batch while shards compute: it waits for them, not they for it
+                    self._held = batch
+                    while self._busy:
+                        changed.clear()
+                        await changed.wait()
+                    self._held = None
+                self._launch(WHOLE, batch, len(batch))
             else:
-                self._set_threads()
-        finally:
-            self._ready.set()
+                for lane, chunk in zip(free, split(batch, len(free)), strict=False):
+                    self._launch(lane, list(chunk), len(batch))
+
+    def _free_lanes(self) -> list[int]:
+        if len(self._lanes) == 1:
+            return [] if self._busy else [WHOLE]
+        if WHOLE in self._busy:
+            return []
+        return [i for i in range(1, len(self._lanes)) if i not in self._busy]
+
+    def _share(self) -> int:
+        """One shard's part of max_batch_size."""
+        return max(1, math.ceil(self.policy.max_batch_size / self._shard_count))
+
+    def _policy_now(self, free: int) -> BatchPolicy:
+        """The policy for the next take: up to one share per free shard (the whole size on one lane). Waiting
+        max_batch_delay only pays when companions are likely: when the last batch ran alone and nobody
+        arrived while it computed (one caller at a time), a lone task runs at once. Measured on the busy
+        2-core CPU, the 2 ms timed wait cost a lone caller 15% (11.2-11.8 vs 13.3-13.7 requests/s with
+        batching off): the loop must be woken by a timer on a contended machine."""
+        size = self.policy.max_batch_size if len(self._lanes) == 1 else self._share() * free
+        alone = self._alone and self._batcher.depth <= 1
+        return BatchPolicy(size, 0.0 if alone else self.policy.max_batch_delay)
+
+    def _on_device_lane(self, batch: list[Entry], free: int) -> bool:
+        """A lone task when every shard is free (all threads for one caller), or a model whose module cannot
+        be copied per shard (ONNX: hooks on a shared module would fire in both shards' forwards)."""
+        if len(batch) == 1 and free == len(self._lanes) - 1 and (self._alone or not self._ran):
+            return True
         try:
-            self._serve()
-        finally:
-            for shard in self._shards:
-                shard.stop()
+            return not self._models(batch[0].task.model).layout_applies
+        except Exception:  # a model that went away: the device lane reports it as the compute would
+            return True
 
-    def _set_threads(self) -> None:
-        """Start the shards, each with its share of the threads; this thread (lone tasks) gets them all; the
-        process-wide value, which pinning changes, is put back as it was."""
-        default = process_default_threads()
-        if self.policy.shards > 1:
-            per = max(1, self.threads // self.policy.shards)
-            self._shards = [Shard(f"convlens-shard-{self.device}-{i}", per) for i in range(self.policy.shards)]
-            for shard in self._shards:
-                shard.start()
-        pin_intra_op_threads(self.threads)
-        set_process_default_threads(default)
+    def _launch(self, lane: int, entries: list[Entry], batch_size: int) -> None:
+        assert self._loop is not None
+        self._busy[lane] = entries
+        shard = self._lanes[lane]
+        fresh = lane != WHOLE  # shards compute side by side: each needs a module of its own
+        done: Future[list[Outcome]] = shard.submit(lambda: self._run(entries, shard.replicas, fresh))
+        asyncio.wrap_future(done, loop=self._loop).add_done_callback(
+            lambda f: self._finished(lane, entries, batch_size, f))
 
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            batch, done = job
-            try:
-                outcomes = self._run(batch)
-            except BaseException as exc:  # _run catches compute errors; this guards the thread itself
-                outcomes = [(e, RuntimeError(f"worker {self.device} failed: {exc!r}"), None) for e in batch]
-            try:
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(_settle, outcomes, done)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                return
+    def _finished(self, lane: int, entries: list[Entry], batch_size: int, f: asyncio.Future[list[Outcome]]
+                  ) -> None:
+        """On the loop: the lane is free again; deliver results (futures already done — cancelled, or failed
+        by stop — are skipped). The dispatcher is woken first: callbacks run in the order they are scheduled,
+        so the next batch starts before the callers' handlers encode their responses."""
+        self._busy.pop(lane, None)
+        if f.cancelled() or f.exception() is not None:  # _run catches compute errors: this is the lane failing
+            exc = None if f.cancelled() else f.exception()
+            outcomes: list[Outcome] = [(e, RuntimeError(f"worker {self.device} failed: {exc!r}"), None)
+                                       for e in entries]
+        else:
+            outcomes = f.result()
+        self._alone = batch_size == 1 and not self._busy and self._batcher.depth == 0
+        self._ran = True
+        if self._changed is not None:
+            self._changed.set()
+        for entry, error, result in outcomes:
+            if entry.future.done():
+                continue
+            if error is not None:
+                entry.future.set_exception(error)
+            else:
+                entry.future.set_result(result)
 
-    def _run(self, batch: list[Entry]) -> list[Outcome]:
+    # ---- a lane's thread ----
+
+    def _run(self, batch: list[Entry], replicas: dict[str, ServedModel], fresh: bool) -> list[Outcome]:
+        """On a lane's thread: compute the live entries of `batch` on that lane's replica."""
         live = []
         for entry in batch:
             if entry.cancelled:  # the caller went away between take() and now: never compute it
@@ -175,7 +218,7 @@ class Worker:
                 start - entry.enqueued)
         outcomes: list[Outcome]
         try:
-            results = self._compute(task, [e.task.payload for e in live])
+            results = list(task.compute(self._replica(task.model, replicas, fresh), [e.task.payload for e in live]))
             if len(results) != len(live):
                 raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
                                    f"results for {len(live)} payloads")
@@ -191,51 +234,12 @@ class Worker:
         self._metrics.worker_busy_seconds.labels(device=self._label).inc(elapsed)
         return outcomes
 
-    def _compute(self, task: Task, payloads: list[Any]) -> list[Any]:
-        """The batch's results in order: on this thread, or split between the shards (all finish first)."""
-        mine = self._replica(task.model, self._replicas)
-        if len(payloads) < 2 or not self._shards or not mine.layout_applies:  # ONNX sessions are not copied
-            return list(task.compute(mine, payloads))
-        def on(shard: Shard, chunk: Sequence[Any]) -> Callable[[], list[Any]]:
-            return lambda: list(task.compute(self._replica(task.model, shard.replicas), chunk))
-
-        futures = [shard.submit(on(shard, chunk))
-                   for shard, chunk in zip(self._shards, split(payloads, len(self._shards)), strict=False)]
-        results: list[Any] = []
-        failure: BaseException | None = None
-        for future in futures:  # wait for every chunk, so no shard still computes when the next batch comes
-            try:
-                results.extend(future.result())
-            except BaseException as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        return results
-
-    def _replica(self, name: str, replicas: dict[str, ServedModel]) -> ServedModel:
-        """`replicas` belongs to the calling thread. Made lazily, there, so that a slow copy to a GPU never
-        blocks the loop."""
+    def _replica(self, name: str, replicas: dict[str, ServedModel], fresh: bool) -> ServedModel:
+        """The lane's replica of `name`, made lazily on the lane's thread (so that a slow copy to a GPU never
+        blocks the loop); `fresh`: a module of its own even when the layout is unchanged (for hooks)."""
         replica = replicas.get(name)
         if replica is None:
-            fresh = {} if replicas is self._replicas else {"fresh": True}  # a shard's own module, for its hooks
+            extra = {"fresh": True} if fresh else {}
             replica = replicas[name] = self._models(name).replica(
-                self.device, memory_format=memory_format_for(self.device), **fresh)
+                self.device, memory_format=memory_format_for(self.device), **extra)
         return replica
-
-
-def _settle(outcomes: list[Outcome], done: asyncio.Future[None]) -> None:
-    """On the loop: deliver results; futures already done (cancelled, or failed by stop) are skipped.
-
-    The worker's `done` is set first: callbacks run in the order they are scheduled, so the dispatcher
-    hands the worker its next batch before the callers' handlers encode their responses (which then
-    overlaps the next compute instead of delaying it).
-    """
-    if not done.done():
-        done.set_result(None)
-    for entry, error, result in outcomes:
-        if entry.future.done():
-            continue
-        if error is not None:
-            entry.future.set_exception(error)
-        else:
-            entry.future.set_result(result)
