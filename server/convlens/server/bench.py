@@ -1,10 +1,11 @@
 """`make bench`: the service's Saliency throughput against the physical limit, batching on and off.
 
 In one run on one machine: (a) raw in-process torch (EfficientNet-Lite0, 224 px, forward + backward to the
-input) in every memory layout x batch size; the best of them is the limit; (b) then, round after round and
-at every concurrency level, back to back: raw torch at that best configuration, the service with batching
-on, the same service with batching off (max batch size 1). Medians of the per-round ratios are reported:
-this machine's speed drifts by tens of percent over minutes, so only side-by-side measurements compare.
+input) in every memory layout x batch size x threading; the best two are the candidates for the limit; (b) then,
+round after round and at every concurrency level, back to back: raw torch at both candidates (the better is
+the limit), the service with batching on, the same service with batching off (max batch size 1). Medians of
+the per-round ratios are reported: this machine's speed drifts by tens of percent over minutes, so only
+side-by-side measurements compare.
 """
 
 from __future__ import annotations
@@ -47,14 +48,17 @@ class Round:
     off: LevelResult
 
 
-def paired_rounds(model: torch.nn.Module, best: RawPoint, on: ServerProcess, off: ServerProcess,
-                  levels: tuple[int, ...], seconds: float, rounds: int, device: torch.device) -> list[Round]:
-    """Raw (best configuration), batching on, batching off, back to back, at each level, several times."""
+def paired_rounds(models: dict[str, torch.nn.Module], best: list[RawPoint], on: ServerProcess,
+                  off: ServerProcess, levels: tuple[int, ...], seconds: float, rounds: int, device: torch.device
+                  ) -> list[Round]:
+    """Raw (the better of the best configurations, each measured again), batching on, batching off, back to
+    back, at each level, several times. Measuring more than one raw candidate per round keeps one unlucky
+    4 s point in the table from lowering the limit (two configurations are often within noise)."""
     out = []
     for i in range(rounds):
         for c in levels:
-            raw = measure_one(model, best.layout, best.batch_size, 224, seconds / 2, device,
-                              best.context, best.shards).images_per_second
+            raw = max(measure_one(models[p.layout], p.layout, p.batch_size, 224, seconds / 2, device, p.context,
+                                  p.shards).images_per_second for p in best)
             a = sweep(on, (c,), seconds)[0]
             b = sweep(off, (c,), seconds)[0]
             out.append(Round(i + 1, c, raw, a, b))
@@ -70,7 +74,7 @@ def _load() -> str:
 
 def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, seconds: float,
            load: tuple[str, str], served_layout: str) -> str:
-    best = max(raw, key=lambda p: p.images_per_second)
+    top = sorted(raw, key=lambda p: -p.images_per_second)[:2]
     med = statistics.median
     levels = sorted({r.concurrency for r in rounds})
     by = {c: [r for r in rounds if r.concurrency == c] for c in levels}
@@ -95,10 +99,11 @@ def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, se
         "| ---: | " + " | ".join("---:" for _ in columns) + " |",
         *(f"| {b} | " + " | ".join(f"{table[(lay, ctx, b)]:.2f}" for lay, ctx in columns) + " |" for b in batches),
         "",
-        f"Best raw configuration (the limit below): **{best.label}** ({best.images_per_second:.2f} images/s "
-        "in the table).",
+        f"Best raw configurations in the table: **{top[0].label}** ({top[0].images_per_second:.2f} images/s) and "
+        f"{top[1].label} ({top[1].images_per_second:.2f}); each paired round measures both again and takes the "
+        "better as the limit.",
         "",
-        f"**(b) Paired rounds** — raw at the best configuration, then the service with batching on "
+        f"**(b) Paired rounds** — raw at the better of the two best configurations, then the service with batching on "
         f"(`--batch {device}={batch}`), then off (`--batch {device}=1:0`), back to back:",
         "",
         "| round | concurrency | raw img/s | on req/s | off req/s | on batch | on p50 ms | off p50 ms | on / raw "
@@ -149,14 +154,13 @@ def main() -> int:
                   shards=shards)
     for p in raw:
         print(f"  {p.label:>40}: {p.images_per_second:7.2f} images/s", flush=True)
-    best = max(raw, key=lambda p: p.images_per_second)
-    print(f"best raw: {best.label}")
+    best = sorted(raw, key=lambda p: -p.images_per_second)[:2]
+    print(f"best raw: {best[0].label}; the paired rounds measure it and {best[1].label} and take the better")
     common = ["--device", args.device, "--max-queue", "1024"]
     with ServerProcess([*common, "--batch", f"{args.device}={batch}"]) as on_srv, \
             ServerProcess([*common, "--batch", f"{args.device}=1:0"]) as off_srv:
         print(f"(b) paired rounds: raw, service with batching on ({batch}), off (1:0)")
-        rounds = paired_rounds(models[best.layout], best, on_srv, off_srv, levels, args.seconds, args.rounds,
-                               device)
+        rounds = paired_rounds(models, best, on_srv, off_srv, levels, args.seconds, args.rounds, device)
     served = "channels_last" if memory_format_for(device) == torch.channels_last else "contiguous"
     text = report(raw, rounds, batch, args.device, args.seconds, (load_start, _load()), served)
     print(text)
