@@ -17,8 +17,9 @@ from convlens.server.scheduler.policy import BatchPolicy
 # both cores, size 8 lost to size 4 at concurrency 16 (0.73x) and a 10 ms delay cost 0.88x alone
 # (concurrency 1). Split between 2 single-threaded shards (scheduler/shards.py), Saliency at concurrency 16
 # ran 26.0 req/s unsplit at size 4 against 32.4 split at size 8 (4 + 4); sizes 4 (2 + 2) and 8 were within
-# noise of each other (31.7-32.5 vs 28.2-33.1) and 16 no better (29.9), so 8 with 2 shards and 2 ms. GPU:
-# larger batches pay off (not measured here: no GPU lent).
+# noise of each other (31.7-32.5 vs 28.2-33.1) and 16 no better (29.9), so 8 with 2 shards and 2 ms: each
+# shard takes up to 4 on its own (worker.py's lanes), which is raw torch's best batch per shard. GPU: larger
+# batches pay off (not measured here: no GPU lent).
 DEFAULT_CPU_SHARDS = min(2, torch.get_num_threads())
 DEFAULT_POLICIES = {"cpu": BatchPolicy(8, 0.002, DEFAULT_CPU_SHARDS), "cuda": BatchPolicy(32, 0.005)}
 

@@ -31,13 +31,14 @@ class Metrics:
         # Scheduler and workers.
         self.queue_depth = Gauge("convlens_scheduler_queue_depth", "Tasks waiting for a batch.",
                                  ["device"], registry=r)
-        self.batch_size = Histogram("convlens_scheduler_batch_size", "Tasks per computed batch.",
+        self.batch_size = Histogram("convlens_scheduler_batch_size",
+                                    "Tasks per computed batch (on a CPU with shards: per shard's part).",
                                     ["device", "model", "rpc"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("convlens_scheduler_queue_wait_seconds",
                                             "Time a task waited from submission to the start of its batch.",
                                             ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=r)
         self.compute_seconds = Histogram("convlens_scheduler_compute_seconds",
-                                         "Time a batch spent computing on its worker.",
+                                         "Time a batch spent computing on its worker (or shard).",
                                          ["device", "model", "rpc"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejections = Counter("convlens_scheduler_rejections_total",
                                   "Tasks refused or dropped before compute, by reason.",
@@ -45,7 +46,8 @@ class Metrics:
         self.tasks = Counter("convlens_scheduler_tasks_total", "Tasks computed.",
                              ["device", "model", "rpc"], registry=r)
         self.worker_busy_seconds = Counter("convlens_worker_busy_seconds_total",
-                                           "Seconds each device worker spent computing.",
+                                           "Seconds each device worker spent computing, summed over its shards "
+                                           "(up to shards x wall time).",
                                            ["device"], registry=r)
         # Optimisation jobs (MaximizeUnit, Dream, StyleTransfer), stepped by the step scheduler.
         self.active_jobs = Gauge("convlens_active_jobs", "Optimisation jobs admitted and not yet finished.",
