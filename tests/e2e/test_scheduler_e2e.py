@@ -1,4 +1,4 @@
-"""Overload, deadlines and cancellation through a real server with a tiny queue and no batching."""
+"""Overload, deadlines and cancellation through a real server with a tiny queue, no batching and one compute lane."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ SLOW = {"method": "integrated_gradients", "steps": 24}  # about a second or more
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("small") / "server.log"
-    args = ["--device", "cpu", "--max-queue", "2", "--batch", "cpu=1:0", "--max-message-mb", "1"]
+    # One compute lane (no shards): while it computes a call, the next one waits in the queue.
+    args = ["--device", "cpu", "--max-queue", "2", "--batch", "cpu=1:0:1", "--max-message-mb", "1"]
     with ServerProcess(args, log_path=log) as srv:
         yield srv
 
