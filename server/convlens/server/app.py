@@ -163,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    # grpc's stop returns once every call's status is written, not once the peer has read it. Closing a
+    # socket with unread bytes from the peer (its window updates, pings) sends a reset, and the peer then drops
+    # the response it had not read yet: seen once as a drained call failing "Connection reset by peer". A
+    # moment for the last bytes to leave costs little next to the teardown os._exit skips.
+    time.sleep(0.3)
     os._exit(0)
 
 
