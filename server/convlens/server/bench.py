@@ -23,7 +23,7 @@ import torch
 from convlens.client.loadtest import LevelResult, LoadTestConfig, run_loadtest
 from convlens.server.bench_raw import LAYOUTS, RawPoint, in_layouts, measure, measure_one
 from convlens.server.bench_record import record
-from convlens.server.config import DEFAULT_POLICIES
+from convlens.server.config import DEFAULT_POLICIES, parse_policy
 from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
@@ -144,8 +144,7 @@ def main() -> int:
     levels = tuple(int(c) for c in args.concurrency.split(","))
     default = DEFAULT_POLICIES["cuda" if device.type == "cuda" else "cpu"]
     batch = args.batch or f"{default.max_batch_size}:{default.max_batch_delay * 1000:g}:{default.shards}"
-    parts = batch.split(":")
-    shards = int(parts[2]) if len(parts) > 2 else default.shards
+    shards = parse_policy(f"{args.device}={batch}")[1].shards
     load_start = _load()
 
     print(f"(a) raw torch, forward + backward to the input (load {load_start})")

@@ -21,7 +21,7 @@ import torch
 
 from convlens.client import AsyncClient
 from convlens.server.bench_record import record
-from convlens.server.config import DEFAULT_CPU_SHARDS
+from convlens.server.config import parse_policy
 from convlens.server.launcher import ServerProcess
 
 MODEL = "efficientnet_lite0"
@@ -103,8 +103,7 @@ def main() -> int:
     flags = ["--device", args.device, "--batch", f"{args.device}={args.batch}", "--max-jobs", str(2 * args.jobs)]
     with ServerProcess(flags) as server:
         results = asyncio.run(rounds(server.address, args))
-    parts = args.batch.split(":")
-    shards = int(parts[2]) if len(parts) > 2 else (DEFAULT_CPU_SHARDS if args.device == "cpu" else 1)
+    shards = parse_policy(f"{args.device}={args.batch}")[1].shards
     text = report(results, args, f"{args.batch} ({shards} shard(s))")
     print(text)
     record(args.out, text, MARKER, "Dream and StyleTransfer: step batching across callers")

@@ -25,14 +25,14 @@ import torch
 
 from convlens.client import AsyncClient
 from convlens.server.bench_record import record
-from convlens.server.config import DEFAULT_CPU_SHARDS
+from convlens.server.config import parse_policy
 from convlens.server.engine.optimize.maximize import MaximizeJob, MaximizeSettings
 from convlens.server.engine.optimize.objectives import ClassLogit
 from convlens.server.engine.optimize.runner import run_step
 from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
-from convlens.server.scheduler.shards import pin_intra_op_threads, split
+from convlens.server.scheduler.shards import side_by_side, split
 
 MODEL = "efficientnet_lite0"
 MARKER = "<!-- bench_maximize -->"
@@ -63,14 +63,11 @@ def _on_threads(args: argparse.Namespace, device: torch.device, batch: int, thre
                         ClassLogit(CLASSES[i % len(CLASSES)]), mean=pre.mean, std=pre.std, device=device)
             for i in range(args.jobs)]
     parts = split(jobs, threads)
-    total = torch.get_num_threads()
     barrier = threading.Barrier(len(parts))
     ends: list[float] = []
     starts: list[float] = []
 
     def run(part: Sequence[MaximizeJob]) -> None:
-        if len(parts) > 1:
-            pin_intra_op_threads(max(1, total // len(parts)))
         replica = model.replica(device, memory_format=memory_format_for(device), fresh=True)
         groups = [part[i:i + batch] for i in range(0, len(part), batch)]
         for group in groups:  # warm-up
@@ -84,12 +81,8 @@ def _on_threads(args: argparse.Namespace, device: torch.device, batch: int, thre
             torch.cuda.synchronize(device)
         ends.append(time.perf_counter())
 
-    workers = [threading.Thread(target=run, args=(part,)) for part in parts]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    torch.set_num_threads(total)  # the process-wide value, which the pins changed, as it was
+    side_by_side([lambda p=part: run(p) for part in parts],
+                 max(1, torch.get_num_threads() // len(parts)) if len(parts) > 1 else None)
     return args.jobs * (args.steps - 1) / (max(ends) - min(starts))
 
 
@@ -167,9 +160,7 @@ def main() -> int:
     p.add_argument("--batch", default="8:2", help="the server's batch policy SIZE:DELAY_MS[:SHARDS]")
     args = p.parse_args()
     device = torch.device(args.device)
-    parts = args.batch.split(":")
-    shards = int(parts[2]) if len(parts) > 2 else (DEFAULT_CPU_SHARDS if device.type == "cpu" else 1)
-    args.shards = shards
+    args.shards = shards = parse_policy(f"{args.device}={args.batch}")[1].shards
     flags = ["--device", args.device, "--batch", f"{args.device}={args.batch}", "--max-jobs", str(2 * args.jobs)]
     rows: list[tuple[float, float, float]] = []
     batches: list[float] = []

@@ -12,7 +12,6 @@ share of the intra-op threads and a model of its own, each looping over batches 
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from convlens.server.scheduler.shards import pin_intra_op_threads
+from convlens.server.scheduler.shards import side_by_side
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -74,22 +73,10 @@ def measure_one(model: nn.Module, layout: str, batch: int, size: int, seconds: f
 
 def _measure_shards(model: nn.Module, layout: str, batch: int, size: int, seconds: float, device: torch.device,
                     shards: int) -> RawPoint:
-    total = torch.get_num_threads()
-    per = max(1, total // shards)
     copies = [model, *(copy.deepcopy(model) for _ in range(shards - 1))]
-    out: list[float] = []
-
-    def run(m: nn.Module) -> None:
-        pin_intra_op_threads(per)
-        out.append(measure_one(m, layout, batch, size, seconds, device).images_per_second)
-
-    threads = [threading.Thread(target=run, args=(m,)) for m in copies]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    torch.set_num_threads(total)  # the process-wide value, which each shard's pin changed, as it was
-    return RawPoint(layout, batch, sum(out), "shards", shards)
+    rates = side_by_side([lambda m=m: measure_one(m, layout, batch, size, seconds, device).images_per_second
+                          for m in copies], max(1, torch.get_num_threads() // shards))
+    return RawPoint(layout, batch, sum(rates), "shards", shards)
 
 
 def measure(models: dict[str, nn.Module], size: int, batch_sizes: Sequence[int], seconds: float,

@@ -64,7 +64,7 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"CONVLENS_{name}", default)
 
 
-def _policy(text: str) -> tuple[str, BatchPolicy]:
+def parse_policy(text: str) -> tuple[str, BatchPolicy]:
     """DEVICE=SIZE[:DELAY_MS[:SHARDS]], e.g. cpu=8:2:2 or cuda:0=32:5; SHARDS (CPU only) defaults to the
     device kind's."""
     device, sep, rest = text.rpartition("=")
@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(_env("THREADS", "0") or 0),
                    help="intra-op threads of the CPU worker's compute, split between its shards (default 0: "
                         f"torch's default, {torch.get_num_threads()} here); every other thread runs torch on one")
-    p.add_argument("--batch", type=_policy, action="append", default=[],
+    p.add_argument("--batch", type=parse_policy, action="append", default=[],
                    metavar="DEVICE=SIZE[:DELAY_MS[:SHARDS]]",
                    help="batching policy per device, e.g. --batch cpu=8:2:2 --batch cuda:0=32:5; SHARDS (CPU "
                         f"only, default {DEFAULT_CPU_SHARDS} here): compute threads that split each batch "
@@ -170,7 +170,7 @@ def _datasets(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str,
 def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p = parser()
     args = p.parse_args(argv)
-    policies = dict(_policy(t) for t in (_env("BATCH", "") or "").split(",") if t)
+    policies = dict(parse_policy(t) for t in (_env("BATCH", "") or "").split(",") if t)
     policies.update(dict(args.batch))
     if not 1 <= args.max_message_mb <= 2047:
         p.error("--max-message-mb must be in 1..2047")

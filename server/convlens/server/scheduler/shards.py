@@ -1,4 +1,5 @@
-"""CPU compute threads that split one batch between them (a worker's `shards`, see policy.BatchPolicy).
+"""CPU compute threads that each run their own batches side by side (a worker's `shards`, see
+policy.BatchPolicy and worker.py's lanes).
 
 Why: on the CPU, torch runs each op on an OpenMP team of intra-op threads that meet at a barrier after
 every parallel region. When any other thread needs a core — the event loop decoding requests, gRPC
@@ -28,29 +29,60 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 Work = tuple[Callable[[], Any], "Future[Any]"]
+T = TypeVar("T")
+
+
+def _on_fresh_threads(fns: Sequence[Callable[[], T]]) -> list[T]:
+    """Each of `fns` on a new thread of its own, all at once; their results in order (the first error raised)."""
+    futures: list[Future[T]] = [Future() for _ in fns]
+
+    def run(fn: Callable[[], T], future: Future[T]) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(fns, futures, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [f.result() for f in futures]
 
 
 def process_default_threads() -> int:
     """The intra-op thread count a thread that has not run torch yet will start with (torch's process-wide
     value; `torch.get_num_threads()` answers for the calling thread only)."""
-    out: list[int] = []
-    probe = threading.Thread(target=lambda: out.append(torch.get_num_threads()), name="convlens-threads-probe")
-    probe.start()
-    probe.join()
-    return out[0]
+    return _on_fresh_threads([torch.get_num_threads])[0]
 
 
 def set_process_default_threads(n: int) -> None:
     """Set the count threads that have not run torch yet will start with, leaving the caller's own as it is
     (`torch.set_num_threads` sets both the calling thread's and the process-wide value)."""
-    setter = threading.Thread(target=torch.set_num_threads, args=(n,), name="convlens-threads-setter")
-    setter.start()
-    setter.join()
+    _on_fresh_threads([lambda: torch.set_num_threads(n)])
+
+
+def side_by_side(fns: Sequence[Callable[[], T]], threads: int | None) -> list[T]:
+    """Run `fns` at once, each on a fresh thread pinned to `threads` intra-op threads (None: as torch gives
+    them), as shards run; their results in order. The process-wide count is put back as it was."""
+    default = process_default_threads()
+
+    def pinned(fn: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            if threads is not None:
+                pin_intra_op_threads(threads)
+            return fn()
+        return run
+
+    try:
+        return _on_fresh_threads([pinned(fn) for fn in fns])
+    finally:
+        set_process_default_threads(default)
 
 
 def pin_intra_op_threads(n: int) -> None:
