@@ -21,6 +21,7 @@ from convlens.server.launcher import ServerProcess
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
 from tests.ops.conftest import TINY, metric_value, scrape, serve_args, write_tiny_repo
+from tests.ops.slow_reader import SlowReaderProxy
 
 pytestmark = pytest.mark.slow  # real server processes
 
@@ -144,3 +145,42 @@ def test_a_stream_outliving_the_grace_ends_unavailable_saying_how_far_it_got(tmp
     assert "of 4096" in err.message and "grace" in err.message, err.message
     reported = int(err.message.split("after step ")[1].split()[0])
     assert reported == steps[-1]  # the last progress the caller saw is the one the status names
+
+
+def test_a_slow_reader_still_gets_its_whole_answer_when_the_server_drains(tmp_path: Path) -> None:
+    """A 1.8 MB answer read at 600 kB/s while the server drains. grpc closes a connection as soon as its last
+    stream is written once its final GOAWAY is out; the reader's window updates then hit a closed socket and
+    the reset discards what the server's kernel had not sent yet (CI saw it once on a busy machine; this
+    proxy makes it happen every time). The drain sends the GOAWAY only after the answers are written."""
+    size = 384
+    repo = write_tiny_repo(tmp_path / "repo", size=size)
+    srv = ServerProcess(serve_args(repo, "--grace", str(GRACE)), log_path=tmp_path / "server.log")
+    srv.start()
+    result: dict[str, object] = {}
+    image = np.random.default_rng(2).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+    def call(address: str) -> None:
+        with Client(address, timeout=120) as c:
+            try:
+                result["ok"] = c.saliency(image, TINY, method="integrated_gradients", steps=64)
+            except ConvLensError as e:
+                result["error"] = e
+
+    try:
+        with SlowReaderProxy(srv.port, bytes_per_second=600e3) as proxy:
+            t = threading.Thread(target=call, args=(proxy.address,))
+            t.start()
+            deadline = time.monotonic() + 120
+            while in_flight(scrape(srv.metrics_url)) < 1:
+                assert time.monotonic() < deadline and t.is_alive(), f"the call never started: {result}"
+                time.sleep(0.01)
+            assert srv.proc is not None
+            srv.proc.send_signal(signal.SIGTERM)
+            t.join(120)
+            assert srv.proc.wait(GRACE + 15) == 0
+            resets = proxy.resets
+    finally:
+        srv.stop()
+    assert "error" not in result, result.get("error")
+    assert result["ok"].attribution.shape == (3, size, size)
+    assert resets == 0

@@ -110,10 +110,10 @@ class ConvLensServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING and new calls refused at once; calls in flight get `grace` seconds.
 
-        The listener closes and every connection gets a GOAWAY at once, so balancing clients move their
-        new calls to other replicas (a call that still reaches us answers UNAVAILABLE, which they retry).
+        A call that still reaches us answers UNAVAILABLE, which balancing clients retry on other replicas.
         Shortly before the grace ends, calls still running are cut: each answers UNAVAILABLE saying how far
-        it got. Then health Watch streams end and the scheduler stops.
+        it got. Once every answer is written, health Watch streams end, the listener closes and connections
+        get their GOAWAY (transport/drain.py says why in that order); then the scheduler stops.
         """
         grace = self.config.grace_seconds if grace is None else grace
         end = time.monotonic() + grace
@@ -163,11 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    # grpc's stop returns once every call's status is written, not once the peer has read it. Closing a
-    # socket with unread bytes from the peer (its window updates, pings) sends a reset, and the peer then drops
-    # the response it had not read yet: seen once as a drained call failing "Connection reset by peer". A
-    # moment for the last bytes to leave costs little next to the teardown os._exit skips.
-    time.sleep(0.3)
     os._exit(0)
 
 

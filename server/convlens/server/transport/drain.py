@@ -92,26 +92,30 @@ class Drain:
     async def shut_down(self, server: grpc.aio.Server, grace: float) -> None:
         """Stop `server` within `grace` seconds, losing no call that was accepted before the end.
 
-        grpc's own stop closes the listener and sends every connection a GOAWAY at once, so balancing
-        clients move new calls elsewhere; calls in flight go on. Those still running shortly before the
-        grace ends are cut (UNAVAILABLE with their progress) rather than left to grpc's bare CANCELLED.
+        Calls still arriving are refused with UNAVAILABLE (balancing clients, which watch health and see
+        NOT_SERVING already, retry them on another replica); calls in flight go on until their last byte
+        is handed to the socket. Those still running shortly before the grace ends are cut (UNAVAILABLE with
+        their progress) rather than left to grpc's bare CANCELLED. Only then does grpc's own stop send its
+        GOAWAY and close the connections.
+
+        That order matters: once grpc has sent its final GOAWAY it closes a connection the moment the last
+        stream on it is written, and a peer still reading a large answer (its window updates then hit a
+        closed socket) gets a reset that discards the unsent rest. A stop started after the answers are
+        written sends its GOAWAY and PING behind them, so by the time the peer acknowledges, it has read them.
         """
-        end = time.monotonic() + grace
+        started = time.monotonic()
+        end = started + grace
         self.start(grace)
-        # Health is NOT_SERVING already; SDK clients balancing over replicas watch it and stop picking this
-        # one within a round trip. Give them that moment (calls still arriving get UNAVAILABLE, which they
-        # retry) before closing the listener: grpc kills calls that reach a stopping server unmatched with
-        # a bare CANCELLED, which no client retries.
-        await asyncio.sleep(min(0.25, grace / 8))
-        stopping = asyncio.create_task(server.stop(max(end - time.monotonic(), 0.0)))
         margin = min(max(1.0, grace / 10), grace / 2)  # for answering the cut calls and stopping
         if not await self.wait_idle(end - margin - time.monotonic()):
             log.warning("drain: the grace of %g s ran out; ending %d calls with UNAVAILABLE", grace, self.cut())
             await self.wait_idle(end - time.monotonic())
-        # Handlers have returned, but grpc may still be sending their responses: let its own shutdown
-        # finish them (it returns once no call is left), after ending the health Watch streams.
-        for task in list(self._watchers):
+        # A moment for balancing clients to see NOT_SERVING even when nothing was in flight: grpc kills calls
+        # that reach a stopping server unmatched with a bare CANCELLED, which no client retries.
+        await asyncio.sleep(max(started + min(0.25, grace / 8) - time.monotonic(), 0.0))
+        for task in list(self._watchers):  # health Watch streams last as long as their callers: end them
             task.cancel()
+        stopping = asyncio.create_task(server.stop(max(end - time.monotonic(), 0.0)))
         try:
             await asyncio.wait_for(asyncio.shield(stopping), max(end - time.monotonic(), 0.5))
         except TimeoutError:

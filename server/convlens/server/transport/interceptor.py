@@ -175,9 +175,13 @@ class ServiceInterceptor(ServerInterceptor):
             raise exc
         await self._fail(exc, call, context, out)
 
-    def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None) -> None:
+    def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None,
+              context: grpc.aio.ServicerContext) -> None:
         if call is not None:
-            self.drain.leave(call)
+            # In flight until grpc has handed the last response bytes to the socket (its done callbacks run
+            # after the final send), not merely until the handler returned: the drain closes connections
+            # only after that, so a slow reader still gets the whole answer.
+            context.add_done_callback(lambda _ctx: self.drain.leave(call))
         seconds = time.perf_counter() - started
         m.handled(out.code).inc()
         m.seconds.observe(seconds)
@@ -206,7 +210,7 @@ class ServiceInterceptor(ServerInterceptor):
             except (asyncio.CancelledError, Exception) as exc:  # every failure is reported as a status
                 await self._failed(exc, call, context, out)
             finally:
-                self._done(m, started, context.peer(), out, call)
+                self._done(m, started, context.peer(), out, call, context)
         return wrapper
 
     def _stream(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
@@ -255,7 +259,7 @@ class ServiceInterceptor(ServerInterceptor):
                     out.code = grpc.StatusCode.CANCELLED
                 if responses is not None and hasattr(responses, "aclose"):
                     await responses.aclose()  # release the job now, not when the generator is collected
-                self._done(m, started, peer, out, call)
+                self._done(m, started, peer, out, call, context)
         return wrapper
 
     def _bidi(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
@@ -274,7 +278,7 @@ class ServiceInterceptor(ServerInterceptor):
             except (asyncio.CancelledError, Exception) as exc:  # every failure is reported as a status
                 await self._failed(exc, call, context, out)
             finally:
-                self._done(m, started, context.peer(), out, call)
+                self._done(m, started, context.peer(), out, call, context)
         return wrapper
 
 
