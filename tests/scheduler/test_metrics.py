@@ -28,4 +28,4 @@ async def test_metrics_values_move(make_scheduler, gate, metrics) -> None:
     assert get("convlens_scheduler_compute_seconds_sum", per_batch) >= 0.04
     assert get("convlens_scheduler_queue_wait_seconds_count", {"model": "m", "rpc": "Saliency"}) == 5
     assert get("convlens_scheduler_queue_wait_seconds_sum", {"model": "m", "rpc": "Saliency"}) > 0
-    assert get("convlens_worker_busy_seconds_total", {"device": "cpu"}) >= 0.04
+    assert get("convlens_worker_busy_seconds_total", {"device": "cpu", "lane": "device"}) >= 0.04

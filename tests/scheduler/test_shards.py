@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -130,6 +131,30 @@ async def test_a_failing_chunk_fails_only_its_callers_and_the_worker_goes_on(lit
         assert await asyncio.gather(*(scheduler.submit(t) for t in again)) == [f"ok {p}" for p in "wxyz"]
     finally:
         await scheduler.stop(2.0)
+
+
+async def test_busy_seconds_are_counted_per_lane_each_within_its_wall_time(lite: ServedModel) -> None:
+    def compute(replica: ServedModel, payloads: Any) -> list[Any]:
+        time.sleep(0.05)
+        return list(payloads)
+
+    metrics = Metrics()
+    scheduler = Scheduler(lambda name: lite, [CPU], metrics, policies={"cpu": BatchPolicy(2, 0.001, shards=2)},
+                          max_queue=64)
+    await scheduler.start()
+    try:
+        start = time.monotonic()
+        tasks = [Task(model="tiny", rpc="Saliency", key="k", payload=i, compute=compute) for i in range(8)]
+        assert await asyncio.gather(*(scheduler.submit(t) for t in tasks)) == list(range(8))
+        wall = time.monotonic() - start
+    finally:
+        await scheduler.stop(2.0)
+    busy = {lane: metrics.registry.get_sample_value("convlens_worker_busy_seconds_total",
+                                                     {"device": "cpu", "lane": lane}) or 0.0
+            for lane in ("device", "shard0", "shard1")}
+    assert busy["shard0"] >= 0.05 and busy["shard1"] >= 0.05  # both shards computed
+    assert all(seconds <= wall for seconds in busy.values()), (busy, wall)  # a lane is busy at most all the time
+    assert sum(busy.values()) >= 4 * 0.05  # 8 tasks in batches of at most 2: at least 4 batches of 50 ms
 
 
 def test_the_process_default_is_set_apart_from_the_callers_count() -> None:

@@ -46,9 +46,10 @@ class Metrics:
         self.tasks = Counter("convlens_scheduler_tasks_total", "Tasks computed.",
                              ["device", "model", "rpc"], registry=r)
         self.worker_busy_seconds = Counter("convlens_worker_busy_seconds_total",
-                                           "Seconds each device worker spent computing, summed over its shards "
-                                           "(up to shards x wall time).",
-                                           ["device"], registry=r)
+                                           "Seconds each compute lane of a device worker spent computing: lane "
+                                           "'device' (every thread; the only lane on a GPU) or 'shardN' (a CPU "
+                                           "shard); each lane at most its wall time.",
+                                           ["device", "lane"], registry=r)
         # Optimisation jobs (MaximizeUnit, Dream, StyleTransfer), stepped by the step scheduler.
         self.active_jobs = Gauge("convlens_active_jobs", "Optimisation jobs admitted and not yet finished.",
                                  ["rpc"], registry=r)

@@ -170,7 +170,8 @@ class Worker:
         self._busy[lane] = entries
         shard = self._lanes[lane]
         fresh = lane != WHOLE  # shards compute side by side: each needs a module of its own
-        done: Future[list[Outcome]] = shard.submit(lambda: self._run(entries, shard.replicas, fresh))
+        lane_name = "device" if lane == WHOLE else f"shard{lane - 1}"
+        done: Future[list[Outcome]] = shard.submit(lambda: self._run(entries, shard.replicas, fresh, lane_name))
         asyncio.wrap_future(done, loop=self._loop).add_done_callback(
             lambda f: self._finished(lane, entries, batch_size, f))
 
@@ -200,7 +201,8 @@ class Worker:
 
     # ---- a lane's thread ----
 
-    def _run(self, batch: list[Entry], replicas: dict[str, ServedModel], fresh: bool) -> list[Outcome]:
+    def _run(self, batch: list[Entry], replicas: dict[str, ServedModel], fresh: bool, lane: str
+             ) -> list[Outcome]:
         """On a lane's thread: compute the live entries of `batch` on that lane's replica."""
         live = []
         for entry in batch:
@@ -231,7 +233,7 @@ class Worker:
         self._metrics.batch_size.labels(**labels).observe(len(live))
         self._metrics.compute_seconds.labels(**labels).observe(elapsed)
         self._metrics.tasks.labels(**labels).inc(len(live))
-        self._metrics.worker_busy_seconds.labels(device=self._label).inc(elapsed)
+        self._metrics.worker_busy_seconds.labels(device=self._label, lane=lane).inc(elapsed)
         return outcomes
 
     def _replica(self, name: str, replicas: dict[str, ServedModel], fresh: bool) -> ServedModel:
