@@ -79,6 +79,31 @@ async def test_cancelled_while_queued_is_never_computed(make_scheduler, gate, me
         "convlens_scheduler_rejections_total", {"model": "m", "rpc": "Saliency", "reason": "cancelled"}) == 1
 
 
+async def test_a_call_cancelled_at_its_deadline_counts_as_a_deadline_drop(make_scheduler, gate, metrics) -> None:
+    """grpc cancels a call at its deadline; on a busy loop that can come before the scheduler's own expiry
+    timer for the same task. The drop is then still counted as "deadline", not as a caller who left."""
+    s = await make_scheduler(max_batch_size=3, max_batch_delay=0.0)
+    rec = Recorder(gate=gate)
+    blocker = asyncio.ensure_future(s.submit(task(0, rec, key="block")))
+    await wait_until(rec.started.is_set)
+    late = asyncio.ensure_future(s.submit(task(1, rec, deadline=time.monotonic() + 0.05)))
+    left = asyncio.ensure_future(s.submit(task(2, rec, deadline=time.monotonic() + 30)))
+    await wait_until(lambda: s.queue_depth() == 2)
+    time.sleep(0.1)  # the loop is stalled past `late`'s deadline...
+    late.cancel()  # ...and grpc's cancellation runs before the expiry timer gets its turn
+    left.cancel()  # a caller leaving well before its deadline
+    for gone in (late, left):
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    gate.set()
+    assert await blocker == 0
+    assert rec.payloads == [0]
+    count = metrics.registry.get_sample_value
+    labels = {"model": "m", "rpc": "Saliency"}
+    assert count("convlens_scheduler_rejections_total", {**labels, "reason": "deadline"}) == 1
+    assert count("convlens_scheduler_rejections_total", {**labels, "reason": "cancelled"}) == 1
+
+
 async def test_cancelled_full_group_does_not_block_companions(make_scheduler, gate) -> None:
     # Cancelling one of a group that would otherwise be full: the rest still go after the delay.
     s = await make_scheduler(max_batch_size=2, max_batch_delay=0.05)

@@ -84,7 +84,7 @@ class Scheduler:
             # counts toward a batch. Already taken: the flag makes the worker skip it if not yet computed.
             entry.cancelled = True
             if self._batcher.discard(entry):
-                self._reject(task, "cancelled")
+                self._reject(task, task.gone_reason(time.monotonic()))
             raise
         finally:
             if timer is not None:

@@ -34,3 +34,9 @@ class Task:
     @property
     def batch_key(self) -> tuple[str, str, Hashable, str | None]:
         return (self.model, self.rpc, self.key, self.device)
+
+    def gone_reason(self, now: float) -> str:
+        """Why a task whose caller went away was not computed: "deadline" when its deadline had passed (grpc
+        cancels a call at its deadline, racing the scheduler's own expiry timer for the same instant),
+        "cancelled" when the caller left before it."""
+        return "deadline" if self.deadline is not None and now >= self.deadline else "cancelled"

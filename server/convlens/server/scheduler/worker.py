@@ -208,7 +208,7 @@ class Worker:
         for entry in batch:
             if entry.cancelled:  # the caller went away between take() and now: never compute it
                 self._metrics.rejections.labels(model=entry.task.model, rpc=entry.task.rpc,
-                                                reason="cancelled").inc()
+                                                reason=entry.task.gone_reason(time.monotonic())).inc()
             else:
                 live.append(entry)
         if not live:

@@ -31,8 +31,9 @@ def enum(table: dict[int, str], value: int, field: str, enum_name: str) -> str:
 def deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The call's gRPC deadline as a time.monotonic() deadline (None when unbounded)."""
     remaining = context.time_remaining()
-    # A few ms early: the server drops a queued task itself (counted as "deadline") just before grpc
-    # cancels the call at the caller's deadline (which would count it as "cancelled").
+    # A few ms early: the server drops a queued task itself, with its own message, just before grpc cancels
+    # the call at the caller's deadline (on a busy loop grpc may still come first; the drop is counted as
+    # "deadline" either way: Task.gone_reason).
     return None if remaining is None else time.monotonic() + remaining - 0.005
 
 
