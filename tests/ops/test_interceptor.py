@@ -165,6 +165,28 @@ async def test_drain_returns_as_soon_as_calls_finish() -> None:
         assert (await call).model.name == "0.2"
 
 
+async def test_drain_stops_only_once_refused_callers_have_gone_quiet() -> None:
+    """A caller that keeps calling during the drain is refused with UNAVAILABLE every time; the server does
+    not stop under it (a call reaching a stopping server unmatched would get a bare CANCELLED)."""
+    async with InProcessServer() as srv, grpc.aio.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.InspectionServiceStub(ch)
+        t0 = time.monotonic()
+        stopping = asyncio.create_task(srv.shut_down(grace=10.0))
+        codes: list[grpc.StatusCode] = []
+        while time.monotonic() - t0 < 1.0:  # four times the quiet moment
+            try:
+                await stub.ListModels(pb.ListModelsRequest(), timeout=5)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+            await asyncio.sleep(0.05)
+            assert not stopping.done(), "stopped while a caller was still calling"
+        last = time.monotonic()
+        await stopping
+        assert last + 0.2 < time.monotonic() < last + 2.0  # a quiet moment after the last call
+        assert len(codes) > 10 and set(codes) == {grpc.StatusCode.UNAVAILABLE}
+
+
 async def test_health_cli_exit_code_follows_the_status() -> None:
     from convlens.client._cli import main as cli_main
     async with InProcessServer() as srv:

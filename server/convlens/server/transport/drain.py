@@ -42,6 +42,7 @@ class Drain:
         self._calls: set[InFlight] = set()
         self._watchers: set[asyncio.Task[object]] = set()  # health Watch streams: as long as their callers
         self._idle: asyncio.Event | None = None
+        self._last_seen = 0.0  # time.monotonic() of the last call that ended or was refused while draining
 
     @property
     def in_flight(self) -> int:
@@ -61,8 +62,13 @@ class Drain:
 
     def leave(self, call: InFlight) -> None:
         self._calls.discard(call)
+        self._last_seen = time.monotonic()
         if not self._calls and self._idle is not None:
             self._idle.set()
+
+    def refused(self) -> None:
+        """A call arrived while draining and is answered UNAVAILABLE: its caller is still active."""
+        self._last_seen = time.monotonic()
 
     def start(self, grace_seconds: float) -> None:
         self.draining = True
@@ -110,9 +116,15 @@ class Drain:
         if not await self.wait_idle(end - margin - time.monotonic()):
             log.warning("drain: the grace of %g s ran out; ending %d calls with UNAVAILABLE", grace, self.cut())
             await self.wait_idle(end - time.monotonic())
-        # A moment for balancing clients to see NOT_SERVING even when nothing was in flight: grpc kills calls
-        # that reach a stopping server unmatched with a bare CANCELLED, which no client retries.
-        await asyncio.sleep(max(started + min(0.25, grace / 8) - time.monotonic(), 0.0))
+        # Then wait for the callers to go quiet: grpc kills calls that reach a stopping server unmatched with a
+        # bare CANCELLED, which no client retries, and the caller of a call that just ended often sends its
+        # next one at once (answered UNAVAILABLE here, so it goes elsewhere). Stop once nothing has ended or
+        # been refused for a moment — at least that moment after the signal, for balancing clients to see
+        # NOT_SERVING — or when the grace is nearly spent.
+        quiet = min(0.25, grace / 8)
+        latest = end - min(0.5, grace / 10)
+        while (wait := max(self._last_seen, started) + quiet - time.monotonic()) > 0 and time.monotonic() < latest:
+            await asyncio.sleep(min(wait, max(latest - time.monotonic(), 0.0)))
         for task in list(self._watchers):  # health Watch streams last as long as their callers: end them
             task.cancel()
         stopping = asyncio.create_task(server.stop(max(end - time.monotonic(), 0.0)))

@@ -136,6 +136,7 @@ class ServiceInterceptor(ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID, out.request_id),))
         out.model = _model(request)
         if self.drain.draining and not m.health:
+            self.drain.refused()
             raise Unavailable("server is shutting down (draining); retry on another replica")
         if m.needs_token:
             assert self.auth is not None
