@@ -4,11 +4,14 @@ that need exact timing control (a slow unary call, a long progress stream) witho
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from PIL import Image
 
 from convlens.server.metrics import Metrics
 from convlens.server.transport.access_log import AccessLog
@@ -19,12 +22,22 @@ from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+_TINY_PNG = _png(np.zeros((2, 2, 3), dtype=np.uint8))
+
+
 class ScriptedServicer(pb_grpc.InspectionServiceServicer):
     """GetModel sleeps `request.model` seconds (e.g. "0.3"); MaximizeUnit streams `steps` progress events,
-    `step_s` apart, then a result. `started` counts calls that reached the servicer."""
+    `step_s` apart, then a result, and ends `after_result_s` later (a real job still releases its state
+    then). `started` counts calls that reached the servicer."""
 
-    def __init__(self, steps: int = 20, step_s: float = 0.05) -> None:
-        self.steps, self.step_s = steps, step_s
+    def __init__(self, steps: int = 20, step_s: float = 0.05, after_result_s: float = 0.0) -> None:
+        self.steps, self.step_s, self.after_result_s = steps, step_s, after_result_s
         self.started = 0
         self.entered = asyncio.Event()
 
@@ -44,7 +57,8 @@ class ScriptedServicer(pb_grpc.InspectionServiceServicer):
         for i in range(1, self.steps + 1):
             await asyncio.sleep(self.step_s)
             yield pb.MaximizeUnitResponse(progress=pb.Progress(step=i, total_steps=self.steps))
-        yield pb.MaximizeUnitResponse(result=pb.MaximizeUnitResult(objective=1.0))
+        yield pb.MaximizeUnitResponse(result=pb.MaximizeUnitResult(objective=1.0, image_png=_TINY_PNG))
+        await asyncio.sleep(self.after_result_s)
 
 
 class InProcessServer:

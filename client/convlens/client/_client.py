@@ -120,10 +120,17 @@ class Client:
         call = getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.stream),
                                         metadata=self._config.metadata)
         try:
+            # The result is the last message: read on to the call's status before handing it over, so a
+            # caller who stops at the result leaves the server a finished call, not a cancelled one.
+            result = None
             for resp in call:
                 event = cv.stream_event(resp, decode)
-                if event is not None:
+                if isinstance(event, Progress):
                     yield event
+                elif event is not None:
+                    result = event
+            if result is not None:
+                yield result
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
         finally:
@@ -288,10 +295,15 @@ class AsyncClient:
         call = getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.stream),
                                         metadata=self._config.metadata)
         try:
+            result = None
             async for resp in call:
                 event = cv.stream_event(resp, decode)
-                if event is not None:
+                if isinstance(event, Progress):
                     yield event
+                elif event is not None:
+                    result = event  # as in Client._stream: the call's status first, then the result
+            if result is not None:
+                yield result
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
         finally:

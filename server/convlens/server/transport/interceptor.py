@@ -176,13 +176,16 @@ class ServiceInterceptor(ServerInterceptor):
             raise exc
         await self._fail(exc, call, context, out)
 
-    def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None,
-              context: grpc.aio.ServicerContext) -> None:
+    def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None) -> None:
         if call is not None:
-            # In flight until grpc has handed the last response bytes to the socket (its done callbacks run
-            # after the final send), not merely until the handler returned: the drain closes connections
-            # only after that, so a slow reader still gets the whole answer.
-            context.add_done_callback(lambda _ctx: self.drain.leave(call))
+            # In flight until grpc's task for the call ends, after it has handed the last response bytes to
+            # the socket, not merely until the handler returned: the drain closes connections only after
+            # that, so a slow reader still gets the whole answer. A stream cancelled while grpc was writing
+            # gets here later, from the loop's finaliser, when that task has long ended: it leaves at once.
+            if call.task is None or call.task.done():
+                self.drain.leave(call)
+            else:
+                call.task.add_done_callback(lambda _task: self.drain.leave(call))
         seconds = time.perf_counter() - started
         m.handled(out.code).inc()
         m.seconds.observe(seconds)
@@ -211,7 +214,7 @@ class ServiceInterceptor(ServerInterceptor):
             except (asyncio.CancelledError, Exception) as exc:  # every failure is reported as a status
                 await self._failed(exc, call, context, out)
             finally:
-                self._done(m, started, context.peer(), out, call, context)
+                self._done(m, started, context.peer(), out, call)
         return wrapper
 
     def _stream(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
@@ -260,7 +263,7 @@ class ServiceInterceptor(ServerInterceptor):
                     out.code = grpc.StatusCode.CANCELLED
                 if responses is not None and hasattr(responses, "aclose"):
                     await responses.aclose()  # release the job now, not when the generator is collected
-                self._done(m, started, peer, out, call, context)
+                self._done(m, started, peer, out, call)
         return wrapper
 
     def _bidi(self, behavior: Callable[..., Any], m: _Method) -> Callable[..., Any]:
@@ -279,7 +282,7 @@ class ServiceInterceptor(ServerInterceptor):
             except (asyncio.CancelledError, Exception) as exc:  # every failure is reported as a status
                 await self._failed(exc, call, context, out)
             finally:
-                self._done(m, started, context.peer(), out, call, context)
+                self._done(m, started, context.peer(), out, call)
         return wrapper
 
 
