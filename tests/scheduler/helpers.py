@@ -20,7 +20,8 @@ class FakeModel:
         self.name = name
         self.replicas: list[torch.device] = []
 
-    def replica(self, device: torch.device, memory_format: torch.memory_format | None = None) -> FakeModel:
+    def replica(self, device: torch.device, memory_format: torch.memory_format | None = None, *,
+                fresh: bool = False) -> FakeModel:
         self.replicas.append(device)
         return self
 

@@ -78,7 +78,7 @@ class Named:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def replica(self, device, memory_format=None):
+    def replica(self, device, memory_format=None, *, fresh=False):
         return self
 
 

@@ -72,9 +72,8 @@ def _load() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def report(raw: list[RawPoint], rounds: list[Round], batch: str, device: str, seconds: float,
+def report(raw: list[RawPoint], top: list[RawPoint], rounds: list[Round], batch: str, device: str, seconds: float,
            load: tuple[str, str], served_layout: str) -> str:
-    top = sorted(raw, key=lambda p: -p.images_per_second)[:2]
     med = statistics.median
     levels = sorted({r.concurrency for r in rounds})
     by = {c: [r for r in rounds if r.concurrency == c] for c in levels}
@@ -161,7 +160,7 @@ def main() -> int:
         print(f"(b) paired rounds: raw, service with batching on ({batch}), off (1:0)")
         rounds = paired_rounds(models, best, on_srv, off_srv, levels, args.seconds, args.rounds, device)
     served = "channels_last" if memory_format_for(device) == torch.channels_last else "contiguous"
-    text = report(raw, rounds, batch, args.device, args.seconds, (load_start, _load()), served)
+    text = report(raw, best, rounds, batch, args.device, args.seconds, (load_start, _load()), served)
     print(text)
     record(args.out, text, MARKER)
     return 0

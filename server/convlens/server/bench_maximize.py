@@ -32,7 +32,7 @@ from convlens.server.engine.optimize.runner import run_step
 from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
-from convlens.server.scheduler.shards import side_by_side, split
+from convlens.server.scheduler.shards import side_by_side, split, threads_per_shard
 
 MODEL = "efficientnet_lite0"
 MARKER = "<!-- bench_maximize -->"
@@ -82,7 +82,7 @@ def _on_threads(args: argparse.Namespace, device: torch.device, batch: int, thre
         ends.append(time.perf_counter())
 
     side_by_side([lambda p=part: run(p) for part in parts],
-                 max(1, torch.get_num_threads() // len(parts)) if len(parts) > 1 else None)
+                 threads_per_shard(len(parts)) if len(parts) > 1 else None)
     return args.jobs * (args.steps - 1) / (max(ends) - min(starts))
 
 

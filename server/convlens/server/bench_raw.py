@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from convlens.server.scheduler.shards import side_by_side
+from convlens.server.scheduler.shards import side_by_side, threads_per_shard
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -75,7 +75,7 @@ def _measure_shards(model: nn.Module, layout: str, batch: int, size: int, second
                     shards: int) -> RawPoint:
     copies = [model, *(copy.deepcopy(model) for _ in range(shards - 1))]
     rates = side_by_side([lambda m=m: measure_one(m, layout, batch, size, seconds, device).images_per_second
-                          for m in copies], max(1, torch.get_num_threads() // shards))
+                          for m in copies], threads_per_shard(shards))
     return RawPoint(layout, batch, sum(rates), "shards", shards)
 
 

@@ -67,6 +67,11 @@ def set_process_default_threads(n: int) -> None:
     _on_fresh_threads([lambda: torch.set_num_threads(n)])
 
 
+def threads_per_shard(shards: int, total: int | None = None) -> int:
+    """Each of `shards` threads' share of `total` intra-op threads (default: the calling thread's count)."""
+    return max(1, (torch.get_num_threads() if total is None else total) // shards)
+
+
 def side_by_side(fns: Sequence[Callable[[], T]], threads: int | None) -> list[T]:
     """Run `fns` at once, each on a fresh thread pinned to `threads` intra-op threads (None: as torch gives
     them), as shards run; their results in order. The process-wide count is put back as it was."""

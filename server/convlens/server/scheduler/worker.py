@@ -28,7 +28,13 @@ from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.batcher import Batcher, Entry
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
-from convlens.server.scheduler.shards import Shard, process_default_threads, set_process_default_threads, split
+from convlens.server.scheduler.shards import (
+    Shard,
+    process_default_threads,
+    set_process_default_threads,
+    split,
+    threads_per_shard,
+)
 
 # (entry, error or None, result): what a lane sends back for one task.
 Outcome = tuple[Entry, BaseException | None, Any]
@@ -78,7 +84,7 @@ class Worker:
         default = process_default_threads()
         lanes = [Shard(name, self.threads)]
         if self._shard_count > 1:
-            per = max(1, self.threads // self._shard_count)
+            per = threads_per_shard(self._shard_count, self.threads)
             lanes += [Shard(f"convlens-shard-{self.device}-{i}", per) for i in range(self._shard_count)]
         for lane in lanes:
             lane.start()
@@ -241,7 +247,6 @@ class Worker:
         blocks the loop); `fresh`: a module of its own even when the layout is unchanged (for hooks)."""
         replica = replicas.get(name)
         if replica is None:
-            extra = {"fresh": True} if fresh else {}
             replica = replicas[name] = self._models(name).replica(
-                self.device, memory_format=memory_format_for(self.device), **extra)
+                self.device, memory_format=memory_format_for(self.device), fresh=fresh)
         return replica

@@ -61,6 +61,16 @@ class Drain:
             task.add_done_callback(self._watchers.discard)
 
     def leave(self, call: InFlight) -> None:
+        """The handler is done with `call`. It stays in flight until grpc's task for it ends, after the last
+        response bytes are handed to the socket, not merely until the handler returned: connections close
+        only after that, so a slow reader still gets the whole answer. A stream cancelled while grpc was
+        writing is closed later, by the loop's finaliser, when that task has long ended: it leaves at once."""
+        if call.task is None or call.task.done():
+            self._gone(call)
+        else:
+            call.task.add_done_callback(lambda _task: self._gone(call))
+
+    def _gone(self, call: InFlight) -> None:
         self._calls.discard(call)
         self._last_seen = time.monotonic()
         if not self._calls and self._idle is not None:

@@ -178,14 +178,7 @@ class ServiceInterceptor(ServerInterceptor):
 
     def _done(self, m: _Method, started: float, peer: str, out: _Outcome, call: InFlight | None) -> None:
         if call is not None:
-            # In flight until grpc's task for the call ends, after it has handed the last response bytes to
-            # the socket, not merely until the handler returned: the drain closes connections only after
-            # that, so a slow reader still gets the whole answer. A stream cancelled while grpc was writing
-            # gets here later, from the loop's finaliser, when that task has long ended: it leaves at once.
-            if call.task is None or call.task.done():
-                self.drain.leave(call)
-            else:
-                call.task.add_done_callback(lambda _task: self.drain.leave(call))
+            self.drain.leave(call)
         seconds = time.perf_counter() - started
         m.handled(out.code).inc()
         m.seconds.observe(seconds)
