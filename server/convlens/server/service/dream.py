@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from convlens.server.engine.dream import (
+from convlens.server.compute.dream import GuidePayload, ScorePayload, compute_guides, compute_scores
+from convlens.server.engine.optimize.dream import (
     DreamJob,
     DreamSettings,
     fit_size,
@@ -24,7 +25,6 @@ from convlens.server.engine.dream import (
 )
 from convlens.server.errors import FailedPrecondition, InvalidArgument
 from convlens.server.models.model import ServedModel
-from convlens.server.ops.dream import GuidePayload, ScorePayload, compute_guides, compute_scores
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput
 from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview

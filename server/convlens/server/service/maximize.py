@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from convlens.server.compute.maximize import compute_evaluation
 from convlens.server.engine.optimize.maximize import (
     MAX_SIZE,
     MAX_STEPS,
@@ -34,7 +35,6 @@ from convlens.server.engine.optimize.objectives import (
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.targets import ClassTarget, Target, validate_target
 from convlens.server.errors import FailedPrecondition, InvalidArgument
-from convlens.server.ops.maximize import compute_evaluation
 from convlens.server.service.context import ServiceContext
 
 RPC = "MaximizeUnit"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from convlens.server.compute.saliency import SaliencyPayload, compute_saliency
 from convlens.server.engine.grad_cam import check_cam_layer
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.render import overlay
@@ -14,7 +15,6 @@ from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, val
 from convlens.server.engine.targets import Target, validate_target
 from convlens.server.errors import FailedPrecondition, InvalidArgument
 from convlens.server.models.preprocess import Geometry, denormalize
-from convlens.server.ops.saliency import SaliencyPayload, compute_saliency
 from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput, prepare_image

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from convlens.server.engine.style import StyleJob, StyleSettings, prepare_images, start_image, validate
+from convlens.server.compute.style import TargetsPayload, compute_targets
+from convlens.server.engine.optimize.style import StyleJob, StyleSettings, prepare_images, start_image, validate
 from convlens.server.errors import FailedPrecondition, InvalidArgument
 from convlens.server.models.model import ServedModel
-from convlens.server.ops.style import TargetsPayload, compute_targets
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput
 from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from convlens.server.engine.style import STYLE_DISTANCES
+from convlens.server.engine.optimize.style import STYLE_DISTANCES
 from convlens.server.service.progress import Progress
 from convlens.server.service.style import StyleAnswer, StyleQuery
 from convlens.server.transport.codecs.common import enum, optional_image, png
