@@ -171,6 +171,15 @@ def _rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[:, :, :3])
 
 
+def sample_photo(name: str) -> np.ndarray:
+    """One of the `samples` photos by its short name ("chelsea", "china"), as RGB uint8 [H, W, 3]."""
+    for path, load in SAMPLES.items():
+        if path.rsplit("/", 1)[-1].split(".")[0] == name:
+            return _rgb(load())
+    names = sorted(p.rsplit("/", 1)[-1].split(".")[0] for p in SAMPLES)
+    raise KeyError(f"no sample photo {name!r}; there are {', '.join(names)}")
+
+
 class SamplesDataset(Dataset):
     """The photos that ship with scikit-image and scikit-learn; those that fail to load are skipped."""
 

@@ -11,12 +11,12 @@ import numpy as np
 from PIL import Image
 
 from convlens.client import Client, LayerInfo
-from convlens.server.demo_dream_style import dream_style_section
-from convlens.server.demo_maximize import maximize_section
-from convlens.server.demo_units import units_section
 from convlens.server.launcher import ServerProcess
+from tools.common import MODEL, photo
+from tools.demo.dream_style import dream_style_section
+from tools.demo.maximize import maximize_section
+from tools.demo.units import units_section
 
-MODEL = "efficientnet_lite0"
 DEEPER_LAYERS = ("_blocks.0._depthwise_conv", "_blocks.1._expand_conv", "_blocks.5._depthwise_conv")
 SALIENCY_METHODS = (
     ("gradient", {}),
@@ -42,7 +42,6 @@ def main() -> int:
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    from skimage import data  # the demo's photos ship inside scikit-image
 
     sections: list[str] = []
     started = time.perf_counter()
@@ -88,7 +87,7 @@ def main() -> int:
         sections.append("<h2>Deeper filters</h2><p>One grey tile per input channel (rows: filters), or one "
                         "per filter for depthwise convolutions.</p>" + "".join(deeper))
 
-        cat = data.chelsea()
+        cat = photo("chelsea")
         Image.fromarray(cat).save(out / "chelsea.png")
         figures = ["<figure><img src='chelsea.png' height=224><figcaption>input</figcaption></figure>"]
         top = None

@@ -12,19 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from convlens.client import Client, Unit
+from tools.common import MODEL, figure
 
-MODEL = "efficientnet_lite0"
 CLASSES = {130: "flamingo", 144: "pelican", 351: "hartebeest", 736: "pool table", 302: "ground beetle",
            63: "Indian cobra", 436: "beach wagon", 100: "black swan", 1: "goldfish", 967: "espresso"}
 PRESETS = ("lucid", "lecture")
 # (block, channels): an early, a middle and a late block of Lite0.
 CHANNELS = (("_blocks.2", (3, 7)), ("_blocks.8", (5, 20)), ("_blocks.14", (11, 40)))
 STEPS, SIZE = 128, 224
-
-
-def _figure(out: Path, name: str, result: Any, caption: str) -> str:
-    result.image.save(out / name)
-    return f"<figure><img src='{name}' height=160><figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def maximize_section(c: Client, out: Path, steps: int = STEPS, size: int = SIZE) -> str:
@@ -47,14 +42,14 @@ def maximize_section(c: Client, out: Path, steps: int = STEPS, size: int = SIZE)
             name = f"max_{preset}_{index}.png"
             r = results[name]
             top = r.predictions[0]
-            cells.append(_figure(out, name, r, f"{preset}: logit {r.objective:.1f}; top-1 {top.label} "
-                                               f"{top.probability:.0%}"))
+            cells.append(figure(out, name, r.image, f"{preset}: logit {r.objective:.1f}; top-1 {top.label} "
+                                               f"{top.probability:.0%}", 160))
         rows.append(f"<div class='row'><b>{index} {html.escape(label)}</b>{''.join(cells)}</div>")
     units = []
     for layer, channels in CHANNELS:
         for ch in channels:
             name = f"max_{layer.replace('.', '_')}_{ch}.png"
-            units.append(_figure(out, name, results[name], f"{layer} channel {ch} (mean)"))
+            units.append(figure(out, name, results[name].image, f"{layer} channel {ch} (mean)", 160))
     took = time.monotonic() - started
     return (f"<h2>MaximizeUnit: images that excite a class or a channel</h2><p>{len(calls)} optimisations "
             f"of {steps} steps at {size} px, run at once ({took:.0f} s): the server stepped them together. "

@@ -1,10 +1,10 @@
 """Quality measurements for Dream and StyleTransfer on EfficientNet-Lite0 (docs/quality.md).
 
-    .venv/bin/python tools/quality_dream_style.py dream-layers     # a contact sheet to pick the layer by eye
-    .venv/bin/python tools/quality_dream_style.py dream            # defaults: objective gain on photos
-    .venv/bin/python tools/quality_dream_style.py style-sweep      # softening x style weight, by the numbers
-    .venv/bin/python tools/quality_dream_style.py style            # defaults on content x style pairs
-    .venv/bin/python tools/quality_dream_style.py adam-lbfgs       # equal wall time
+    .venv/bin/python -m tools.quality.dream_style dream-layers     # a contact sheet to pick the layer by eye
+    .venv/bin/python -m tools.quality.dream_style dream            # defaults: objective gain on photos
+    .venv/bin/python -m tools.quality.dream_style style-sweep      # softening x style weight, by the numbers
+    .venv/bin/python -m tools.quality.dream_style style            # defaults on content x style pairs
+    .venv/bin/python -m tools.quality.dream_style adam-lbfgs       # equal wall time
 
 Jobs of one size and layer set run batched through the optimisation core's step runner (one forward and
 backward per step for all), as the server runs them. Pictures go to docs/img/; numbers are printed as
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from convlens.server.engine.layer_features import PixelSpace, layer_features
 from convlens.server.engine.optimize import dream as D
@@ -31,6 +31,8 @@ from convlens.server.engine.optimize.runner import run_step
 from convlens.server.models.embedded import load_lite
 from convlens.server.service.dream import DEFAULT_LAYERS, DEFAULT_STEPS_PER_OCTAVE
 from convlens.server.service.style import DEFAULTS
+from tools import common
+from tools.common import MODEL, sheet
 
 IMG = Path("docs/img")
 JUDGE_LAYERS = ("_act0", "_blocks.3", "_blocks.6", "_blocks.10", "_blocks.14")  # Lite2: last block per stride
@@ -38,36 +40,12 @@ JUDGE_LAYERS = ("_act0", "_blocks.3", "_blocks.6", "_blocks.10", "_blocks.14")  
 
 def photo(name: str) -> torch.Tensor:
     """An embedded photo as [3, H, W] float 0..255 (grey ones repeated to RGB)."""
-    if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_images
-        images = load_sample_images()
-        array = images.images[[Path(f).stem for f in images.filenames].index(f"{name}")]
-    else:
-        import skimage.data
-        array = getattr(skimage.data, name)()
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(array[:, :, :3], dtype=np.float32)).permute(2, 0, 1)
+    return torch.from_numpy(common.photo(name).astype(np.float32)).permute(2, 0, 1)
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
     array = pixels.detach().clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array))
-
-
-def sheet(rows: Sequence[Sequence[tuple[str, Image.Image]]], cell: int = 224) -> Image.Image:
-    """A grid of captioned pictures, each scaled to `cell` on its longest side."""
-    cols = max(len(r) for r in rows)
-    out = Image.new("RGB", (cols * (cell + 4), len(rows) * (cell + 18)), "white")
-    draw = ImageDraw.Draw(out)
-    for i, row in enumerate(rows):
-        for j, (caption, img) in enumerate(row):
-            im = img.copy()
-            im.thumbnail((cell, cell))
-            x, y = j * (cell + 4), i * (cell + 18)
-            out.paste(im, (x, y + 16))
-            draw.text((x + 2, y + 2), caption, fill="black")
-    return out
 
 
 def run_batched(model: torch.nn.Module, jobs: list) -> float:
@@ -102,7 +80,7 @@ def gain(model, space, job: D.DreamJob) -> tuple[float, float]:
 
 
 def dream_layers(args: argparse.Namespace) -> None:
-    served = load_lite("efficientnet_lite0")
+    served = load_lite(MODEL)
     model, space = served.module, PixelSpace(served.preprocess.mean, served.preprocess.std)
     layers = args.layers.split(",")
     rows = []
@@ -123,9 +101,9 @@ def dream_layers(args: argparse.Namespace) -> None:
 
 
 def dream_default(args: argparse.Namespace) -> None:
-    served = load_lite("efficientnet_lite0")
+    served = load_lite(MODEL)
     model, space = served.module, PixelSpace(served.preprocess.mean, served.preprocess.std)
-    layer, steps = DEFAULT_LAYERS["efficientnet_lite0"], DEFAULT_STEPS_PER_OCTAVE["efficientnet_lite0"]
+    layer, steps = DEFAULT_LAYERS[MODEL], DEFAULT_STEPS_PER_OCTAVE[MODEL]
     names = ["chelsea", "coffee", "astronaut", "china"]
     images = [photo(n) for n in names]
     jobs = dream_jobs(model, space, images, [D.DreamSettings(layer=layer, seed=i, steps_per_octave=steps)
@@ -215,12 +193,12 @@ def run_style(model, space, jobs) -> tuple[list[float], float]:
 
 
 def lite0():
-    served = load_lite("efficientnet_lite0")
+    served = load_lite(MODEL)
     return served.module, PixelSpace(served.preprocess.mean, served.preprocess.std)
 
 
 def base_settings(**kw) -> S.StyleSettings:
-    d = DEFAULTS["efficientnet_lite0"]
+    d = DEFAULTS[MODEL]
     base = S.StyleSettings(style_layers=d.style_layers, content_layer=d.content_layer, style_weight=d.style_weight,
                            soften=d.soften, temperature=d.temperature, learning_rate=d.learning_rate,
                            style_distance=d.style_distance)

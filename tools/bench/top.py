@@ -1,7 +1,7 @@
 """TopActivations benchmark: scan throughput (decode vs model), torch vs onnxruntime, query latency through
 the SDK from a built index, and a Ray build against the single-process build. Prints a markdown section.
 
-    python -m convlens.server.bench_top [--rounds 3] [--queries 60]
+    python -m tools.bench.top [--rounds 3] [--queries 60]
 
 Numbers within one run are comparable (ratios); runs on a shared 2-core machine are noisy.
 """
@@ -24,8 +24,8 @@ from convlens.server.indexing.build import Timings, build_index, index_key, prep
 from convlens.server.indexing.sources import DatasetSource, ModelSource
 from convlens.server.models.embedded import load_lite
 from convlens.server.models.model import ServedModel
+from tools.common import MODEL
 
-MODEL = "efficientnet_lite0"
 LAYERS = ("_blocks.2", "_blocks.10", "_conv_head", "_fc")
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_best = max(paired["raw contiguous"], paired["raw channels_last"])
     print(f"## TopActivations scan and query (CPU, {torch.get_num_threads()} threads, {MODEL}, "
           f"`samples` = {len(images)} photos)\n")
-    print("Written by `python -m convlens.server.bench_top`.\n")
+    print("Written by `python -m tools.bench.top`.\n")
     print("Model part against a raw batched forward (batch 8, no_grad, median of interleaved rounds, logits "
           "layer = the whole network): " + ", ".join(f"{k} {v:.1f} img/s" for k, v in paired.items())
           + f"; scan / best raw = {paired['scan channels_last'] / raw_best:.2f}.\n")

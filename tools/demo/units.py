@@ -11,8 +11,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from convlens.client import Client, TopActivation
+from tools.common import MODEL
 
-MODEL = "efficientnet_lite0"
 # (layer, what it is, channels): an early, a middle and a late block, then class logits.
 UNITS = (
     ("_blocks.2", "early block (receptive field 19 px)", (3, 7, 11, 19)),

@@ -5,7 +5,7 @@ of the interceptor (metrics, access log, auth, drain bookkeeping) plus ListModel
 Calls alternate in blocks, round after round, so machine drift hits both alike; the report is the ratio of
 the medians (p50) within each round, and the median of those ratios.
 
-    python -m convlens.server.bench_overhead [--rounds 7] [--calls 300] [-- serve args...]
+    python -m tools.bench.overhead [--rounds 7] [--calls 300] [-- serve args...]
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ side-by-side measurements compare.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import platform
 import statistics
@@ -21,14 +20,12 @@ from pathlib import Path
 import torch
 
 from convlens.client.loadtest import LevelResult, LoadTestConfig, run_loadtest
-from convlens.server.bench_raw import LAYOUTS, RawPoint, in_layouts, measure, measure_one
-from convlens.server.bench_record import record
 from convlens.server.config import DEFAULT_POLICIES, parse_policy
 from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
-
-MODEL = "efficientnet_lite0"
+from tools.bench.raw import LAYOUTS, RawPoint, in_layouts, measure, measure_one
+from tools.common import MODEL, load_average, record, utc_now
 
 
 def sweep(server: ServerProcess, levels: tuple[int, ...], seconds: float) -> list[LevelResult]:
@@ -67,11 +64,6 @@ def paired_rounds(models: dict[str, torch.nn.Module], best: list[RawPoint], on: 
     return out
 
 
-def _load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
-
-
 def report(raw: list[RawPoint], top: list[RawPoint], rounds: list[Round], batch: str, device: str, seconds: float,
            load: tuple[str, str], served_layout: str) -> str:
     med = statistics.median
@@ -83,7 +75,7 @@ def report(raw: list[RawPoint], top: list[RawPoint], rounds: list[Round], batch:
     columns = list(dict.fromkeys((p.layout, p.context) for p in raw))
     table = {(p.layout, p.context, p.batch_size): p.images_per_second for p in raw}
     lines = [
-        f"## {device} — {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"## {device} — {utc_now()}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "",
         f"Saliency (method=gradient, top-1 logit) on {MODEL} at 224 px; load tester and server on the same "
@@ -144,7 +136,7 @@ def main() -> int:
     default = DEFAULT_POLICIES["cuda" if device.type == "cuda" else "cpu"]
     batch = args.batch or f"{default.max_batch_size}:{default.max_batch_delay * 1000:g}:{default.shards}"
     shards = parse_policy(f"{args.device}={batch}")[1].shards
-    load_start = _load()
+    load_start = load_average()
 
     print(f"(a) raw torch, forward + backward to the input (load {load_start})")
     models = in_layouts(load_lite(MODEL).module.to(device), list(LAYOUTS))
@@ -160,7 +152,7 @@ def main() -> int:
         print(f"(b) paired rounds: raw, service with batching on ({batch}), off (1:0)")
         rounds = paired_rounds(models, best, on_srv, off_srv, levels, args.seconds, args.rounds, device)
     served = "channels_last" if memory_format_for(device) == torch.channels_last else "contiguous"
-    text = report(raw, best, rounds, batch, args.device, args.seconds, (load_start, _load()), served)
+    text = report(raw, best, rounds, batch, args.device, args.seconds, (load_start, load_average()), served)
     print(text)
     record(args.out, text, MARKER)
     return 0

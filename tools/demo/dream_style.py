@@ -15,26 +15,15 @@ import numpy as np
 from PIL import Image
 
 from convlens.client import Client
+from tools.common import MODEL, figure, photo
 
-MODEL = "efficientnet_lite0"
 EARLY, LATE = "_blocks.3", None  # None: the server's default dream layer (a stride-16 block)
 DREAM_SIZE, STYLE_SIZE, STYLE_STEPS = 256, 224, 200
 
 
 def _photos() -> dict[str, np.ndarray]:
-    from skimage import data
-    from sklearn.datasets import load_sample_images
-
-    grey = {name: np.repeat(getattr(data, name)()[:, :, None], 3, axis=2) for name in ("brick", "gravel", "grass")}
-    samples = load_sample_images()
-    sk = {Path(f).stem: img for f, img in zip(samples.filenames, samples.images, strict=True)}
-    return {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(), **grey,
-            "china": sk["china"], "flower": sk["flower"]}
-
-
-def _figure(out: Path, name: str, image: Image.Image, caption: str) -> str:
-    image.save(out / name)
-    return f"<figure><img src='{name}' height=192><figcaption>{html.escape(caption)}</figcaption></figure>"
+    names = ("chelsea", "coffee", "astronaut", "brick", "gravel", "grass", "china", "flower")
+    return {name: photo(name) for name in names}
 
 
 def dream_style_section(c: Client, out: Path) -> str:
@@ -64,12 +53,12 @@ def dream_style_section(c: Client, out: Path) -> str:
         for tag in ("early", "late"):
             r = results[f"dream_{name}_{tag}"]
             gain = r.objective / r.input_objective if r.input_objective else float("nan")
-            dreams.append(_figure(out, f"dream_{name}_{tag}.png", r.image,
+            dreams.append(figure(out, f"dream_{name}_{tag}.png", r.image,
                                   f"{name}, {r.settings['layer']}: objective x{gain:.1f}"))
     g = results["dream_guided"]
     Image.fromarray(photos["flower"]).save(out / "guide_flower.png")
     dreams.append("<figure><img src='guide_flower.png' height=192><figcaption>guide</figcaption></figure>")
-    dreams.append(_figure(out, "dream_guided.png", g.image, f"chelsea guided by the flower, {g.settings['layer']}"))
+    dreams.append(figure(out, "dream_guided.png", g.image, f"chelsea guided by the flower, {g.settings['layer']}"))
     styles = []
     for key in [k for k in results if k.startswith("style_")]:
         r = results[key]
@@ -77,9 +66,9 @@ def dream_style_section(c: Client, out: Path) -> str:
         drop = 1 - r.style_loss / r.initial_style_loss if r.initial_style_loss else float("nan")
         Image.fromarray(photos[style]).save(out / f"style_src_{style}.png")
         styles.append(f"<figure><img src='style_src_{style}.png' height=96><figcaption>{style}</figcaption>"
-                      f"</figure>" + _figure(out, f"{key}.png", r.image,
+                      f"</figure>" + figure(out, f"{key}.png", r.image,
                                              f"{content} in {style}'s style (style loss -{drop:.0%})"))
-    soft = [_figure(out, f"soften_{s}.png", results[f"soften_{s}"].image, f"soften = {s}")
+    soft = [figure(out, f"soften_{s}.png", results[f"soften_{s}"].image, f"soften = {s}")
             for s in ("none", "channels")]
     settings = results["style_chelsea_brick"].settings or {}
     return ("<h2>DeepDream</h2><p>google/deepdream's method (4 octaves x 1.4, "

@@ -20,26 +20,18 @@ import numpy as np
 import torch
 
 from convlens.client import AsyncClient
-from convlens.server.bench_record import record
 from convlens.server.config import parse_policy
 from convlens.server.launcher import ServerProcess
+from tools.common import MODEL, load_average, photo, record, utc_now
 
-MODEL = "efficientnet_lite0"
 MARKER = "<!-- bench_dream_style: runs are inserted below this line -->"
 
 
 def photos(n: int, side: int) -> list[np.ndarray]:
     """n distinct embedded photos (cycled, flipped), cut to side x side."""
-    import skimage.data
-    from PIL import Image
-
-    base = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
-    out = []
-    for i in range(n):
-        img = Image.fromarray(base[i % len(base)]).resize((side, side))
-        array = np.asarray(img)
-        out.append(np.ascontiguousarray(array[:, ::-1] if i >= len(base) else array))
-    return out
+    base = [photo(name, side) for name in ("chelsea", "coffee", "astronaut", "rocket")]
+    return [np.ascontiguousarray(base[i % len(base)][:, ::-1] if i >= len(base) else base[i % len(base)])
+            for i in range(n)]
 
 
 async def one_rpc(client: AsyncClient, rpc: str, i: int, images: list[np.ndarray], args: argparse.Namespace) -> Any:
@@ -72,12 +64,12 @@ async def rounds(address: str, args: argparse.Namespace) -> dict[str, list[tuple
 
 
 def report(results: dict[str, list[tuple[float, float]]], args: argparse.Namespace, batch: str) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    when = f"{utc_now()}, load average {load_average()}"
     lines = [f"### Dream and StyleTransfer: {args.jobs} at once vs one after another ({when})", "",
              f"Device {args.device} ({torch.get_num_threads()} torch threads here), server batching policy "
              f"{batch}; images {args.size} px; Dream {args.octaves} octaves x {args.dream_steps} steps, "
              f"StyleTransfer {args.style_steps} Adam steps; {args.rounds} paired rounds "
-             "(`python -m convlens.server.bench_dream_style`).", "",
+             "(`python -m tools.bench.dream_style`).", "",
              "| RPC | one after another (s, median) | at once (s, median) | wall ratio per round | median ratio |",
              "| --- | --- | --- | --- | --- |"]
     for rpc, pairs in results.items():

@@ -7,7 +7,7 @@ no scheduler): job-steps per second, against the server's job-steps per second w
 per-round ratios are reported: this machine's speed drifts over minutes, so only side-by-side numbers
 compare.
 
-    python -m convlens.server.bench_maximize --out docs/performance.md
+    python -m tools.bench.maximize --out docs/performance.md
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from convlens.client import AsyncClient
-from convlens.server.bench_record import record
 from convlens.server.config import parse_policy
 from convlens.server.engine.optimize.maximize import MaximizeJob, MaximizeSettings
 from convlens.server.engine.optimize.objectives import ClassLogit
@@ -33,8 +32,8 @@ from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
 from convlens.server.scheduler.shards import side_by_side, split, threads_per_shard
+from tools.common import MODEL, load_average, record, utc_now
 
-MODEL = "efficientnet_lite0"
 MARKER = "<!-- bench_maximize -->"
 CLASSES = (130, 144, 351, 736, 302, 63, 436, 100, 1, 967)
 
@@ -125,7 +124,7 @@ def mean_step_batch(server: ServerProcess) -> tuple[float, float, float]:
 
 def report(rows: list[tuple[float, float, float]], args: argparse.Namespace, batches: list[float],
            busies: list[float]) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    when = f"{utc_now()}, load average {load_average()}"
     wall = [c / s for s, c, _ in rows]
     service = [args.jobs * args.steps / c for _, c, _ in rows]
     vs_raw = [sv / raw for sv, (_, _, raw) in zip(service, rows, strict=True)]
@@ -134,7 +133,7 @@ def report(rows: list[tuple[float, float, float]], args: argparse.Namespace, bat
         f"Device {args.device} ({torch.get_num_threads()} torch threads here); preset {args.preset}, "
         f"{args.steps} steps at {args.size} px per job; server step batch policy {args.batch} "
         f"({args.shards} shard(s)); "
-        f"{args.rounds} paired rounds (`python -m convlens.server.bench_maximize`).", "",
+        f"{args.rounds} paired rounds (`python -m tools.bench.maximize`).", "",
         "| round | one after another (s) | at once (s) | wall ratio | mean step batch "
         "| worker busy (at once, per lane) | service job-steps/s | raw loop job-steps/s | service / raw |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

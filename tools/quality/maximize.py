@@ -3,7 +3,7 @@
 For each preset, every class is one job, and all jobs that share a key run in one step batch (the step
 scheduler's batching, in process). Writes docs/img/maximize_<preset>_<class>.png and a JSON summary.
 
-    OMP_NUM_THREADS=2 .venv/bin/python tools/maximize_quality.py --steps 192 --presets lucid,lecture,maco
+    OMP_NUM_THREADS=2 .venv/bin/python -m tools.quality.maximize --steps 192 --presets lucid,lecture,maco
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from convlens.server.engine.optimize.objectives import ClassLogit
 from convlens.server.engine.optimize.runner import run_step
 from convlens.server.engine.predictions import top_k
 from convlens.server.models.embedded import load_lite
+from tools.common import MODEL
 
 # The lecture's classes, plus goldfish and espresso.
 CLASSES = {130: "flamingo", 144: "pelican", 351: "hartebeest", 736: "pool table", 302: "ground beetle",
@@ -54,7 +55,7 @@ def main() -> None:
     overrides = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     torch.manual_seed(0)
     cpu = torch.device("cpu")
-    lite0 = load_lite("efficientnet_lite0").replica(cpu, memory_format=torch.channels_last)
+    lite0 = load_lite(MODEL).replica(cpu, memory_format=torch.channels_last)
     lite2 = load_lite("efficientnet_lite2")
     pre = lite0.preprocess
     jobs: dict[tuple[str, int], MaximizeJob] = {}
@@ -104,7 +105,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     # On a thread of its own, as the server's worker runs steps: on this oversubscribed 2-core machine torch
-    # ran the same step 15-30x slower on the main thread (see server/convlens/server/bench_maximize.py).
+    # ran the same step 15-30x slower on the main thread (see tools/bench/maximize.py).
     import threading
 
     worker = threading.Thread(target=main)
