@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens.server.engine.saliency import InputSpace
+from convlens.server.engine.pixel_space import PixelSpace
 
 NUM_CLASSES = 5
 
@@ -133,8 +133,8 @@ def functional_relu_net(relu_net: ReluNet) -> FunctionalReluNet:
 
 
 @pytest.fixture
-def space() -> InputSpace:
-    return InputSpace(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+def space() -> PixelSpace:
+    return PixelSpace(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 @pytest.fixture

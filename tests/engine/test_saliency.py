@@ -17,7 +17,8 @@ from captum.attr import (
 from torch import nn
 
 from convlens.server.engine.integrated_gradients import black_baseline, gaussian_blur
-from convlens.server.engine.saliency import InputSpace, SaliencyOptions, saliency
+from convlens.server.engine.pixel_space import PixelSpace
+from convlens.server.engine.saliency import SaliencyOptions, saliency
 from convlens.server.engine.targets import ClassTarget, UnitTarget
 
 from .helpers import CLASSES, close, differs, leaf
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks:UserWarni
 
 
 
-def run(model: nn.Module, x: torch.Tensor, space: InputSpace, targets: list, **options: object) -> list:
+def run(model: nn.Module, x: torch.Tensor, space: PixelSpace, targets: list, **options: object) -> list:
     return saliency(model, x, targets, SaliencyOptions(**options), space)  # type: ignore[arg-type]
 
 

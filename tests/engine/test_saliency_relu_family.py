@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam, Saliency
 from torch import nn
 
-from convlens.server.engine.saliency import InputSpace, SaliencyOptions, saliency
+from convlens.server.engine.pixel_space import PixelSpace
+from convlens.server.engine.saliency import SaliencyOptions, saliency
 from convlens.server.engine.targets import ClassTarget, UnitTarget
 
 from .helpers import CLASSES, close, differs, leaf
@@ -242,7 +243,7 @@ def test_real_efficientnet_lite0(lite0):
     model, preprocess = lite0
     x, _ = prepare(data.chelsea(), preprocess)
     x = x[None]
-    space = InputSpace(mean=preprocess.mean, std=preprocess.std)
+    space = PixelSpace(mean=preprocess.mean, std=preprocess.std)
     (guided,) = saliency(model, x, [None], SaliencyOptions(method="guided_backprop"), space)
     assert 281 <= guided.target.index <= 285  # a cat (tabby / tiger cat / Persian / Siamese / Egyptian)
     assert guided.modified_activations == 33

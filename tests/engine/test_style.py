@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from convlens.server.engine.hooks import leftover_hooks
-from convlens.server.engine.layer_features import PixelSpace
 from convlens.server.engine.optimize import style as S
 from convlens.server.engine.optimize.runner import run_step
+from convlens.server.engine.pixel_space import PixelSpace
 from convlens.server.errors import InvalidArgument
 
 SPACE = PixelSpace(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))

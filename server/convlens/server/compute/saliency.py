@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from convlens.server.engine.saliency import InputSpace, SaliencyOptions, SaliencyResult, saliency
+from convlens.server.engine.pixel_space import PixelSpace
+from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, saliency
 from convlens.server.engine.targets import Target, UnitTarget
 from convlens.server.models.model import ServedModel
 
@@ -33,6 +34,6 @@ def compute_saliency(model: ServedModel, payloads: Sequence[SaliencyPayload]) ->
     baselines = None
     if options.ig_baseline == "image":
         baselines = model.batch([p.image if p.baseline is None else p.baseline for p in payloads])
-    space = InputSpace(mean=model.preprocess.mean, std=model.preprocess.std)
+    space = PixelSpace(mean=model.preprocess.mean, std=model.preprocess.std)
     return saliency(model.module, inputs, [p.target for p in payloads], options, space, baselines=baselines,
                     resolver=model.resolver)

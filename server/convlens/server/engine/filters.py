@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from convlens.server.engine.hooks import forward_hooks
 from convlens.server.engine.layers import LayerResolver
 
 
@@ -68,14 +70,8 @@ def _find_dead_channels(model: nn.Module, conv: nn.Module, example: torch.Tensor
         if produced and not consumer and args and args[0] is produced[0]:
             consumer.append(m)
 
-    handles = [conv.register_forward_hook(on_conv)]
-    handles += [n.register_forward_pre_hook(on_norm) for n in norms]
-    try:
-        with torch.no_grad():
-            model(example.unsqueeze(0))
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks([(conv, on_conv)], pre_hooks=[(n, on_norm) for n in norms]), torch.no_grad():
+        model(example.unsqueeze(0))
     running_var = getattr(consumer[0], "running_var", None) if consumer else None
     if not isinstance(running_var, torch.Tensor):
         return []
@@ -87,4 +83,6 @@ def _pair(value: object) -> tuple[int, ...]:
         return (value, value)
     if isinstance(value, str):  # padding="same"/"valid"
         return ()
-    return tuple(int(v) for v in value)  # type: ignore[attr-defined]
+    if not isinstance(value, Iterable):
+        raise TypeError(f"expected an int, a string or a sequence of ints, got {value!r}")
+    return tuple(int(v) for v in value)

@@ -18,15 +18,20 @@ from torch.nn.modules import module as module_globals
 from convlens.server.engine.layers import LayerResolver, resolver_for
 
 ForwardHook = Callable[[nn.Module, Any, Any], Any]
+ForwardPreHook = Callable[[nn.Module, Any], Any]
 
 
 @contextmanager
-def forward_hooks(hooks: Iterable[tuple[nn.Module, ForwardHook]]) -> Iterator[None]:
-    """Register forward hooks for the duration of the block."""
+def forward_hooks(hooks: Iterable[tuple[nn.Module, ForwardHook]],
+                  pre_hooks: Iterable[tuple[nn.Module, ForwardPreHook]] = ()) -> Iterator[None]:
+    """Register forward hooks (and forward pre-hooks) for the duration of the block: the one place the
+    engine instruments a module, so none outlives its call."""
     handles = []
     try:
         for module, hook in hooks:
             handles.append(module.register_forward_hook(hook))
+        for module, pre_hook in pre_hooks:
+            handles.append(module.register_forward_pre_hook(pre_hook))
         yield
     finally:
         for handle in handles:

@@ -1,46 +1,33 @@
-"""Features of a few layers for a batch of 0..255 pixel images, with the forward cut short after the last.
+"""Outputs of a few layers for a batch, with the forward cut short after the last of them.
 
-Dream and style transfer read layers in the middle of the network; the rest of the forward (and its
-backward) would be wasted work, so the hook of the last needed layer stops the forward once every layer
-has been captured. Gradients still flow from the captured tensors to the pixels.
+Dream and style transfer read layers in the middle of the network, and the TopActivations scan one layer;
+the rest of the forward (and its backward) would be wasted work, so the hook of the last needed layer
+stops the forward once every layer has been captured. Gradients still flow from the captured tensors to
+the input. The one place the engine stops a forward early.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from convlens.server.engine.hooks import forward_hooks
+from convlens.server.engine.hooks import ForwardHook, forward_hooks
 from convlens.server.engine.layers import not_found
+from convlens.server.engine.pixel_space import PixelSpace
 from convlens.server.errors import NotFound
-
-
-@dataclass(frozen=True)
-class PixelSpace:
-    """How 0..255 pixels map to the model's input: (x / 255 - mean) / std."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-        normalized: torch.Tensor = (pixels / 255.0 - mean) / std
-        return normalized
 
 
 class _Enough(Exception):
     """Raised by the last hook: every layer asked for has been seen."""
 
 
-def layer_features(
-    model: nn.Module, pixels: torch.Tensor, layers: Sequence[str], space: PixelSpace, *, field: str = "layer"
-) -> dict[str, torch.Tensor]:
-    """Outputs of `layers` for pixels [B, 3, H, W] in 0..255 (the graph to `pixels` kept when it has one)."""
+def layer_outputs(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str], *, field: str = "layer"
+                  ) -> dict[str, torch.Tensor]:
+    """Outputs of `layers` (their first tensor output) for model inputs [B, 3, H, W], running the forward
+    only as far as the last of them (the graph to `inputs` kept when it has one)."""
     wanted = list(dict.fromkeys(layers))
     modules = dict(model.named_modules())
     for name in wanted:
@@ -48,7 +35,7 @@ def layer_features(
             raise not_found(name, field)
     captured: dict[str, torch.Tensor] = {}
 
-    def hook_for(name: str) -> Any:
+    def hook_for(name: str) -> ForwardHook:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             if not isinstance(output, torch.Tensor):
                 return None
@@ -61,10 +48,17 @@ def layer_features(
 
     with forward_hooks((modules[name], hook_for(name)) for name in wanted):
         try:
-            model(space.normalize(pixels))
+            model(inputs)
         except _Enough:
             pass
     missing = [name for name in wanted if name not in captured]
     if missing:
         raise NotFound(f"layer(s) {', '.join(missing)} produced no tensor output", field=field)
     return captured
+
+
+def layer_features(
+    model: nn.Module, pixels: torch.Tensor, layers: Sequence[str], space: PixelSpace, *, field: str = "layer"
+) -> dict[str, torch.Tensor]:
+    """Outputs of `layers` for pixels [B, 3, H, W] in 0..255 (the graph to `pixels` kept when it has one)."""
+    return layer_outputs(model, space.normalize(pixels), layers, field=field)

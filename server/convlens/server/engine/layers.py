@@ -15,13 +15,15 @@ size, a conv's dead channels): they live and die with the replica, never in modu
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
-from convlens.server.engine.receptive_field import ReceptiveField
 from convlens.server.errors import InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from convlens.server.engine.receptive_field import ReceptiveField
 
 T = TypeVar("T")
 

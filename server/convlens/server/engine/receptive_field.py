@@ -31,6 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from convlens.server.engine.hooks import ForwardHook, forward_hooks
+
 
 @dataclass(frozen=True)
 class ReceptiveField:
@@ -128,7 +130,7 @@ class ReceptiveFieldMode(TorchDispatchMode):
     """Tags tensors computed from the tensors given to `track` with their receptive fields."""
 
     def __init__(self, weight_owners: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__()
+        TorchDispatchMode.__init__(self)
         self.fields: WeakIdKeyDictionary = WeakIdKeyDictionary()
         # For modules that cannot take hooks (TorchScript): conv outputs recognised by their weight.
         self._weight_owners = {id(w): (name, w) for name, w in (weight_owners or {}).items()}
@@ -138,9 +140,11 @@ class ReceptiveFieldMode(TorchDispatchMode):
         self.fields[x] = _Field(_Axis(0, 0, 1), _Axis(0, 0, 1))
 
     def field_of(self, t: torch.Tensor) -> Field | None:
-        return self.fields.get(t)
+        field: Field | None = self.fields.get(t)
+        return field
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
@@ -159,7 +163,7 @@ class ReceptiveFieldMode(TorchDispatchMode):
             self.by_weight[name] = (tuple(outputs[0].shape[1:]), self.fields[outputs[0]])
         return out
 
-    def _compose(self, func: Any, args: tuple, tagged: list[tuple[torch.Tensor, Field]],
+    def _compose(self, func: Any, args: tuple[Any, ...], tagged: list[tuple[torch.Tensor, Field]],
                  out: torch.Tensor) -> Field:
         name = func.overloadpacket.__name__
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -258,18 +262,16 @@ def _trace(module: nn.Module, example: torch.Tensor, *, tracing: bool) -> dict[s
                   and isinstance(getattr(sub, "weight", None), torch.Tensor) and sub.weight.ndim == 4}
     mode = ReceptiveFieldMode(unhookable)
 
-    def make_hook(name: str):  # type: ignore[no-untyped-def]
+    def make_hook(name: str) -> ForwardHook:
         def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
             t = _first_tensor(output)
             if t is not None:
                 seen[name] = (tuple(t.shape[1:]), mode.field_of(t) if tracing else None)
         return hook
 
-    handles = []
-    try:
-        for name, sub in module.named_modules():
-            if not isinstance(sub, torch.jit.ScriptModule):
-                handles.append(sub.register_forward_hook(make_hook(name)))
+    hooks = [(sub, make_hook(name)) for name, sub in module.named_modules()
+             if not isinstance(sub, torch.jit.ScriptModule)]
+    with forward_hooks(hooks):
         x = example.detach().clone()
         with torch.no_grad():
             if tracing:
@@ -278,9 +280,6 @@ def _trace(module: nn.Module, example: torch.Tensor, *, tracing: bool) -> dict[s
                     module(x)
             else:
                 module(x)
-    finally:
-        for h in handles:
-            h.remove()
     for name, (shape, field) in mode.by_weight.items():
         seen.setdefault(name, (shape, field if tracing else None))
     return {name: LayerTrace(shape, to_receptive_field(field, input_hw))

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 RULES = ("guided_backprop", "deconvnet")
@@ -32,13 +32,13 @@ class _ModifiedReLU(torch.autograd.Function):
     """clamp(x, 0, hi) forward; guided-backprop or deconvnet backward."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, hi: float, guided: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, hi: float, guided: bool) -> torch.Tensor:  # ctx: a FunctionCtx
         out = x.clamp(min=0.0) if math.isinf(hi) else x.clamp(0.0, hi)
         if guided:
             # Save the mask, not x: the model may overwrite x in place right after (inplace ReLU).
             mask = (x > 0) if math.isinf(hi) else (x > 0) & (x < hi)
             ctx.save_for_backward(mask)
-        ctx.guided = guided  # type: ignore[attr-defined]
+        ctx.guided = guided
         return out
 
     @staticmethod

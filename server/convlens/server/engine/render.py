@@ -98,7 +98,8 @@ def colorize(heatmap: np.ndarray) -> np.ndarray:
     i = np.clip(pos.astype(np.int64), 0, len(_HEAT_ANCHORS) - 2)
     f = (pos - i)[..., None]
     rgb = _HEAT_ANCHORS[i] * (1 - f) + _HEAT_ANCHORS[i + 1] * f
-    return rgb.round().clip(0, 255).astype(np.uint8)
+    out: np.ndarray = rgb.round().clip(0, 255).astype(np.uint8)
+    return out
 
 
 def blur(image: np.ndarray, sigma: float) -> np.ndarray:

@@ -24,13 +24,14 @@ from convlens.server.engine.integrated_gradients import (
     integrated_gradients,
 )
 from convlens.server.engine.layers import LayerResolver, resolver_for
+from convlens.server.engine.pixel_space import PixelSpace
 from convlens.server.engine.relu_rules import RULES
 from convlens.server.engine.smoothgrad import BASES, smoothgrad
 from convlens.server.engine.targets import Target
 from convlens.server.errors import InvalidArgument
 
 __all__ = [
-    "METHODS", "InputSpace", "SaliencyOptions", "SaliencyResult", "default_cam_layer", "saliency",
+    "METHODS", "PixelSpace", "SaliencyOptions", "SaliencyResult", "default_cam_layer", "saliency",
     "validate_options",
 ]
 
@@ -55,14 +56,6 @@ class SaliencyOptions:
     ig_baseline: str = "black"  # black | blurred | image
     ig_blur_sigma: float = 10.0  # in model-input pixels
     cam_layer: str | None = None  # None: default_cam_layer(model)
-
-
-@dataclass(frozen=True)
-class InputSpace:
-    """How 0..255 pixels map to the model's input: (x / 255 - mean) / std."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 @dataclass
@@ -117,7 +110,7 @@ def saliency(
     inputs: torch.Tensor,
     targets: Sequence[Target | None],
     options: SaliencyOptions,
-    space: InputSpace,
+    space: PixelSpace,
     *,
     baselines: torch.Tensor | None = None,
     resolver: LayerResolver | None = None,
@@ -152,7 +145,7 @@ def _saliency(
     inputs: torch.Tensor,
     targets: list[Target | None],
     options: SaliencyOptions,
-    space: InputSpace,
+    space: PixelSpace,
     baselines: torch.Tensor | None,
     lookup: LayerResolver,
 ) -> list[SaliencyResult]:
@@ -199,7 +192,7 @@ def _grad_cam(model: nn.Module, inputs: torch.Tensor, targets: list[Target | Non
 
 
 def _integrated(model: nn.Module, inputs: torch.Tensor, targets: list[Target | None],
-                options: SaliencyOptions, space: InputSpace, baselines: torch.Tensor | None,
+                options: SaliencyOptions, space: PixelSpace, baselines: torch.Tensor | None,
                 lookup: LayerResolver) -> _Computed:
     """SmoothGrad and integrated gradients: an unperturbed pass for values, then many perturbed ones."""
     logits, values, resolved = evaluate(model, inputs, targets, resolver=lookup)
@@ -224,12 +217,14 @@ def _reused(layers: set[str]) -> list[str]:
             for name in sorted(layers)]
 
 
-def _baselines(inputs: torch.Tensor, options: SaliencyOptions, space: InputSpace,
+def _baselines(inputs: torch.Tensor, options: SaliencyOptions, space: PixelSpace,
                baselines: torch.Tensor | None) -> torch.Tensor:
     if options.ig_baseline == "black":
-        return black_baseline(inputs, space.mean, space.std)
+        black: torch.Tensor = black_baseline(inputs, space.mean, space.std)
+        return black
     if options.ig_baseline == "blurred":
-        return gaussian_blur(inputs, options.ig_blur_sigma)
+        blurred: torch.Tensor = gaussian_blur(inputs, options.ig_blur_sigma)
+        return blurred
     if baselines is None or baselines.shape != inputs.shape:
         got = "none" if baselines is None else f"shape {tuple(baselines.shape[1:])}"
         raise InvalidArgument(

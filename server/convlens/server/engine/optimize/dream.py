@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens.server.engine.layer_features import PixelSpace, layer_features
+from convlens.server.engine.layer_features import layer_features
 from convlens.server.engine.optimize.job import StepLoss, StepReport
 from convlens.server.engine.optimize.objectives import Activations
 from convlens.server.engine.optimize.optimizers import NormalizedGradient
 from convlens.server.engine.optimize.runner import run_step
+from convlens.server.engine.pixel_space import PixelSpace
 from convlens.server.errors import InvalidArgument
 
 # Limits a request must stay within (the service turns violations into INVALID_ARGUMENT).

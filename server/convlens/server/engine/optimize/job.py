@@ -50,10 +50,18 @@ class StepReport:
 
 
 class Job(Protocol):
-    key: Hashable
-    layers: frozenset[str]
-    params: list[torch.Tensor]
-    optimizer: Optimizer
+    # Read-only to the runner (so a job may hold a narrower type: a tuple key, its own optimiser class).
+    @property
+    def key(self) -> Hashable: ...
+
+    @property
+    def layers(self) -> frozenset[str]: ...
+
+    @property
+    def params(self) -> list[torch.Tensor]: ...
+
+    @property
+    def optimizer(self) -> Optimizer: ...
 
     @property
     def done(self) -> bool: ...

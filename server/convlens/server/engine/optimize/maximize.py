@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from convlens.server.engine.hooks import capture_outputs, eval_mode
-from convlens.server.engine.optimize import regularizers, transforms
+from convlens.server.engine.optimize import regularizers
+from convlens.server.engine.optimize import transforms as image_transforms
 from convlens.server.engine.optimize.job import StepLoss, StepReport
 from convlens.server.engine.optimize.natural_spectrum import average_magnitude
 from convlens.server.engine.optimize.objectives import Activations, Objective
@@ -99,12 +100,12 @@ class MaximizeSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def transforms(self) -> list[transforms.Transform]:
-        return transforms.standard(self.pad, self.jitter, self.scale_jitter, self.rotate_degrees,
+    def transforms(self) -> list[image_transforms.Transform]:
+        return image_transforms.standard(self.pad, self.jitter, self.scale_jitter, self.rotate_degrees,
                                    self.final_jitter)
 
     def input_side(self) -> int:
-        return transforms.output_size(self.transforms(), self.size)
+        return image_transforms.output_size(self.transforms(), self.size)
 
 
 # {knob: (lowest, highest)}, read off the fields above.
@@ -163,7 +164,7 @@ class MaximizeJob:
 
     def make_input(self) -> torch.Tensor:
         self._image = self.param.image()
-        return self.normalise(transforms.apply(self._transforms, self._image, self.generator))
+        return self.normalise(image_transforms.apply(self._transforms, self._image, self.generator))
 
     def loss(self, acts: Activations, row: int) -> StepLoss:
         terms = self.objective.terms(acts, row)
@@ -192,7 +193,8 @@ class MaximizeJob:
     @torch.no_grad()
     def image(self) -> torch.Tensor:
         """The current image [3, H, W] in [0, 1], on the CPU."""
-        return self.param.image()[0].detach().clamp(0, 1).cpu()
+        image: torch.Tensor = self.param.image()[0].detach().clamp(0, 1).cpu()
+        return image
 
     def image_uint8(self) -> np.ndarray:
         """[H, W, 3] uint8, for PNGs."""

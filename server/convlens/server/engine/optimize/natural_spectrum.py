@@ -27,7 +27,8 @@ def _skimage(name: str) -> Callable[[], np.ndarray]:
         from skimage import data
 
         image = getattr(data, name)()
-        return image[0] if isinstance(image, tuple) else image  # stereo_motorcycle: (left, right, disp)
+        picked: np.ndarray = image[0] if isinstance(image, tuple) else image  # stereo_motorcycle: (left, right, disp)
+        return picked
 
     return load
 
@@ -36,7 +37,8 @@ def _sklearn(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         from sklearn.datasets import load_sample_image
 
-        return load_sample_image(name)
+        sample: np.ndarray = load_sample_image(name)
+        return sample
 
     return load
 

@@ -41,6 +41,12 @@ class Adam(Optimizer):
     def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         Adam.step_many([self], [params], [grads])
 
+    def moments(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first and second moment estimates, one per parameter (after the first step)."""
+        if self.exp_avg is None or self.exp_avg_sq is None:
+            raise RuntimeError("Adam has no moments before its first step")
+        return self.exp_avg, self.exp_avg_sq
+
     @staticmethod
     @torch.no_grad()
     def step_many(optimizers: Sequence[Adam], params: Sequence[Sequence[torch.Tensor]],
@@ -59,8 +65,8 @@ class Adam(Optimizer):
             assert all(o.exp_avg is not None and o.exp_avg_sq is not None for o, _, _, _ in rows)
             p = torch.stack([r[1] for r in rows])
             g = torch.stack([r[2] for r in rows])
-            m = torch.stack([r[0].exp_avg[r[3]] for r in rows])  # type: ignore[index]
-            v = torch.stack([r[0].exp_avg_sq[r[3]] for r in rows])  # type: ignore[index]
+            m = torch.stack([r[0].moments()[0][r[3]] for r in rows])
+            v = torch.stack([r[0].moments()[1][r[3]] for r in rows])
             view = (-1,) + (1,) * len(shape)
             t = torch.tensor([float(r[0].steps) for r in rows], dtype=torch.float64)
             lr = torch.tensor([r[0].lr for r in rows], dtype=torch.float64)
@@ -71,8 +77,8 @@ class Adam(Optimizer):
             p.sub_(step_size * m / (v.sqrt() / bc2_sqrt).add_(eps))  # torch.optim.Adam's update, per row
             for i, (opt, param, _, k) in enumerate(rows):
                 param.copy_(p[i])
-                opt.exp_avg[k].copy_(m[i])  # type: ignore[index]
-                opt.exp_avg_sq[k].copy_(v[i])  # type: ignore[index]
+                opt.moments()[0][k].copy_(m[i])
+                opt.moments()[1][k].copy_(v[i])
 
 
 class NormalizedGradient(Optimizer):

@@ -16,7 +16,7 @@ from torch import nn
 from convlens.server.engine.hooks import capture_outputs, eval_mode
 from convlens.server.engine.optimize.job import Job, StepLoss, StepReport
 from convlens.server.engine.optimize.objectives import Activations
-from convlens.server.engine.optimize.optimizers import Adam
+from convlens.server.engine.optimize.optimizers import LBFGS, Adam
 
 
 def run_step(module: nn.Module, jobs: Sequence[Job]) -> list[StepReport]:
@@ -35,9 +35,8 @@ def run_step(module: nn.Module, jobs: Sequence[Job]) -> list[StepReport]:
             raise ValueError(f"jobs of one batch made inputs of different shapes {sorted(shapes)}; "
                              "their keys must pin the input shape")
         losses, grads = _forward_backward(module, jobs, torch.cat(inputs), layers)
-    adams = [i for i, job in enumerate(jobs) if isinstance(job.optimizer, Adam)]
-    Adam.step_many([jobs[i].optimizer for i in adams],  # type: ignore[misc]
-                   [jobs[i].params for i in adams], [grads[i] for i in adams])
+    adams = {i: opt for i, job in enumerate(jobs) if isinstance(opt := job.optimizer, Adam)}
+    Adam.step_many(list(adams.values()), [jobs[i].params for i in adams], [grads[i] for i in adams])
     for i, job in enumerate(jobs):
         if i not in adams:
             job.optimizer.step(job.params, grads[i])
@@ -64,7 +63,10 @@ def _forward_backward(module: nn.Module, jobs: Sequence[Job], batch: torch.Tenso
 
 
 def _closure_step(module: nn.Module, job: Job) -> StepReport:
-    optimizer = job.optimizer.torch_optimizer(job.params)  # type: ignore[attr-defined]
+    lbfgs = job.optimizer
+    if not isinstance(lbfgs, LBFGS):
+        raise TypeError(f"only L-BFGS steps with a closure, not {type(lbfgs).__name__}")
+    optimizer = lbfgs.torch_optimizer(job.params)
     first: list[tuple[StepLoss, list[torch.Tensor]]] = []
 
     def closure() -> torch.Tensor:
@@ -74,10 +76,11 @@ def _closure_step(module: nn.Module, job: Job) -> StepReport:
             p.grad = g.contiguous()  # torch's L-BFGS flattens with .view(-1): a channels_last model's grads fail
         if not first:
             first.append((losses[0], grads[0]))
-        return losses[0].total
+        total: torch.Tensor = losses[0].total
+        return total
 
     optimizer.step(closure)
-    job.optimizer.steps += 1  # type: ignore[attr-defined]
+    lbfgs.steps += 1
     for p in job.params:
         p.grad = None
     loss, grads = first[0]

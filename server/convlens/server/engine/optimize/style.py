@@ -34,12 +34,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from convlens.server.engine.layer_features import PixelSpace, layer_features
+from convlens.server.engine.layer_features import layer_features
 from convlens.server.engine.optimize.dream import resize
 from convlens.server.engine.optimize.job import StepLoss, StepReport
 from convlens.server.engine.optimize.objectives import Activations
 from convlens.server.engine.optimize.optimizers import LBFGS, Adam, Optimizer
 from convlens.server.engine.optimize.runner import run_step
+from convlens.server.engine.pixel_space import PixelSpace
 from convlens.server.errors import InvalidArgument
 
 SOFTEN = ("none", "channels", "positions", "all")

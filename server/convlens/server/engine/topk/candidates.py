@@ -74,6 +74,8 @@ def select(batch: Candidates, rows: Sequence[int]) -> Candidates:
 
 
 def concat(parts: Sequence[Candidates]) -> Candidates:
-    return Candidates(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                        ("max_value", "max_pos", "mean_value", "region_value", "region_pos", "positive")),
-                      positions=parts[0].positions)
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    return Candidates(joined("max_value"), joined("max_pos"), joined("mean_value"), joined("region_value"),
+                      joined("region_pos"), joined("positive"), positions=parts[0].positions)
