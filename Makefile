@@ -32,6 +32,7 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check client server tests tools
+	$(PY) -m mypy --strict server/convlens/server/engine
 	npx --yes @bufbuild/buf@1 lint proto
 
 bench: $(STAMP)
