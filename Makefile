@@ -35,6 +35,7 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check client server tests tools
+	$(PY) -m mypy --strict client/convlens/client
 	npx --yes @bufbuild/buf@1 lint proto
 
 bench: $(STAMP)

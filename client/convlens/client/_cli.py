@@ -394,7 +394,7 @@ def _maximize(client: Client, args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("steps", "size", "seed", "learning_rate", "parameterization")
                if getattr(args, k) is not None}
     r = client.maximize_unit(args.model, target, preset=args.preset, on_progress=bar,
-                             timeout=max(args.timeout, args.deadline), **options)  # type: ignore[arg-type]
+                             timeout=max(args.timeout, args.deadline), **options)
     if bar is not None:
         bar.finish()
     print(f"{_describe(target)}: objective {r.objective:.4g}")

@@ -39,7 +39,7 @@ from ._types import (
     Unit,
 )
 
-SALIENCY_METHODS: dict[str, int] = {
+SALIENCY_METHODS: dict[str, pb.SaliencyMethod.ValueType] = {
     "gradient": pb.SALIENCY_METHOD_GRADIENT,
     "guided_backprop": pb.SALIENCY_METHOD_GUIDED_BACKPROP,
     "deconvnet": pb.SALIENCY_METHOD_DECONVNET,
@@ -65,8 +65,10 @@ _GRAMS = {"positions": pb.GRAM_NORMALIZATION_POSITIONS, "elements": pb.GRAM_NORM
 _INITS = {"content": pb.STYLE_INIT_CONTENT, "noise": pb.STYLE_INIT_NOISE}
 _DISTANCES = {"mse": pb.STYLE_DISTANCE_MSE, "relative": pb.STYLE_DISTANCE_RELATIVE}
 
+_Code = TypeVar("_Code", bound=int)  # an enum's number, typed as that enum's values
 
-def _choice(table: Mapping[str, int], value: str, what: str) -> int:
+
+def _choice(table: Mapping[str, _Code], value: str, what: str) -> _Code:
     try:
         return table[value]
     except (KeyError, TypeError):
@@ -287,7 +289,7 @@ def _image(data: bytes) -> Image.Image:
 
 def maximize_result(r: pb.MaximizeUnitResult) -> MaximizeResult:
     settings: dict[str, Any] = {f.name: getattr(r.settings, f.name) for f in r.settings.DESCRIPTOR.fields}
-    names = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
+    names: dict[str, Mapping[str, int]] = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
     for key, table in names.items():  # enum numbers as the names the options take
         settings[key] = next((name for name, code in table.items() if code == settings[key]), settings[key])
     return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions), settings)
@@ -314,8 +316,8 @@ def dream_result(r: pb.DreamResult) -> DreamResult:
 
 
 def style_result(r: pb.StyleTransferResult) -> StyleTransferResult:
-    enums = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS, "init": _INITS,
-             "style_distance": _DISTANCES}
+    enums: dict[str, Mapping[str, int]] = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS,
+                                           "init": _INITS, "style_distance": _DISTANCES}
     return StyleTransferResult(_image(r.image_png), r.style_loss, r.content_loss, r.total_loss,
                                r.initial_style_loss, _fields(r.settings, enums))
 
