@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test serve proto proto-check lint bench clean
+.PHONY: demo gallery test serve proto proto-check lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,6 +17,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m tools.demo --out out/demo
+
+gallery: $(STAMP)
+	$(PY) -m tools.demo --gallery --out out/gallery
 
 test: $(STAMP)
 	$(PY) -m pytest -q
