@@ -116,7 +116,7 @@ class DreamService:
         settings = self.settings(model, query)
         image = await asyncio.to_thread(caller_pixels, query.image, "image")
         guide = None if query.guide is None else await asyncio.to_thread(caller_pixels, query.guide, "guide")
-        async with self.scheduler.job(model=model.name, rpc="Dream", deadline=deadline) as handle:
+        async with self.scheduler.job(model=model.name, rpc="Dream", deadline=deadline, served=model) as handle:
             objective = l2_objective(settings.channel)
             if guide is not None:
                 side = max(fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size))

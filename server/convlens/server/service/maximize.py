@@ -128,7 +128,7 @@ class MaximizeService:
         settings = resolve_settings(query)
         objective = objective_for(query.target)
         pre = model.preprocess
-        async with self.scheduler.job(model=model.name, rpc=RPC, deadline=deadline) as handle:
+        async with self.scheduler.job(model=model.name, rpc=RPC, deadline=deadline, served=model) as handle:
             job = await asyncio.to_thread(MaximizeJob, settings, objective, mean=pre.mean, std=pre.std,
                                           device=handle.device)
             async for report in handle.steps(job):

@@ -144,7 +144,8 @@ class StyleService:
         content = await asyncio.to_thread(caller_pixels, query.content, "content")  # type: ignore[arg-type]
         style = await asyncio.to_thread(caller_pixels, query.style, "style")  # type: ignore[arg-type]
         content, style = await asyncio.to_thread(prepare_images, content, style, settings.size)
-        async with self.scheduler.job(model=model.name, rpc="StyleTransfer", deadline=deadline) as handle:
+        async with self.scheduler.job(model=model.name, rpc="StyleTransfer", deadline=deadline,
+                                      served=model) as handle:
             targets = await handle.submit(("style-targets", tuple(content.shape), tuple(style.shape)),
                                           TargetsPayload(content, style, settings), compute_targets)
             job = StyleJob(settings, targets, start_image(content, settings).to(handle.device),
