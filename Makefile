@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m convlens.server.demo --out out/demo
+	$(PY) -m tools.demo --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -35,9 +35,9 @@ lint: $(STAMP)
 	npx --yes @bufbuild/buf@1 lint proto
 
 bench: $(STAMP)
-	$(PY) -m convlens.server.bench --out docs/performance.md
-	$(PY) -m convlens.server.bench_dream_style --out docs/performance.md
-	$(PY) -m convlens.server.bench_maximize --out docs/performance.md
+	$(PY) -m tools.bench.saliency --out docs/performance.md
+	$(PY) -m tools.bench.dream_style --out docs/performance.md
+	$(PY) -m tools.bench.maximize --out docs/performance.md
 
 clean:
 	rm -rf out build *.egg-info

@@ -11,7 +11,7 @@ import pytest
 
 from convlens.client import _cli, _convert, _types
 from convlens.server.engine import integrated_gradients, render, saliency, smoothgrad, targets
-from convlens.server.engine import style as style_engine
+from convlens.server.engine.optimize import style as style_engine
 from convlens.server.transport.codecs import common, filters
 from convlens.server.transport.codecs import saliency as saliency_codec
 from convlens.server.transport.codecs import style as style_codec

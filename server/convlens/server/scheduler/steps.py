@@ -33,34 +33,14 @@ from typing import Any
 
 import torch
 
+from convlens.server.compute.steps import compute_steps
 from convlens.server.engine.optimize.job import Job, StepReport
-from convlens.server.engine.optimize.runner import run_step
 from convlens.server.errors import DeadlineExceeded, ResourceExhausted
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.task import Compute, Task
 
 Submit = Callable[[Task], Any]  # Scheduler.submit
-
-
-def compute_steps(model: ServedModel, jobs: Sequence[Job]) -> list[Any]:
-    """One step for a batch of jobs; each result is (StepReport, batch size) or that job's error.
-
-    A failure in the batched forward/backward happens before any job's state changed, so the jobs are then
-    retried one by one: a job whose objective fails does not take its companions down with it.
-    """
-    try:
-        return [(r, len(jobs)) for r in run_step(model.module, jobs)]
-    except Exception:
-        if len(jobs) == 1:
-            raise
-    results: list[Any] = []
-    for job in jobs:
-        try:
-            results.append((run_step(model.module, [job])[0], 1))
-        except Exception as exc:
-            results.append(exc)
-    return results
 
 
 class JobRegistry:

@@ -1,6 +1,6 @@
 """MaximizeUnit: an image optimised to excite a class logit or a unit, stepped by the step scheduler.
 
-The call yields a `MaximizeProgress` per step (with a preview every `preview_every` steps if asked), then
+The call yields a `Progress` per step (with a preview every `preview_every` steps if asked), then
 one `MaximizeAnswer`: the image, the objective on it (no random transforms), the model's top-5 on it, and
 every setting used. Validation happens before the job is admitted, so bad input never takes a job slot.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from convlens.server.compute.maximize import compute_evaluation
 from convlens.server.engine.optimize.maximize import (
     MAX_SIZE,
     MAX_STEPS,
@@ -33,9 +34,8 @@ from convlens.server.engine.optimize.objectives import (
 )
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.targets import ClassTarget, Target, validate_target
-from convlens.server.errors import FailedPrecondition, InvalidArgument
-from convlens.server.ops.maximize import compute_evaluation
-from convlens.server.service.context import ServiceContext
+from convlens.server.errors import InvalidArgument
+from convlens.server.service.streaming import Progress, StreamingJobService, check_preview_every, off_loop
 
 RPC = "MaximizeUnit"
 
@@ -47,14 +47,6 @@ class MaximizeQuery:
     preset: str | None = None  # None: lucid
     overrides: dict[str, Any] = field(default_factory=dict)  # MaximizeSettings fields; None = the preset's
     preview_every: int = 0
-
-
-@dataclass
-class MaximizeProgress:
-    step: int
-    total_steps: int
-    terms: dict[str, float]
-    preview: Image.Image | None = None
 
 
 @dataclass
@@ -105,39 +97,30 @@ def resolve_settings(query: MaximizeQuery) -> MaximizeSettings:
     if settings.input_side() < 16:
         raise InvalidArgument(f"size {settings.size} leaves a {settings.input_side()} px input after padding "
                               "and jitter; use a larger size or less jitter", field="size")
-    if query.preview_every < 0:
-        raise InvalidArgument("preview_every must be >= 0 (0: no previews)", field="preview_every")
+    check_preview_every(query.preview_every)
     return settings
 
 
-class MaximizeService:
-    def __init__(self, context: ServiceContext) -> None:
-        self.repository = context.repository
-        self.scheduler = context.scheduler
+class MaximizeService(StreamingJobService):
+    rpc = RPC
+    preview_last = True
 
-    async def __call__(self, query: MaximizeQuery, deadline: float | None
-                       ) -> AsyncIterator[MaximizeProgress | MaximizeAnswer]:
-        model = self.repository.get(query.model)
-        if not model.supports_gradients:
-            raise FailedPrecondition(
-                f"model {model.name!r} is served in the {model.format} format, which runs forward-only here; "
-                "MaximizeUnit needs gradients: a torchvision, TorchScript or embedded model")
+    async def __call__(self, query: MaximizeQuery, deadline: float | None) -> AsyncIterator[Progress | MaximizeAnswer]:
+        model = self.gradient_model(query.model)
         if query.target is None:
             raise InvalidArgument("target is required: a class_index or a unit", field="target")
         validate_target(model.resolver, query.target, num_classes=model.num_classes)
         settings = resolve_settings(query)
         objective = objective_for(query.target)
         pre = model.preprocess
-        async with self.scheduler.job(model=model.name, rpc=RPC, deadline=deadline, served=model) as handle:
+        async with self.job(model, deadline) as handle:
             job = await asyncio.to_thread(MaximizeJob, settings, objective, mean=pre.mean, std=pre.std,
                                           device=handle.device)
-            async for report in handle.steps(job):
-                preview = None
-                if query.preview_every and (report.step % query.preview_every == 0 or report.done):
-                    preview = Image.fromarray(job.image_uint8())
-                yield MaximizeProgress(report.step, report.total_steps, report.terms, preview)
+            async for event in self.progress(handle, job, query.preview_every,
+                                             lambda: Image.fromarray(job.image_uint8())):
+                yield event
             key = ("evaluate", settings.size, tuple(sorted(job.layers)))
             evaluation = await handle.submit(key, job, compute_evaluation)
-        image = Image.fromarray(job.image_uint8())
+        image = await off_loop(lambda: Image.fromarray(job.image_uint8()))
         yield MaximizeAnswer(image, evaluation.objective, top_k(evaluation.logits, model.labels, 5), settings,
                              query.target)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from convlens.server.engine.optimize.maximize import MaximizeSettings
-from convlens.server.service.maximize import MaximizeAnswer, MaximizeProgress, MaximizeQuery
-from convlens.server.transport.codecs.common import enum, png, prediction, target, target_message
+from convlens.server.service.maximize import MaximizeAnswer, MaximizeQuery
+from convlens.server.service.streaming import Progress
+from convlens.server.transport.codecs.common import enum, png, prediction, progress, target, target_message
 from convlens.v1 import convlens_pb2 as pb
 
 PRESETS = {pb.MAXIMIZE_PRESET_UNSPECIFIED: "lucid", pb.MAXIMIZE_PRESET_LECTURE: "lecture",
@@ -42,10 +43,9 @@ def settings(s: MaximizeSettings) -> pb.MaximizeSettings:
     return pb.MaximizeSettings(**values)
 
 
-def response(event: MaximizeProgress | MaximizeAnswer) -> pb.MaximizeUnitResponse:
-    if isinstance(event, MaximizeProgress):
-        return pb.MaximizeUnitResponse(progress=pb.Progress(
-            step=event.step, total_steps=event.total_steps, objectives=event.terms, preview_png=png(event.preview)))
+def response(event: Progress | MaximizeAnswer) -> pb.MaximizeUnitResponse:
+    if isinstance(event, Progress):
+        return pb.MaximizeUnitResponse(progress=progress(event))
     return pb.MaximizeUnitResponse(result=pb.MaximizeUnitResult(
         image_png=png(event.image), objective=event.objective,
         predictions=[prediction(p) for p in event.predictions], settings=settings(event.settings),

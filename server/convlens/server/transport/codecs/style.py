@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from convlens.server.engine.style import STYLE_DISTANCES
-from convlens.server.service.progress import Progress
+from convlens.server.engine.optimize.style import STYLE_DISTANCES
+from convlens.server.service.streaming import Progress
 from convlens.server.service.style import StyleAnswer, StyleQuery
-from convlens.server.transport.codecs.common import enum, optional_image, png
-from convlens.server.transport.codecs.dream import progress
+from convlens.server.transport.codecs.common import enum, optional_image, png, progress
 from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
@@ -47,7 +46,7 @@ def query(request: pb.StyleTransferRequest) -> StyleQuery:
         style_distance=(None if request.style_distance == pb.STYLE_DISTANCE_UNSPECIFIED
                         else enum(DISTANCES, request.style_distance, "style_distance", "StyleDistance")),
         seed=int(request.seed),
-        preview_every=max(0, int(request.preview_every)),
+        preview_every=int(request.preview_every),
     )
 
 
