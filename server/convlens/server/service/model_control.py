@@ -139,6 +139,8 @@ class ModelControl:
                 state, reason = UNAVAILABLE, problems[v]
             elif (name, v) in self._unloaded:
                 state, reason = UNAVAILABLE, "unloaded"
+            elif self.mode == "poll":
+                state, reason = UNAVAILABLE, "not read yet: the next poll loads it"
             else:
                 state, reason = UNAVAILABLE, "not loaded"
             out.append(VersionState(name, v, state, reason, default=v == default))
