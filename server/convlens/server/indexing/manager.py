@@ -166,7 +166,8 @@ class IndexManager:
                 ok = [(i, t) for i, t in zip(ids, prepared, strict=True) if t is not None]
                 skipped += len(ids) - len(ok)
                 if ok:
-                    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan)
+                    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
+                                  served=model)
                              for p in (ScanPayload(layer, t, self.per_image) for _, t in ok)]
                     rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
                     part = from_candidates(index, [i for i, _ in ok], concat(rows))

@@ -34,6 +34,6 @@ class FiltersService:
         query.validate()
         model.resolver.conv(query.layer, field="layer")  # not found / no weights, before any queueing
         task = Task(model=model.name, rpc="GetFilters", key=query, payload=query,
-                    compute=compute_filters, deadline=deadline)
+                    compute=compute_filters, deadline=deadline, served=model)
         answer: FiltersAnswer = await self.scheduler.submit(task)
         return answer

@@ -61,7 +61,7 @@ class SaliencyService:
             baseline = (await asyncio.to_thread(prepare_image, model, query.baseline_image, "baseline_image")).tensor
         payload = SaliencyPayload(query.options, image.tensor, query.target, baseline)
         task = Task(model=model.name, rpc="Saliency", key=payload.batch_key, payload=payload,
-                    compute=compute_saliency, deadline=deadline)
+                    compute=compute_saliency, deadline=deadline, served=model)
         result: SaliencyResult = await self.scheduler.submit(task)
         picture = None
         if query.render_overlay:

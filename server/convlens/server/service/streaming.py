@@ -87,7 +87,7 @@ class StreamingJobService:
 
     def job(self, model: ServedModel, deadline: float | None) -> AbstractAsyncContextManager[JobHandle]:
         """Admission (RESOURCE_EXHAUSTED beyond --max-jobs); leaving the block frees the slot."""
-        return self.scheduler.job(model=model.name, rpc=self.rpc, deadline=deadline)
+        return self.scheduler.job(model=model.name, rpc=self.rpc, deadline=deadline, served=model)
 
     async def progress(self, handle: JobHandle, job: Job, preview_every: int,
                        render: Callable[[], Image.Image]) -> AsyncIterator[Progress]:

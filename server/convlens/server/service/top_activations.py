@@ -139,7 +139,7 @@ class TopActivationsService:
         index = empty_index(query.layer, model.layer(query.layer).output_shape, k_max=DEFAULT_K_MAX,
                             per_image=DEFAULT_PER_IMAGE)
         tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
-                      deadline=deadline)
+                      deadline=deadline, served=model)
                  for p in (ScanPayload(query.layer, t, DEFAULT_PER_IMAGE) for t in tensors)]
         rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
         return from_candidates(index, ids, concat(rows)), arrays
