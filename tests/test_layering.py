@@ -62,7 +62,7 @@ def test_the_parser_sees_imports() -> None:
 
 def test_the_engine_is_pure_torch() -> None:
     graph = imports_by_part()
-    forbidden = {"models", "scheduler", "service", "transport", "ops", "app", "config", "grpc",
+    forbidden = {"models", "scheduler", "service", "transport", "compute", "app", "config", "grpc",
                  "convlens.v1", "convlens.client", "google"}
     bad = {part: sorted(map(str, graph["engine"][part])) for part in forbidden if part in graph["engine"]}
     assert not bad, f"engine/ imports layers above it: {bad}"

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from convlens.server.datasets.dataset import SamplesDataset
-from convlens.server.engine.activation_scan import empty_index, layer_output, scan_batch
-from convlens.server.engine.topk_index import ImageId
+from convlens.server.engine.topk import file_format
+from convlens.server.engine.topk.index import ImageId
+from convlens.server.engine.topk.scan import empty_index, layer_output, scan_batch
 from convlens.server.indexing.build import Timings, build_index, index_key, prepare_one
 from convlens.server.indexing.sources import DatasetSource, ModelSource
 from convlens.server.models.embedded import load_lite
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxruntime vs torch, scan of `_conv_head` (model part): onnxruntime {ort_rate:.1f} img/s, torch "
               f"{torch_rate:.1f} img/s ({ort_rate / torch_rate:.2f}x; one ORT batch of 8: {ort_full:.1f} img/s).\n")
         index_dir = Path(tmp) / "index"
-        build_index(model, dataset, "_blocks.10").save(index_key(model, dataset, "_blocks.10").path(index_dir))
+        file_format.save(build_index(model, dataset, "_blocks.10"),
+                         index_key(model, dataset, "_blocks.10").path(index_dir))
         p50, p50_crops = _queries(index_dir, args.queries)
         print(f"Query from a built index through the SDK (`_blocks.10`, k = 9, {args.queries} calls): "
               f"p50 {p50:.1f} ms without crops, {p50_crops:.1f} ms with crops (cut from the originals, PNG).\n")

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from convlens.server.engine import dream as D
-from convlens.server.engine import style as S
 from convlens.server.engine.layer_features import PixelSpace, layer_features
+from convlens.server.engine.optimize import dream as D
+from convlens.server.engine.optimize import style as S
 from convlens.server.engine.optimize.runner import run_step
 from convlens.server.models.embedded import load_lite
 from convlens.server.service.dream import DEFAULT_LAYERS, DEFAULT_STEPS_PER_OCTAVE

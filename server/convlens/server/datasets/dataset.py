@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from convlens.server.engine.topk_index import ImageId
+from convlens.server.engine.topk.index import ImageId
 
 log = logging.getLogger("convlens.datasets")
 

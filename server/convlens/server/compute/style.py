@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from convlens.server.engine.layer_features import PixelSpace
-from convlens.server.engine.style import StyleSettings, StyleTargets, make_targets
+from convlens.server.engine.optimize.style import StyleSettings, StyleTargets, make_targets
 from convlens.server.models.model import ServedModel
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from convlens.client import TLS, Client, UnauthenticatedError, UnavailableError
 from convlens.server.launcher import ServerProcess
-from tests.ops.conftest import TINY, Pki, serve_args
+from tests.operations.conftest import TINY, Pki, serve_args
 
 pytestmark = pytest.mark.slow  # real server processes
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from convlens.server.config import from_args
 from convlens.server.launcher import ServerProcess
-from tests.ops.conftest import scrape, serve_args
+from tests.operations.conftest import scrape, serve_args
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.30.0"

@@ -10,27 +10,19 @@ from PIL import Image
 
 from convlens.server.engine.filters import FilterWeights, conv_filters
 from convlens.server.engine.render import filter_grid
-from convlens.server.errors import InvalidArgument
 from convlens.server.models.model import ServedModel
 
 
 @dataclass(frozen=True)
-class FiltersQuery:
+class FiltersPayload:
+    """What one GetFilters computes: a layer's weights and, when asked, their grid picture."""
+
     layer: str
     render_grid: bool = False
     scaling: str = "minmax"  # "minmax" | "symmetric"
     max_filters: int = 64
     max_input_channels: int = 16
     cell_scale: int | None = None
-
-    def validate(self) -> None:
-        if not 1 <= self.max_filters <= 1024:
-            raise InvalidArgument("max_filters must be in 1..1024 (0 means the default, 64)", field="max_filters")
-        if not 1 <= self.max_input_channels <= 256:
-            raise InvalidArgument("max_input_channels must be in 1..256 (0 means the default, 16)",
-                                  field="max_input_channels")
-        if self.cell_scale is not None and not 1 <= self.cell_scale <= 64:
-            raise InvalidArgument("cell_scale must be in 1..64 (0 means automatic)", field="cell_scale")
 
 
 @dataclass
@@ -39,7 +31,7 @@ class FiltersAnswer:
     grid: Image.Image | None
 
 
-def compute_filters(model: ServedModel, queries: Sequence[FiltersQuery]) -> list[FiltersAnswer | Exception]:
+def compute_filters(model: ServedModel, queries: Sequence[FiltersPayload]) -> list[FiltersAnswer | Exception]:
     pre = model.preprocess
     example = torch.zeros(3, pre.height, pre.width, device=model.device)
     answers: list[FiltersAnswer | Exception] = []

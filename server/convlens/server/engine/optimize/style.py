@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from convlens.server.engine.dream import resize
 from convlens.server.engine.layer_features import PixelSpace, layer_features
+from convlens.server.engine.optimize.dream import resize
 from convlens.server.engine.optimize.job import StepLoss, StepReport
 from convlens.server.engine.optimize.objectives import Activations
 from convlens.server.engine.optimize.optimizers import LBFGS, Adam, Optimizer

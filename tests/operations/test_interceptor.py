@@ -18,7 +18,7 @@ from convlens.server.transport.access_log import AccessLog
 from convlens.server.transport.auth import TokenAuth
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
-from tests.ops.inprocess import InProcessServer, ScriptedServicer
+from tests.operations.inprocess import InProcessServer, ScriptedServicer
 
 SECRET = "s3cr3t-0123456789abcdef"
 

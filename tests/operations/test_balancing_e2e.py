@@ -15,7 +15,7 @@ import pytest
 
 from convlens.client import Client, ConvLensError
 from convlens.server.launcher import ServerProcess
-from tests.ops.conftest import TINY, metric_value, scrape, serve_args
+from tests.operations.conftest import TINY, metric_value, scrape, serve_args
 
 pytestmark = pytest.mark.slow  # real server processes
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from convlens.server.engine.activation_scan import scan_candidates, select
-from convlens.server.engine.topk_index import Candidates
+from convlens.server.engine.topk.candidates import Candidates, select
+from convlens.server.engine.topk.scan import scan_candidates
 from convlens.server.models.model import ServedModel
 
 

@@ -1,6 +1,6 @@
 """MaximizeUnit's one-shot batch computation: score the finished images (objective and logits) together.
 
-Its steps are computed by the step scheduler (scheduler/steps.compute_steps over engine.optimize.runner).
+Its steps are computed like every optimisation job's (compute/steps.py over engine.optimize.runner).
 """
 
 from __future__ import annotations

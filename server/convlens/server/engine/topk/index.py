@@ -18,30 +18,24 @@ sum is exact (while |sum| < 2**33) and the order of additions does not matter.
 Memory is O(channels x k_max) whatever the dataset size: only the ids of images that some channel still
 holds are kept. Which images were scanned is summarised by a count and an order-independent digest
 (`coverage`), so a complete index can be told from a partial one without listing the images.
-Pure numpy (and torch only to turn a batch of activations into candidates).
+Pure numpy: candidates.py turns a batch of activations into what `add` folds in; file_format.py
+saves and loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, Candidates
 
 RANKINGS = ("max", "mean", "regions")
 DEFAULT_K_MAX = 64
-DEFAULT_PER_IMAGE = 4
 MEAN_QUANTUM = 2.0 ** -20  # per-image means are summed on this grid: exact, order-free float64 sums
 _COVERAGE_MOD = 1 << 128
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, order=True)
@@ -93,19 +87,6 @@ class Table:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return self.values, self.images, self.ys, self.xs
-
-
-@dataclass
-class Candidates:
-    """One batch's contribution, before it is merged: per image and channel (see `candidates`)."""
-
-    max_value: np.ndarray  # [B, C] float32
-    max_pos: np.ndarray  # [B, C] int64, flat position of the first spatial max
-    mean_value: np.ndarray  # [B, C] float32
-    region_value: np.ndarray  # [B, C, P] float32 (-inf where an image has fewer peaks)
-    region_pos: np.ndarray  # [B, C, P] int64
-    positive: np.ndarray  # [B, C] int64, positions > 0
-    positions: int  # positions per image and channel (H * W)
 
 
 @dataclass
@@ -214,90 +195,6 @@ class TopKIndex:
                 and np.allclose(self.sum_mean, other.sum_mean, rtol=rtol, atol=atol * max(self.count, 1))
                 and np.allclose(self.max, other.max, rtol=rtol, atol=atol))
 
-    # ------------------------------------------------------------------ persistence
-
-    def to_bytes(self) -> bytes:
-        """An .npz of the arrays plus a JSON header (no pickle): what files and Ray partials hold."""
-        header = {"version": FORMAT_VERSION, "layer": self.layer, "channels": self.channels,
-                  "map_hw": list(self.map_hw), "k_max": self.k_max, "per_image": self.per_image,
-                  "count": self.count, "coverage": str(self.coverage), "meta": self.meta,
-                  "images": [[i.path, i.digest] for i in self.images]}
-        arrays: dict[str, np.ndarray] = {"sum_mean": self.sum_mean, "max": self.max, "positive": self.positive}
-        for name in RANKINGS:
-            for part, a in zip(("values", "images", "ys", "xs"), self.tables[name].arrays(), strict=True):
-                arrays[f"{name}.{part}"] = a
-        buf = io.BytesIO()
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, source: str = "index") -> TopKIndex:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            header = json.loads(z["header"].tobytes().decode())
-            if header.get("version") != FORMAT_VERSION:
-                raise ValueError(f"{source}: index format {header.get('version')}, expected {FORMAT_VERSION}")
-            tables = {name: Table(*(z[f"{name}.{p}"] for p in ("values", "images", "ys", "xs")))
-                      for name in RANKINGS}
-            return cls(header["layer"], header["channels"], tuple(header["map_hw"]),
-                       header["k_max"], header["per_image"], [ImageId(p, d) for p, d in header["images"]],
-                       tables, header["count"], int(header["coverage"]), z["sum_mean"], z["max"],
-                       z["positive"], dict(header["meta"]))
-
-    def save(self, path: Path) -> None:
-        """Atomically: a reader sees the old file or the new one, never half of one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: Path) -> TopKIndex:
-        return cls.from_bytes(Path(path).read_bytes(), source=str(path))
-
-
-# ---------------------------------------------------------------------- candidates from activations
-
-def as_map(acts: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] as is; a vector layer's [B, N] as [B, N, 1, 1]."""
-    if acts.ndim == 2:
-        return acts[:, :, None, None]
-    if acts.ndim != 4:
-        raise ValueError(f"expected a [B, C, H, W] map or a [B, N] vector, got {tuple(acts.shape)}")
-    return acts
-
-
-@torch.no_grad()
-def candidates(acts: torch.Tensor, per_image: int = DEFAULT_PER_IMAGE) -> Candidates:
-    """Per image and channel: the spatial max and its first position, the mean, the top local peaks."""
-    a = as_map(acts).float()
-    a = torch.nan_to_num(a, nan=-torch.inf)  # a NaN never ranks
-    b, c, h, w = a.shape
-    flat = a.reshape(b, c, h * w)
-    max_value, max_pos = flat.max(dim=2)  # ties: torch returns the first maximal index
-    # Exact first index on ties, whatever the backend: the smallest position holding the max.
-    positions = torch.arange(h * w, device=a.device).expand_as(flat)
-    max_pos = torch.where(flat == max_value[..., None], positions, h * w).amin(dim=2)
-    mean_value = flat.mean(dim=2)
-    peaks = a == F.max_pool2d(a, 3, stride=1, padding=1) if h * w > 1 else torch.ones_like(a, dtype=torch.bool)
-    masked = torch.where(peaks, a, -torch.inf).reshape(b, c, h * w)
-    region_value = torch.full((b, c, per_image), -torch.inf, device=a.device)
-    region_pos = torch.zeros((b, c, per_image), dtype=torch.long, device=a.device)
-    for p in range(min(per_image, h * w)):
-        v, _ = masked.max(dim=2)
-        i = torch.where(masked == v[..., None], positions, h * w).amin(dim=2).clamp_max(h * w - 1)
-        region_value[..., p] = v
-        region_pos[..., p] = i
-        masked.scatter_(2, i[..., None], -torch.inf)
-    positive = (flat > 0).sum(dim=2)
-    return Candidates(max_value.cpu().numpy(), max_pos.cpu().numpy(), mean_value.cpu().numpy(),
-                      region_value.cpu().numpy(), region_pos.cpu().numpy(), positive.cpu().numpy(), h * w)
 
 
 def from_candidates(shape_of: TopKIndex, ids: Sequence[ImageId], batch: Candidates) -> TopKIndex:

@@ -20,8 +20,8 @@ from convlens.client._config import ChannelConfig
 from convlens.server.launcher import ServerProcess
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
-from tests.ops.conftest import TINY, metric_value, scrape, serve_args, write_tiny_repo
-from tests.ops.slow_reader import SlowReaderProxy
+from tests.operations.conftest import TINY, metric_value, scrape, serve_args, write_tiny_repo
+from tests.operations.slow_reader import SlowReaderProxy
 
 pytestmark = pytest.mark.slow  # real server processes
 

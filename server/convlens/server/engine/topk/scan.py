@@ -10,19 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from convlens.server.engine.layers import not_found
-from convlens.server.engine.topk_index import (
-    DEFAULT_PER_IMAGE,
-    Candidates,
-    ImageId,
-    TopKIndex,
-    candidates,
-    from_candidates,
-)
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, Candidates, candidates
+from convlens.server.engine.topk.index import ImageId, TopKIndex, from_candidates
 from convlens.server.errors import NotFound
 
 
@@ -69,19 +62,6 @@ def scan_batch(module: nn.Module, layer: str, inputs: torch.Tensor, ids: Sequenc
     """The index of one batch (merge it into a running index, or merge many at the end)."""
     batch = scan_candidates(module, layer, inputs, per_image=like.per_image, channels_last=channels_last)
     return from_candidates(like, ids, batch)
-
-
-def select(batch: Candidates, rows: Sequence[int]) -> Candidates:
-    """Some images of a batch (the scheduler hands each task its own row)."""
-    r = list(rows)
-    return Candidates(batch.max_value[r], batch.max_pos[r], batch.mean_value[r], batch.region_value[r],
-                      batch.region_pos[r], batch.positive[r], batch.positions)
-
-
-def concat(parts: Sequence[Candidates]) -> Candidates:
-    return Candidates(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                        ("max_value", "max_pos", "mean_value", "region_value", "region_pos", "positive")),
-                      positions=parts[0].positions)
 
 
 def empty_index(layer: str, output_shape: tuple[int, ...], *, k_max: int, per_image: int) -> TopKIndex:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from convlens.server.engine.dream import LayerObjective, guide_features, layer_objective
 from convlens.server.engine.layer_features import PixelSpace
+from convlens.server.engine.optimize.dream import LayerObjective, guide_features, layer_objective
 from convlens.server.models.model import ServedModel
 
 
