@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from convlens.client import AsyncClient
 from convlens.server.config import parse_policy
 from convlens.server.launcher import ServerProcess
-from tools.common import MODEL, load_average, photo, record, table, utc_now
+from tools.common import MODEL, bench_parser, load_average, photo, record, table, utc_now
 
 MARKER = "<!-- bench_dream_style: runs are inserted below this line -->"
 
@@ -82,9 +81,7 @@ def report(results: dict[str, list[tuple[float, float]]], args: argparse.Namespa
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("docs/performance.md"))
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p = bench_parser(__doc__)
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--octaves", type=int, default=2)
