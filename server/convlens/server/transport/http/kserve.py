@@ -11,9 +11,10 @@
   as a gRPC one (tokens, batching with other callers, metrics, access log); they run concurrently, so they
   share batches.
 - The answer: `{"explanations": [...]}`, one per instance, each the SaliencyResponse in proto3 JSON except
-  that its tensors (`attribution`, `heatmap`) are `{"dtype": "float32", "shape": [...], "values": nested
-  lists}` and its PNG bytes (`overlayPng`) are `{"b64": ...}`: plain JSON numbers a caller can use without
-  protobuf. Errors: the Connect error body plus KServe's `"error"` message.
+  that every field is present (defaults too), its tensors (`attribution`, `heatmap`) are `{"dtype":
+  "float32", "shape": [...], "values": nested lists}` and its PNG bytes (`overlayPng`) are `{"b64": ...}`
+  (null when not asked for): plain JSON numbers a caller can use without protobuf. Errors: the Connect
+  error body plus KServe's `"error"` message.
 
 NAME is a served model, or an alias given at start (`convlens kserve-explainer --model_name`, which KServe
 sets to the InferenceService's name).
@@ -28,6 +29,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from grpc.aio import AbortError
 from starlette.requests import Request
@@ -135,8 +137,9 @@ def saliency_requests(body: object, model: str) -> list[Any]:
 # ---------------------------------------------------------------- SaliencyResponse -> explanation
 
 def explanation(response: Any) -> dict[str, Any]:
-    """proto3 JSON, with tensors as nested lists and PNG bytes as {"b64": ...}."""
-    out = to_json(response)
+    """proto3 JSON with every field present (a class index 0 is written, not left out), tensors as nested
+    lists and PNG bytes as {"b64": ...}."""
+    out = json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
     for field in response.DESCRIPTOR.fields:
         if field.message_type is not None and field.message_type.full_name == _TENSOR:
             if response.HasField(field.name):
@@ -145,8 +148,7 @@ def explanation(response: Any) -> dict[str, Any]:
                                         "values": array.tolist()}
         elif field.type == FieldDescriptor.TYPE_BYTES and field.name.endswith("_png"):
             value = getattr(response, field.name)
-            if value:
-                out[field.json_name] = {"b64": base64.b64encode(value).decode()}
+            out[field.json_name] = {"b64": base64.b64encode(value).decode()} if value else None
     return out
 
 
