@@ -27,6 +27,7 @@ from dataclasses import replace
 
 from convlens.server import app
 from convlens.server.config import from_args
+from convlens.server.transport import access_log
 
 log = logging.getLogger("convlens.server")
 
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = from_args(serve)
     # The alias is resolved once the repository is loaded (app.ConvLensServer picks the model then).
     config = replace(config, kserve_aliases=((args.model_name, args.convlens_model or ""),))
-    logging.getLogger("convlens.server").info(
+    access_log.configure(config.log_format, config.log_level)
+    log.info(
         "KServe explainer for %r (predictor %s, not called: explanations are computed here, white-box); "
         "%d worker(s) requested, one process serves", args.model_name, args.predictor_host or "-", args.workers)
     return app.run(config)
