@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ops.conftest import Pki, pki  # noqa: F401 - the session fixture, used below
+from tests.operations.conftest import Pki, pki  # noqa: F401 - the session fixture, used below
 
 from .conftest import start_front
 

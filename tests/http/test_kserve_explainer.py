@@ -26,7 +26,7 @@ from convlens.server.launcher import free_port
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
 from convlens.wire.tensors import to_numpy
-from tests.ops.conftest import TINY, write_tiny_repo
+from tests.operations.conftest import TINY, write_tiny_repo
 
 from .conftest import photo, png
 
