@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 
 from convlens.server.transport.http.errors import HTTP_STATUS
 from convlens.v1 import convlens_pb2 as pb
+from convlens.v1 import convlens_pb2_grpc as pb_grpc
 
 from .conftest import MODEL, Front, photo, png, sse_events
 
@@ -57,6 +58,16 @@ async def test_every_unary_rpc_over_http_equals_its_grpc_answer(front: Front) ->
     # a Saliency with numbers in it: the attribution is the same float32 values, not merely close
     saliency = await front.stub.Saliency(requests["Saliency"])
     assert np.abs(np.frombuffer(saliency.attribution.data, np.float32)).sum() > 0
+
+
+async def test_the_model_repository_service_over_http_equals_grpc(front: Front) -> None:
+    """No HTTP code names this service: it is served because the gRPC server registered it."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{front.server.port}") as channel:
+        by_grpc = await pb_grpc.ModelRepositoryServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest())
+    answer = await front.http.post("/convlens.v1.ModelRepositoryService/RepositoryIndex", content="{}")
+    assert answer.status_code == 200, answer.text
+    by_http = json_format.Parse(answer.text, pb.RepositoryIndexResponse())
+    assert by_http == by_grpc and MODEL in answer.text
 
 
 async def test_dream_over_sse_delivers_every_progress_event_and_the_final_image(front: Front) -> None:
@@ -128,9 +139,14 @@ async def test_the_request_id_is_echoed_and_http_calls_are_counted_with_their_pr
 
 
 async def test_every_contract_method_has_a_route_and_unknown_paths_answer_json(front: Front) -> None:
-    for method in SERVICE.methods:
-        answer = await front.http.post(f"/{SERVICE.full_name}/{method.name}", content="{}")
-        assert "no such route" not in answer.text, method.name
+    """Routes come from what the gRPC server registers: every service of the contract is there, including
+    ones no HTTP code names (ModelRepositoryService)."""
+    services = list(pb.DESCRIPTOR.services_by_name.values())
+    assert len(services) >= 2
+    for service in services:
+        for method in service.methods:
+            answer = await front.http.post(f"/{service.full_name}/{method.name}", content="{}")
+            assert "no such route" not in answer.text, method.full_name
     answer = await front.http.post("/convlens.v1.InspectionService/Nope", content="{}")
     assert answer.status_code == 404 and answer.json()["code"] == "not_found"
     answer = await front.http.get("/convlens.v1.InspectionService/ListModels")

@@ -109,5 +109,10 @@ async def test_tokens_apply_over_http_as_over_grpc(tmp_path: Path) -> None:
             assert (await http.post(rpc, content="{oops")).status_code == 401
             # readiness needs no token: Kubernetes probes cannot send one (like gRPC health)
             assert (await http.get(f"/v1/models/{MODEL}")).status_code == 200
+            # model control needs an admin token over HTTP as over gRPC
+            unload = "/convlens.v1.ModelRepositoryService/UnloadModel"
+            denied = await http.post(unload, content=f'{{"model": "{MODEL}"}}',
+                                     headers={"authorization": "Bearer tok-1"})
+            assert denied.status_code == 403 and denied.json()["code"] == "permission_denied"
     finally:
         await srv.stop(0.0)
