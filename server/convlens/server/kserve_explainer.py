@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info(
         "KServe explainer for %r (predictor %s, not called: explanations are computed here, white-box); "
         "%d worker(s) requested, one process serves", args.model_name, args.predictor_host or "-", args.workers)
-    return app.run(config)
+    return int(app.run(config))
 
 
 if __name__ == "__main__":

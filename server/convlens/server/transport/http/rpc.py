@@ -66,7 +66,7 @@ def field_path(error: str, data: object, descriptor: Descriptor | None) -> str:
     keys = _json_path(data, names) if names else None
     if keys is None:
         return ".".join(names) or BODY_FIELD
-    path = []
+    path: list[str] = []
     for key in keys:
         field = None
         if descriptor is not None and not key.isdigit():
