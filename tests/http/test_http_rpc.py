@@ -4,9 +4,11 @@ events, bad JSON is a 400 naming the field, and errors carry Connect's code, mes
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from google.protobuf import json_format
@@ -16,7 +18,7 @@ from convlens.server.transport.http.errors import HTTP_STATUS
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
 
-from .conftest import MODEL, Front, photo, png, sse_events
+from .conftest import MODEL, Front, photo, png, sse_events, start_front
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InspectionService"]
 IMAGE = pb.Image(encoded=png(photo(40, 48, seed=3)))
@@ -163,3 +165,14 @@ async def test_timeout_headers_are_checked(front: Front) -> None:
 
 def test_every_status_code_has_an_http_status() -> None:
     assert set(HTTP_STATUS) == set(grpc.StatusCode) - {grpc.StatusCode.OK}
+
+
+async def test_the_any_address_listens_for_ipv4_callers_too(tmp_path: Path) -> None:
+    """gRPC's default host "[::]" takes IPv4 connections; so must the HTTP port (a Kubernetes probe comes to
+    the pod's IPv4 address)."""
+    srv = await start_front(tmp_path, http_host="[::]")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}") as http:
+            assert (await http.get(f"/v1/models/{MODEL}")).json()["ready"] is True
+    finally:
+        await srv.stop(0.0)

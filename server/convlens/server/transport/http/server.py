@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,25 @@ def build_app(methods: list[Method], interceptor: ServiceInterceptor, models: Ca
     return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_found})
 
 
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket. "::" (gRPC's "[::]") listens on IPv6 and IPv4 alike, as gRPC does: asyncio's own
+    bind would set IPV6_V6ONLY, and an IPv4 caller (a Kubernetes probe at the pod's IP) would be refused."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address[0] == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class HttpFront:
     def __init__(self, app: Starlette, settings: HttpSettings) -> None:
         s = settings
@@ -69,17 +89,24 @@ class HttpFront:
         self._server = uvicorn.Server(self._config)
         self.port = 0
         self._ticker: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []
 
     async def start(self) -> int:
         self._config.load()
         self._server.lifespan = self._config.lifespan_class(self._config)
         try:
-            await self._server.startup()
-        except SystemExit:
-            raise SystemExit(f"cannot bind the HTTP port {self.settings.host}:{self.settings.port}") from None
+            try:
+                self._sockets = [listen(self._config.host, self.settings.port, self._config.backlog)]
+            except OSError:
+                if self._config.host != "::":
+                    raise
+                self._sockets = [listen("0.0.0.0", self.settings.port, self._config.backlog)]  # no IPv6 here
+        except OSError as exc:
+            raise SystemExit(f"cannot bind the HTTP port {self.settings.host}:{self.settings.port}: {exc}") from None
+        await self._server.startup(sockets=self._sockets)
         # uvicorn's own tick (10 Hz): keeps the Date header current; ends when the server stops
         self._ticker = asyncio.create_task(self._server.main_loop())
-        self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
+        self.port = int(self._sockets[0].getsockname()[1])
         log.info("HTTP/JSON and KServe v1 on %s:%d%s", self.settings.host, self.port,
                  " with TLS" if self.settings.tls_cert else "")
         return self.port
@@ -90,4 +117,4 @@ class HttpFront:
         if self._ticker is not None:
             await self._ticker
         if self._server.started:
-            await self._server.shutdown()
+            await self._server.shutdown(sockets=self._sockets)
