@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[server,dev,ray]'
+# CUDA machine (nvidia-smi answers): onnxruntime-gpu in place of the CPU onnxruntime (same module name)
+	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) uninstall -q -y onnxruntime && $(PIP) install -q -e '.[gpu]'; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
