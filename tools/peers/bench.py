@@ -103,10 +103,14 @@ def photos(side: int | None = None) -> list[bytes]:
     return out
 
 
-def saliency_bodies(model: str, images: Sequence[bytes]) -> list[bytes]:
-    return [pb.SaliencyRequest(model=model, image=pb.Image(encoded=img),
-                               outputs=[pb.SALIENCY_OUTPUT_HEATMAP, pb.SALIENCY_OUTPUT_PREDICTIONS]
-                               ).SerializeToString() for img in images]
+def saliency_bodies(model: str, images: Sequence[bytes], full: bool = False) -> list[bytes]:
+    """Requests for the heatmap + predictions (or, `full`, the default answer: + the 600 kB attribution)."""
+    outputs = [] if full else [pb.SALIENCY_OUTPUT_HEATMAP, pb.SALIENCY_OUTPUT_PREDICTIONS]
+    return [pb.SaliencyRequest(model=model, image=pb.Image(encoded=img), outputs=outputs).SerializeToString()
+            for img in images]
+
+
+FULL = "convlens, default answer"  # the same ConvLens server asked for its default (full) answer
 
 
 # ---------------------------------------------------------------- 1. equal answers
@@ -128,11 +132,14 @@ def compare(a: pb.SaliencyResponse, b: pb.SaliencyResponse, who: str, rtol: floa
     return None
 
 
-async def check_answers(callers: dict[str, Caller], bodies: Sequence[bytes]) -> list[str]:
-    """Every server's answer to every body against ConvLens's; raises on a disagreement."""
+async def check_answers(callers: dict[str, Caller], bodies: Sequence[bytes],
+                        bodies_of: dict[str, Sequence[bytes]] | None = None) -> list[str]:
+    """Every server's answer to every body against ConvLens's; raises on a disagreement. `bodies_of`: other
+    request bytes for some callers (the same photos)."""
     checked = []
-    for i, body in enumerate(bodies):
-        answers = {name: pb.SaliencyResponse.FromString(await c.saliency(body)) for name, c in callers.items()}
+    for i in range(len(bodies)):
+        answers = {name: pb.SaliencyResponse.FromString(await c.saliency((bodies_of or {}).get(name, bodies)[i]))
+                   for name, c in callers.items()}
         ref = answers["convlens"]
         for name, answer in answers.items():
             if name == "convlens":
@@ -290,6 +297,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         assert convlens.proc is not None
         pids["convlens"] = convlens.proc.pid
         callers["convlens"] = GrpcCaller(convlens.address)
+        bodies_of = {FULL: saliency_bodies(args.model, images, full=True)}
+        if not args.skip_full:
+            callers[FULL], pids[FULL] = GrpcCaller(convlens.address), convlens.proc.pid
         if args.variant:
             variant = ServerProcess(["--device", "cpu", *args.variant.split()], log_path=logs / "variant.log",
                                     startup_timeout=600)
@@ -312,14 +322,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             callers["ray"] = HttpCaller(f"http://127.0.0.1:{ray_port}")
 
         print("answers:", flush=True)
-        result["answers_checked"] = await check_answers(callers, bodies)
+        result["answers_checked"] = await check_answers(callers, bodies, bodies_of)
         print("  " + "\n  ".join(result["answers_checked"]), flush=True)
+        result["answer_bytes"] = {name: len(await c.saliency(bodies_of.get(name, bodies)[0]))
+                                  for name, c in callers.items()}
+        print(f"  bytes per answer: {result['answer_bytes']}", flush=True)
 
         if not args.skip_ray:
             print("ray sweep (replicas, max_batch_size, batch_wait_timeout_s):", flush=True)
             best, sweep = await ray_sweep(args, servers["ray"], control_port, callers["ray"], bodies)
             result["ray_sweep"], result["ray_best"] = sweep, best
-            await check_answers(callers, bodies[:1])
+            await check_answers(callers, bodies[:1], bodies_of)
 
         levels = [int(x) for x in args.levels.split(",")]
         names = list(callers)
@@ -330,7 +343,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for n in levels:
                 row["saliency"][n] = {}
                 for name in order:
-                    lv = await level(callers[name].saliency, bodies, n, args.warmup, args.duration, pids[name])
+                    lv = await level(callers[name].saliency, bodies_of.get(name, bodies), n, args.warmup,
+                                     args.duration, pids[name])
                     row["saliency"][n][name] = {
                         "rps": lv.throughput, "p50_ms": lv.p50_ms, "p99_ms": lv.p99_ms, "errors": lv.errors,
                         "server_cpu_ms_per_answer": lv.cpu_ms_per_answer}
@@ -338,7 +352,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           f"{lv.p99_ms:.0f} ms, server {lv.cpu_ms_per_answer:.1f} CPU-ms/answer"
                           f"{f', {lv.errors} errors' if lv.errors else ''}", flush=True)
             if not args.skip_maximize:
-                for name in order:
+                for name in [n for n in order if n != FULL]:
                     cpu0 = tree_cpu_seconds(pids[name])
                     wall, objectives = await jobs_at_once(callers[name], args)
                     cpu = tree_cpu_seconds(pids[name]) - cpu0
@@ -393,6 +407,10 @@ def summarise(result: dict[str, Any], levels: Sequence[int]) -> dict[str, Any]:
                                   for r in rounds]) for p in rounds[0]["raw"]}
     best = max(raw_rate, key=lambda k: raw_rate[k])
     summary["raw"] = {"cpu_ms_per_image": raw_cpu, "images_per_second": raw_rate, "best": best}
+    # service / raw (the raw best of the same round), per level, for the answer sizes asked.
+    summary["service_over_raw"] = {
+        n: {name: med([r["saliency"][n][name]["rps"] / max(q["images_per_second"] for q in r["raw"])
+                       for r in rounds]) for name in names if name.startswith("convlens")} for n in levels}
     top = max(levels)
     conv = summary["saliency"][top]["convlens"]["server_cpu_ms_per_answer"]
     summary["efficiency"] = {"concurrency": top, "convlens_cpu_ms_per_image": conv,
@@ -416,6 +434,10 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {v['wall_s']:.1f} | "
                          f"{v['convlens_speedup']:.2f}x |" if "convlens_speedup" in v else
                          f"| {name} | {v['wall_s']:.1f} | — |")
+    lines += ["", "| concurrency | " + " | ".join(f"{k} / raw best" for k in next(iter(s["service_over_raw"].values())))
+              + " |", "| ---: |" + " ---: |" * len(next(iter(s["service_over_raw"].values())))]
+    for n, per in s["service_over_raw"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in per.values()) + " |")
     e = s["efficiency"]
     lines += ["", f"Server CPU per image at c{e['concurrency']}: ConvLens {e['convlens_cpu_ms_per_image']:.1f} "
               f"CPU-ms; raw torch's best configuration ({s['raw']['best']}) "
@@ -436,6 +458,7 @@ def main() -> None:
                    help="replicas:max_batch_size:batch_wait_timeout_s,...")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--skip-maximize", action="store_true")
+    p.add_argument("--skip-full", action="store_true", help="skip ConvLens asked for its default (full) answer")
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
