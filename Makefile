@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test serve proto proto-check lint bench clean
+.PHONY: demo gallery test serve proto proto-check lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m convlens.server.demo --out out/demo
+	$(PY) -m tools.demo --out out/demo
+
+gallery: $(STAMP)
+	$(PY) -m tools.demo --gallery --out out/gallery
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -35,9 +38,9 @@ lint: $(STAMP)
 	npx --yes @bufbuild/buf@1 lint proto
 
 bench: $(STAMP)
-	$(PY) -m convlens.server.bench --out docs/performance.md
-	$(PY) -m convlens.server.bench_dream_style --out docs/performance.md
-	$(PY) -m convlens.server.bench_maximize --out docs/performance.md
+	$(PY) -m tools.bench.saliency --out docs/performance.md
+	$(PY) -m tools.bench.dream_style --out docs/performance.md
+	$(PY) -m tools.bench.maximize --out docs/performance.md
 
 clean:
 	rm -rf out build *.egg-info

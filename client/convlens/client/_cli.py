@@ -170,6 +170,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="the datasets TopActivations ranks on, and their indexes")
 
+    s = sub.add_parser("repository", help="model control: list the server's model repository, load, reload or "
+                                          "unload a model (load/unload need an admin token with --auth-tokens)")
+    action = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    r = action.add_parser("list", help="every model folder (each version) and embedded model, with its state")
+    r.add_argument("--ready", action="store_true", help="only READY versions")
+    for verb, text in (("load", "load or reload a model folder (every version, or --version N)"),
+                       ("unload", "stop serving a model (every version, or --version N)")):
+        r = action.add_parser(verb, help=text)
+        r.add_argument("model", help="the model folder's name (NAME@VERSION also names a version)")
+        r.add_argument("--version", type=int, help="only this version")
+
     sub.add_parser("index", help="build TopActivations indexes ahead of time, without a server (needs "
                                  "`pip install 'convlens[server]'`): `convlens index build --help`", add_help=False)
 
@@ -311,6 +322,18 @@ def _datasets(client: Client, args: argparse.Namespace) -> int:
         rows.append([d.name, str(d.image_count), str(d.skipped_count), d.digest[:12],
                      ", ".join(ready) or "-", ", ".join(building) or "-", d.description])
     _table(["NAME", "IMAGES", "SKIPPED", "DIGEST", "INDEXES", "BUILDING", "DESCRIPTION"], rows)
+    return 0
+
+
+def _repository(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        entries = client.repository_index(ready_only=args.ready)
+    elif args.action == "load":
+        entries = client.load_model(args.model, args.version)
+    else:
+        entries = client.unload_model(args.model, args.version)
+    _table(["NAME", "VERSION", "STATE", "DEFAULT", "SOURCE", "REASON"],
+           [[e.name, str(e.version), e.state, "*" if e.default else "", e.source, e.reason or "-"] for e in entries])
     return 0
 
 
@@ -529,7 +552,8 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 _COMMANDS = {"health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency,
-             "maximize": _maximize, "top": _top, "datasets": _datasets, "dream": _dream, "style": _style}
+             "maximize": _maximize, "top": _top, "datasets": _datasets, "dream": _dream, "style": _style,
+             "repository": _repository}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from ._types import (
     ModelDetails,
     ModelInfo,
     Progress,
+    RepositoryModel,
     SaliencyResult,
     StyleTransferOptions,
     StyleTransferResult,
@@ -84,6 +85,7 @@ class Client:
         self._channel = (grpc.secure_channel(target, creds, opts) if creds is not None
                          else grpc.insecure_channel(target, opts))
         self._stub = pb_grpc.InspectionServiceStub(self._channel)
+        self._repository = pb_grpc.ModelRepositoryServiceStub(self._channel)
 
     def __repr__(self) -> str:
         return f"Client({self._config.target!r})"
@@ -108,10 +110,10 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def _unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
+    def _unary(self, rpc: str, request: Any, timeout: float | None = None, stub: Any = None) -> Any:
         try:
-            return getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
-                                            metadata=self._config.metadata)
+            return getattr(stub or self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
+                                                    metadata=self._config.metadata)
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
 
@@ -206,6 +208,27 @@ class Client:
                                   overlay=overlay, outputs=outputs)
         return cv.saliency(self._unary("Saliency", req, timeout))
 
+    # ------------------------------------------------------------ model control (ModelRepositoryService)
+
+    def repository_index(self, *, ready_only: bool = False, timeout: float | None = None) -> list[RepositoryModel]:
+        """Every model folder of the server's repository (each version) and embedded model, with its state."""
+        resp = self._unary("RepositoryIndex", pb.RepositoryIndexRequest(ready_only=ready_only), timeout,
+                           self._repository)
+        return cv.repository_models(resp.models)
+
+    def load_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                   ) -> list[RepositoryModel]:
+        """Load (or reload) a model folder: every version, or one; returns the model's versions after it.
+        Calls in flight finish on the copy they started on. Needs an admin token when the server takes tokens."""
+        req = pb.LoadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models(self._unary("LoadModel", req, timeout, self._repository).models)
+
+    def unload_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                     ) -> list[RepositoryModel]:
+        """Stop serving a model (every version, or one): new calls get NotFoundError, calls in flight finish."""
+        req = pb.UnloadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models(self._unary("UnloadModel", req, timeout, self._repository).models)
+
     # ------------------------------------------------------------ streaming RPCs
 
     def stream_maximize_unit(self, model: str, target: Target, *, timeout: float | None = None,
@@ -263,6 +286,7 @@ class AsyncClient:
         self._channel = (grpc.aio.secure_channel(target, creds, opts) if creds is not None
                          else grpc.aio.insecure_channel(target, opts))
         self._stub = pb_grpc.InspectionServiceStub(self._channel)
+        self._repository = pb_grpc.ModelRepositoryServiceStub(self._channel)
 
     def __repr__(self) -> str:
         return f"AsyncClient({self._config.target!r})"
@@ -288,10 +312,10 @@ class AsyncClient:
 
     # ------------------------------------------------------------ plumbing
 
-    async def _unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
+    async def _unary(self, rpc: str, request: Any, timeout: float | None = None, stub: Any = None) -> Any:
         try:
-            return await getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
-                                                  metadata=self._config.metadata)
+            return await getattr(stub or self._stub, rpc)(
+                request, timeout=_pick(timeout, self._config.timeout.unary), metadata=self._config.metadata)
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
 
@@ -370,6 +394,24 @@ class AsyncClient:
                                   baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer,
                                   overlay=overlay, outputs=outputs)
         return cv.saliency(await self._unary("Saliency", req, timeout))
+
+    # ------------------------------------------------------------ model control (see Client for docs)
+
+    async def repository_index(self, *, ready_only: bool = False, timeout: float | None = None
+                               ) -> list[RepositoryModel]:
+        resp = await self._unary("RepositoryIndex", pb.RepositoryIndexRequest(ready_only=ready_only), timeout,
+                                 self._repository)
+        return cv.repository_models(resp.models)
+
+    async def load_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                         ) -> list[RepositoryModel]:
+        req = pb.LoadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models((await self._unary("LoadModel", req, timeout, self._repository)).models)
+
+    async def unload_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                           ) -> list[RepositoryModel]:
+        req = pb.UnloadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models((await self._unary("UnloadModel", req, timeout, self._repository)).models)
 
     # ------------------------------------------------------------ streaming RPCs
 

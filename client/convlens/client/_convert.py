@@ -31,6 +31,7 @@ from ._types import (
     Prediction,
     Progress,
     ReceptiveField,
+    RepositoryModel,
     SaliencyResult,
     StyleTransferResult,
     Target,
@@ -198,7 +199,19 @@ def model_info(m: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(name=m.name, format=m.format, input_size=(m.input_height, m.input_width),
                      num_classes=m.num_classes, resize=m.resize, mean=tuple(m.mean), std=tuple(m.std),
                      supports_gradients=m.supports_gradients, parameter_count=m.parameter_count,
-                     description=m.description)
+                     description=m.description, version=m.version or 1)
+
+
+def repository_models(models: Any) -> list[RepositoryModel]:
+    states = {pb.MODEL_STATE_READY: "READY", pb.MODEL_STATE_UNAVAILABLE: "UNAVAILABLE",
+              pb.MODEL_STATE_LOADING: "LOADING"}
+    return [RepositoryModel(name=m.name, version=m.version, state=states.get(m.state, "UNSPECIFIED"),
+                            reason=m.reason, source=m.source, default=m.default_version) for m in models]
+
+
+def model_target(name: str, version: int | None) -> dict[str, Any]:
+    """The fields of a LoadModelRequest / UnloadModelRequest."""
+    return {"model": name} if version is None else {"model": name, "version": version}
 
 
 def _layer(layer: pb.LayerInfo) -> LayerInfo:

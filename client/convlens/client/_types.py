@@ -73,6 +73,24 @@ class ModelInfo:
     supports_gradients: bool  # False: gradient techniques answer FailedPreconditionError
     parameter_count: int
     description: str
+    version: int = 1  # the version this describes (NAME@VERSION in requests names one)
+
+
+@dataclass(frozen=True)
+class RepositoryModel:
+    """One version of one model in the server's repository index (model control)."""
+
+    name: str
+    version: int  # 1 for a flat folder or an embedded model; 0: the folder has no readable version
+    state: str  # "READY", "UNAVAILABLE" or "LOADING"
+    reason: str  # why it is not READY (or what its last failed load said while an older copy serves)
+    source: str  # "repository" or "embedded"
+    default: bool  # serves calls that name no version
+
+    @property
+    def ref(self) -> str:
+        """How a request names exactly this version."""
+        return f"{self.name}@{self.version}"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import torch
@@ -24,17 +25,20 @@ from convlens.server.models.repository import ModelRepository
 from convlens.server.scheduler.devices import parse_devices
 from convlens.server.scheduler.scheduler import Scheduler
 from convlens.server.service import ServiceContext, Services
+from convlens.server.service.model_control import ModelControl
 from convlens.server.transport import access_log
 from convlens.server.transport.auth import TokenAuth
 from convlens.server.transport.connections import keepalive_options, server_credentials
 from convlens.server.transport.drain import Drain
 from convlens.server.transport.interceptor import ServiceInterceptor
+from convlens.server.transport.repository_servicer import ModelRepositoryServicer
 from convlens.server.transport.servicer import InspectionServicer
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
 
 log = logging.getLogger("convlens.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InspectionService"].full_name
+REPOSITORY_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
 
 
 class ConvLensServer:
@@ -51,20 +55,22 @@ class ConvLensServer:
         self._scheduler: Scheduler | None = None
         self._metrics_http = None
         self.drain = Drain()
+        self.model_control: ModelControl | None = None
 
     async def start(self) -> int:
         cfg = self.config
         devices = parse_devices(cfg.device)
+        state: dict[str, object] = {"metrics": self.metrics}
         if self.repository is None:
+            if cfg.model_repo is not None and cfg.model_control == "poll":
+                # Before reading the folders: a change made while they are read is seen at the first poll.
+                state["repository_seen"] = await asyncio.to_thread(ModelControl.disk_snapshot, Path(cfg.model_repo))
             self.repository = await asyncio.to_thread(
                 ModelRepository.load, cfg.model_repo, include_embedded=cfg.embedded)
         repo = self.repository
         for name, reason in repo.failures.items():
             log.error("model %r not served: %s", name, reason)
-            self.metrics.model_load_failures.labels(name).inc()
-        for model in repo.models():
-            self.metrics.model_loaded.labels(model.name, model.format).set(1)
-        if not repo.models():
+        if not repo.models() and cfg.model_control == "none":
             raise SystemExit("no model to serve: every model folder failed to load (see the errors above)")
 
         policies = {str(d): cfg.policy_for(str(d)) for d in devices}
@@ -82,12 +88,15 @@ class ConvLensServer:
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0), *keepalive_options(cfg.max_connection_age_s)])
-        services = Services.build(ServiceContext(repo, self._scheduler, cfg, state={"metrics": self.metrics}))
+        services = Services.build(ServiceContext(repo, self._scheduler, cfg, state=state))
+        self.model_control = services.model_control
+        await self.model_control.start()
         pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(services), server)
+        pb_grpc.add_ModelRepositoryServiceServicer_to_server(ModelRepositoryServicer(services.model_control), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+            (SERVICE_NAME, REPOSITORY_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
         address = f"{cfg.host}:{cfg.port}"
         self.port = (server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
                      if cfg.tls_cert is not None and cfg.tls_key is not None else server.add_insecure_port(address))
@@ -100,9 +109,10 @@ class ConvLensServer:
             self._metrics_http, self.metrics_port = httpd, httpd.server_port
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d%s%s (devices %s; metrics on %s:%d)", ", ".join(repo.names()), cfg.host,
+        log.info("serving %s on %s:%d%s%s (devices %s; metrics on %s:%d; model control %s)",
+                 ", ".join(repo.names()) or "no model yet", cfg.host,
                  self.port, " with TLS" if cfg.tls_cert else "", " and client certificates" if cfg.tls_client_ca
-                 else "", ", ".join(map(str, devices)), cfg.metrics_host, self.metrics_port)
+                 else "", ", ".join(map(str, devices)), cfg.metrics_host, self.metrics_port, cfg.model_control)
         if auth is not None:
             log.info("bearer tokens required (exempt: %s)", ", ".join(cfg.auth_exempt) or "nothing")
         return self.port
@@ -118,6 +128,8 @@ class ConvLensServer:
         grace = self.config.grace_seconds if grace is None else grace
         end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
+        if self.model_control is not None:
+            await self.model_control.stop()  # no poll loads a model into a draining server
         if self._server is not None:
             await self.drain.shut_down(self._server, grace)
         if self._scheduler is not None:

@@ -17,25 +17,23 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from convlens.server.compute.top_activations import ScanPayload, compute_scan
 from convlens.server.datasets.dataset import Dataset
-from convlens.server.datasets.registry import DatasetRegistry
-from convlens.server.engine.activation_scan import concat, empty_index
-from convlens.server.engine.topk_index import (
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, concat
+from convlens.server.engine.topk.index import (
     DEFAULT_K_MAX,
-    DEFAULT_PER_IMAGE,
     ChannelStats,
     Entry,
     ImageId,
     TopKIndex,
     from_candidates,
 )
+from convlens.server.engine.topk.scan import empty_index
 from convlens.server.errors import InvalidArgument
 from convlens.server.indexing.build import layer_shape
 from convlens.server.indexing.manager import SCAN_RPC, IndexManager
-from convlens.server.indexing.store import default_index_dir
 from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import Geometry, plan_geometry, prepare
-from convlens.server.ops.top_activations import ScanPayload, compute_scan
 from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput, to_array
@@ -113,10 +111,8 @@ class TopActivationsService:
         cfg = context.config
         self.repository = context.repository
         self.scheduler = context.scheduler
-        self.datasets = DatasetRegistry.from_specs(getattr(cfg, "datasets", ()) or ())
-        index_dir = getattr(cfg, "index_dir", None) or default_index_dir()
-        self.manager = IndexManager(self.datasets, self.scheduler, context.state.get("metrics"), index_dir,
-                                    on_demand_images=getattr(cfg, "index_on_demand_images", 2000))
+        self.manager = IndexManager.from_config(cfg, self.scheduler, context.state.get("metrics"))
+        self.datasets = self.manager.datasets
 
     # ------------------------------------------------------------------ TopActivations
 
@@ -162,7 +158,7 @@ class TopActivationsService:
         index = empty_index(query.layer, model.layer(query.layer).output_shape, k_max=DEFAULT_K_MAX,
                             per_image=DEFAULT_PER_IMAGE)
         tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
-                      deadline=deadline)
+                      deadline=deadline, served=model)
                  for p in (ScanPayload(query.layer, t, DEFAULT_PER_IMAGE) for t in tensors)]
         rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
         return from_candidates(index, ids, concat(rows)), arrays

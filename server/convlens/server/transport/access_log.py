@@ -14,6 +14,8 @@ import sys
 log = logging.getLogger("convlens.access")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Calls that change (or list) what the server serves: each also gets an audit line (who, what, outcome).
+AUDIT_PREFIX = "/convlens.v1.ModelRepositoryService/"
 
 
 class AccessLog:
@@ -48,6 +50,26 @@ class AccessLog:
             if error:
                 line += f" error={json.dumps(error)}"
         self.logger.log(level, line)
+
+
+    def audit(self, *, method: str, caller: str, target: str, code: str, peer: str, request_id: str,
+              error: str = "") -> None:
+        """The audit line of a model-control call, beside its access line: what was asked (`target`: the model,
+        NAME@VERSION for one version), by whom (the token's name; "-" when the server takes no tokens) and
+        how it ended (the status code, and the error for a failure)."""
+        action = method.rpartition("/")[2]
+        if self.json:
+            fields: dict[str, object] = {"audit": action, "caller": caller, "target": target, "code": code,
+                                         "peer": peer, "request_id": request_id}
+            if error:
+                fields["error"] = error
+            line = json.dumps(fields, separators=(",", ":"))
+        else:
+            line = (f"audit {action} caller={caller or '-'} target={target or '-'} code={code} peer={peer} "
+                    f"request_id={request_id}")
+            if error:
+                line += f" error={json.dumps(error)}"
+        self.logger.info(line)
 
 
 def configure(fmt: str, level: str) -> None:

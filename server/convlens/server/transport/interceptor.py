@@ -20,8 +20,8 @@ from grpc.aio import AbortError, ServerInterceptor
 
 from convlens.server.errors import Unavailable
 from convlens.server.metrics import Metrics
-from convlens.server.transport.access_log import HEALTH_PREFIX, AccessLog
-from convlens.server.transport.auth import TokenAuth, Unauthenticated
+from convlens.server.transport.access_log import AUDIT_PREFIX, HEALTH_PREFIX, AccessLog
+from convlens.server.transport.auth import TokenAuth, Unauthenticated, require_admin
 from convlens.server.transport.drain import Drain, InFlight
 from convlens.server.transport.status import to_status
 
@@ -58,6 +58,8 @@ class _Method:
         self.health = full.startswith(HEALTH_PREFIX)
         self.stream = kind == "server_stream"
         self.needs_token = auth is not None and not auth.is_exempt(full)
+        self.needs_admin = auth is not None and auth.needs_admin(full)
+        self.audited = full.startswith(AUDIT_PREFIX)
         self.started = metrics.started.labels(kind, service, method)
         self.seconds = metrics.handling_seconds.labels(kind, service, method)
         self._handled = metrics.handled
@@ -74,7 +76,7 @@ class _Method:
 class _Outcome:
     """A call's result as the log and metrics see it."""
 
-    __slots__ = ("code", "error", "caller", "request_id", "model")
+    __slots__ = ("code", "error", "caller", "request_id", "model", "target")
 
     def __init__(self) -> None:
         self.code = _OK
@@ -82,6 +84,16 @@ class _Outcome:
         self.caller = ""
         self.request_id = ""
         self.model = ""
+        self.target = ""
+
+
+def _target(request: Any) -> str:
+    """What a model-control call is about, for its audit line: MODEL or MODEL@VERSION."""
+    model = _model(request)
+    try:
+        return f"{model}@{request.version}" if request.HasField("version") else model
+    except ValueError:  # a request without a version field
+        return model
 
 
 class ServiceInterceptor(ServerInterceptor):
@@ -135,12 +147,16 @@ class ServiceInterceptor(ServerInterceptor):
         out.request_id = _request_id(metadata)
         context.set_trailing_metadata(((REQUEST_ID, out.request_id),))
         out.model = _model(request)
+        if m.audited:
+            out.target = _target(request)
         if self.drain.draining and not m.health:
             self.drain.refused()
             raise Unavailable("server is shutting down (draining); retry on another replica")
         if m.needs_token:
             assert self.auth is not None
-            out.caller = self.auth.check(metadata)
+            out.caller, admin = self.auth.identify(metadata)
+            if m.needs_admin:
+                require_admin(out.caller, admin)
         if m.health:
             if m.stream:
                 self.drain.watch()
@@ -186,6 +202,9 @@ class ServiceInterceptor(ServerInterceptor):
             self.access_log.record(method=m.full, code=out.code.name, ms=seconds * 1e3, model=out.model,
                                    peer=peer, request_id=out.request_id, caller=out.caller, error=out.error,
                                    responses=call.responses if m.stream and call is not None else None)
+        if m.audited:
+            self.access_log.audit(method=m.full, caller=out.caller, target=out.target, code=out.code.name,
+                                  peer=peer, request_id=out.request_id, error=out.error)
 
     # ------------------------------------------------------------------ the call shapes
 

@@ -16,12 +16,13 @@ from convlens.server.engine.predictions import Prediction
 from convlens.server.engine.targets import ClassTarget, Target, UnitTarget
 from convlens.server.errors import InvalidArgument
 from convlens.server.models.preprocess import Geometry
-from convlens.server.transport.codecs.vocabulary import enum_names, enum_prefix
+from convlens.server.service.streaming import Progress
+from convlens.server.transport.codecs.vocabulary import enum_names, enum_prefix, enum_values
 from convlens.v1 import convlens_pb2 as pb
 from convlens.wire.tensors import to_numpy, to_tensor
 
 REDUCTIONS = enum_names(pb.Reduction, targets.REDUCTIONS, unspecified="mean")
-REDUCTION_VALUES = {name: value for value, name in REDUCTIONS.items() if value}
+REDUCTION_VALUES = enum_values(REDUCTIONS)
 
 
 def enum(table: dict[int, str], value: int, field: str, enum_name: str) -> str:
@@ -137,3 +138,9 @@ def target_message(t: Target) -> pb.Target:
 
 def tensor(array: np.ndarray) -> pb.Tensor:
     return to_tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def progress(event: Progress) -> pb.Progress:
+    """One step of a streaming optimisation (MaximizeUnit, Dream, StyleTransfer)."""
+    return pb.Progress(step=event.step, total_steps=event.total_steps, objectives=event.terms,
+                       preview_png=png(event.preview))
