@@ -47,3 +47,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out build *.egg-info
+
+# Issue 18: ConvLens against a plain grpc.aio server and Ray Serve on the same work (tools/peers/);
+# prints the tables, writes out/bench/peers.json. Not part of `make test`.
+.PHONY: bench-peers
+bench-peers: $(STAMP)
+	$(PY) -m tools.peers.bench
