@@ -418,6 +418,76 @@ STYLE_INIT_NOISE: StyleInit.ValueType  # 2
 """Uniform noise from the seed."""
 Global___StyleInit: _TypeAlias = StyleInit  # noqa: Y015
 
+class _SaliencyOutput:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SaliencyOutputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SaliencyOutput.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SALIENCY_OUTPUT_UNSPECIFIED: _SaliencyOutput.ValueType  # 0
+    """Invalid in a request."""
+    SALIENCY_OUTPUT_ATTRIBUTION: _SaliencyOutput.ValueType  # 1
+    """SaliencyResponse.attribution ([C, H, W] float32, ~600 kB at 224 px)."""
+    SALIENCY_OUTPUT_HEATMAP: _SaliencyOutput.ValueType  # 2
+    """SaliencyResponse.heatmap ([H, W] float32, ~200 kB at 224 px)."""
+    SALIENCY_OUTPUT_OVERLAY: _SaliencyOutput.ValueType  # 3
+    """SaliencyResponse.overlay_png (a PNG rendered on the server)."""
+    SALIENCY_OUTPUT_PREDICTIONS: _SaliencyOutput.ValueType  # 4
+    """SaliencyResponse.predictions (top-5)."""
+
+class SaliencyOutput(_SaliencyOutput, metaclass=_SaliencyOutputEnumTypeWrapper):
+    """---------------------------------------------------------------- selectable outputs
+
+    SaliencyOutput names one part of a SaliencyResponse a caller may ask for (SaliencyRequest.outputs).
+    Geometry, target, target_value, notes and the counters always come back: they cost nothing.
+    """
+
+SALIENCY_OUTPUT_UNSPECIFIED: SaliencyOutput.ValueType  # 0
+"""Invalid in a request."""
+SALIENCY_OUTPUT_ATTRIBUTION: SaliencyOutput.ValueType  # 1
+"""SaliencyResponse.attribution ([C, H, W] float32, ~600 kB at 224 px)."""
+SALIENCY_OUTPUT_HEATMAP: SaliencyOutput.ValueType  # 2
+"""SaliencyResponse.heatmap ([H, W] float32, ~200 kB at 224 px)."""
+SALIENCY_OUTPUT_OVERLAY: SaliencyOutput.ValueType  # 3
+"""SaliencyResponse.overlay_png (a PNG rendered on the server)."""
+SALIENCY_OUTPUT_PREDICTIONS: SaliencyOutput.ValueType  # 4
+"""SaliencyResponse.predictions (top-5)."""
+Global___SaliencyOutput: _TypeAlias = SaliencyOutput  # noqa: Y015
+
+class _TopActivationsOutput:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TopActivationsOutputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TopActivationsOutput.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOP_ACTIVATIONS_OUTPUT_UNSPECIFIED: _TopActivationsOutput.ValueType  # 0
+    """Invalid in a request."""
+    TOP_ACTIVATIONS_OUTPUT_ENTRIES: _TopActivationsOutput.ValueType  # 1
+    """The entries (TopActivationsResponse.activations: source, score, position, boxes, geometry)."""
+    TOP_ACTIVATIONS_OUTPUT_CROPS: _TopActivationsOutput.ValueType  # 2
+    """Each entry's crop_png (implies the entries)."""
+    TOP_ACTIVATIONS_OUTPUT_IMAGES: _TopActivationsOutput.ValueType  # 3
+    """Each entry's image_png (implies the entries)."""
+    TOP_ACTIVATIONS_OUTPUT_STATS: _TopActivationsOutput.ValueType  # 4
+    """TopActivationsResponse.stats."""
+
+class TopActivationsOutput(_TopActivationsOutput, metaclass=_TopActivationsOutputEnumTypeWrapper):
+    """TopActivationsOutput names one part of a TopActivationsResponse a caller may ask for.
+    images_scanned, channels and dataset always come back.
+    """
+
+TOP_ACTIVATIONS_OUTPUT_UNSPECIFIED: TopActivationsOutput.ValueType  # 0
+"""Invalid in a request."""
+TOP_ACTIVATIONS_OUTPUT_ENTRIES: TopActivationsOutput.ValueType  # 1
+"""The entries (TopActivationsResponse.activations: source, score, position, boxes, geometry)."""
+TOP_ACTIVATIONS_OUTPUT_CROPS: TopActivationsOutput.ValueType  # 2
+"""Each entry's crop_png (implies the entries)."""
+TOP_ACTIVATIONS_OUTPUT_IMAGES: TopActivationsOutput.ValueType  # 3
+"""Each entry's image_png (implies the entries)."""
+TOP_ACTIVATIONS_OUTPUT_STATS: TopActivationsOutput.ValueType  # 4
+"""TopActivationsResponse.stats."""
+Global___TopActivationsOutput: _TypeAlias = TopActivationsOutput  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1087,6 +1157,7 @@ class TopActivationsRequest(_message.Message):
     INCLUDE_IMAGES_FIELD_NUMBER: _builtins.int
     RANKING_FIELD_NUMBER: _builtins.int
     MAX_PER_IMAGE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     layer: _builtins.str
     channel: _builtins.int
@@ -1107,6 +1178,13 @@ class TopActivationsRequest(_message.Message):
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """The caller's own images, ranked directly instead of a dataset (at most 64)."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[Global___TopActivationsOutput.ValueType]:
+        """The outputs wanted (TopActivationsOutput); empty: the entries and the stats (+ crops with include_crops,
+        + pictures with include_images). Outputs not named are neither computed nor encoded; include_crops and
+        include_images add theirs.
+        """
+
     def __init__(
         self,
         *,
@@ -1120,10 +1198,11 @@ class TopActivationsRequest(_message.Message):
         include_images: _builtins.bool = ...,
         ranking: Global___Ranking.ValueType = ...,
         max_per_image: _builtins.int = ...,
+        outputs: _abc.Iterable[Global___TopActivationsOutput.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "max_per_image", b"max_per_image", "model", b"model", "ranking", b"ranking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "max_per_image", b"max_per_image", "model", b"model", "outputs", b"outputs", "ranking", b"ranking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1486,6 +1565,7 @@ class SaliencyRequest(_message.Message):
     GRAD_CAM_FIELD_NUMBER: _builtins.int
     BASELINE_IMAGE_FIELD_NUMBER: _builtins.int
     RENDER_OVERLAY_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     method: Global___SaliencyMethod.ValueType
     render_overlay: _builtins.bool
@@ -1503,6 +1583,12 @@ class SaliencyRequest(_message.Message):
     def baseline_image(self) -> Global___Image:
         """For BASELINE_IMAGE."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[Global___SaliencyOutput.ValueType]:
+        """The outputs wanted (SaliencyOutput); empty: attribution, heatmap and predictions (+ the overlay with
+        render_overlay). Outputs not named are neither computed nor encoded; render_overlay adds the overlay.
+        """
+
     def __init__(
         self,
         *,
@@ -1515,10 +1601,11 @@ class SaliencyRequest(_message.Message):
         grad_cam: Global___GradCamOptions | None = ...,
         baseline_image: Global___Image | None = ...,
         render_overlay: _builtins.bool = ...,
+        outputs: _abc.Iterable[Global___SaliencyOutput.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline_image", b"baseline_image", "grad_cam", b"grad_cam", "image", b"image", "integrated_gradients", b"integrated_gradients", "smoothgrad", b"smoothgrad", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_image", b"baseline_image", "grad_cam", b"grad_cam", "image", b"image", "integrated_gradients", b"integrated_gradients", "method", b"method", "model", b"model", "render_overlay", b"render_overlay", "smoothgrad", b"smoothgrad", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_image", b"baseline_image", "grad_cam", b"grad_cam", "image", b"image", "integrated_gradients", b"integrated_gradients", "method", b"method", "model", b"model", "outputs", b"outputs", "render_overlay", b"render_overlay", "smoothgrad", b"smoothgrad", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,11 +17,6 @@ from PIL import Image
 
 from convlens.server.compute.maximize import compute_evaluation
 from convlens.server.engine.optimize.maximize import (
-    MAX_SIZE,
-    MAX_STEPS,
-    MIN_SIZE,
-    PARAMETERIZATIONS,
-    PRESETS,
     MaximizeJob,
     MaximizeSettings,
 )
@@ -67,36 +62,12 @@ def objective_for(target: Target) -> Objective:
         ChannelMean(target.layer, target.channel)
 
 
-# (field, lowest, highest) for every numeric knob a caller may set.
-LIMITS: dict[str, tuple[float, float]] = {
-    "steps": (1, MAX_STEPS), "size": (MIN_SIZE, MAX_SIZE), "learning_rate": (1e-6, 100.0),
-    "l2_decay": (0.0, 1.0), "blur_every": (0, MAX_STEPS), "blur_sigma": (0.0, 20.0),
-    "value_percentile": (0.0, 100.0), "contribution_percentile": (0.0, 100.0), "tv_weight": (0.0, 1e6),
-    "pad": (0, 256), "jitter": (0, 256), "scale_jitter": (0.0, 0.9), "rotate_degrees": (0.0, 180.0),
-    "final_jitter": (0, 256), "decay_power": (0.0, 4.0), "seed": (0, 2**63 - 1),
-}
-
-
 def resolve_settings(query: MaximizeQuery) -> MaximizeSettings:
     """The preset with the caller's overrides, each checked (INVALID_ARGUMENT naming the field)."""
-    if query.preset is not None and query.preset not in PRESETS:
-        raise InvalidArgument(f"unknown preset {query.preset!r}; one of {', '.join(PRESETS)}", field="preset")
     overrides = dict(query.overrides)
-    for name, value in overrides.items():
-        if value is None or name not in LIMITS:
-            continue
-        low, high = LIMITS[name]
-        if not low <= value <= high:
-            raise InvalidArgument(f"{name} = {value} is out of range; allowed {low:g}..{high:g}", field=name)
-    p = overrides.get("parameterization")
-    if p is not None and p not in PARAMETERIZATIONS:
-        raise InvalidArgument(f"unknown parameterization {p!r}", field="parameterization")
     if overrides.get("seed") is None:
         overrides["seed"] = secrets.randbits(31)  # reported in the settings, so the image is reproducible
-    settings = MaximizeSettings.resolve(query.preset, **overrides)
-    if settings.input_side() < 16:
-        raise InvalidArgument(f"size {settings.size} leaves a {settings.input_side()} px input after padding "
-                              "and jitter; use a larger size or less jitter", field="size")
+    settings = MaximizeSettings.checked(query.preset, **overrides)
     check_preview_every(query.preview_every)
     return settings
 

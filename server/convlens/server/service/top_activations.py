@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -43,6 +43,9 @@ MAX_CALLER_IMAGES = 64
 CROP_MAX_SIDE = 256  # crops larger than this (late layers see most of the photo) are downscaled
 PICTURE_MAX_SIDE = 640
 Box = tuple[int, int, int, int]
+# What a TopActivations answer can carry (TopActivationsRequest.outputs); crops and images imply the entries.
+OUTPUTS = ("entries", "crops", "images", "stats")
+DEFAULT_OUTPUTS = frozenset({"entries", "stats"})
 
 
 @dataclass
@@ -57,6 +60,15 @@ class TopActivationsQuery:
     images: list[ImageInput] = field(default_factory=list)
     crops: bool = False
     pictures: bool = False
+    outputs: frozenset[str] | None = None  # None: DEFAULT_OUTPUTS; crops / pictures add theirs
+
+    def wanted(self) -> frozenset[str]:
+        wanted = set(DEFAULT_OUTPUTS if self.outputs is None else self.outputs)
+        wanted |= {"crops"} if self.crops else set()
+        wanted |= {"images"} if self.pictures else set()
+        if wanted & {"crops", "images"}:
+            wanted.add("entries")
+        return frozenset(wanted)
 
 
 @dataclass
@@ -81,6 +93,7 @@ class TopActivationsAnswer:
     images_scanned: int
     channels: int
     dataset: str
+    outputs: frozenset[str] = DEFAULT_OUTPUTS  # what the answer carries: the codec encodes only these
 
 
 @dataclass
@@ -109,10 +122,14 @@ class TopActivationsService:
         shape = layer_shape(model, query.layer)
         channels = int(shape[0])
         validate(query, channels)
+        wanted = query.wanted()
+        query = replace(query, crops="crops" in wanted, pictures="images" in wanted)
+        entries_wanted = "entries" in wanted
         if query.images:
             index, originals = await self._rank_images(model, query, deadline)
             dataset_name = ""
-            entries = index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+            entries = (index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+                       if entries_wanted else [])
             items = await asyncio.to_thread(
                 lambda: [self._item(model, spec.receptive_field, e, originals[int(e.image.path[7:-1])],
                                     int(e.image.path[7:-1]), query) for e in entries])
@@ -120,10 +137,12 @@ class TopActivationsService:
             dataset = self.datasets.get(query.dataset)
             index = await self.manager.get(model, dataset, query.layer, deadline)
             dataset_name = dataset.name
-            entries = index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+            entries = (index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+                       if entries_wanted else [])
             items = await asyncio.to_thread(
                 lambda: [self._dataset_item(model, spec.receptive_field, dataset, e, query) for e in entries])
-        return TopActivationsAnswer(items, index.stats(query.channel), index.count, channels, dataset_name)
+        return TopActivationsAnswer(items, index.stats(query.channel), index.count, channels, dataset_name,
+                                    outputs=wanted)
 
     async def _rank_images(self, model: ServedModel, query: TopActivationsQuery, deadline: float | None
                            ) -> tuple[TopKIndex, list[np.ndarray]]:
