@@ -73,7 +73,7 @@ class ModelRepository:
             return self._models[name]
         except KeyError:
             raise NotFound(f"no model {name!r}; served models: {', '.join(self.names()) or 'none'}",
-                           field="model") from None
+                           field="model", reason="MODEL_NOT_FOUND") from None
 
     def names(self) -> list[str]:
         return list(self._models)

@@ -110,7 +110,7 @@ class DreamService:
         model = self.repository.get(query.model)
         if not model.supports_gradients:
             raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
-                                     "forward-only here; Dream needs gradients")
+                                     "forward-only here; Dream needs gradients", reason="GRADIENTS_UNSUPPORTED")
         if query.image is None:
             raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
         settings = self.settings(model, query)

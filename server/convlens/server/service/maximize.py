@@ -121,7 +121,8 @@ class MaximizeService:
         if not model.supports_gradients:
             raise FailedPrecondition(
                 f"model {model.name!r} is served in the {model.format} format, which runs forward-only here; "
-                "MaximizeUnit needs gradients: a torchvision, TorchScript or embedded model")
+                "MaximizeUnit needs gradients: a torchvision, TorchScript or embedded model",
+                reason="GRADIENTS_UNSUPPORTED")
         if query.target is None:
             raise InvalidArgument("target is required: a class_index or a unit", field="target")
         validate_target(model.resolver, query.target, num_classes=model.num_classes)

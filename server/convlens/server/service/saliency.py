@@ -49,8 +49,8 @@ class SaliencyService:
         if not model.supports_gradients:
             raise FailedPrecondition(
                 f"model {model.name!r} is served in the {model.format} format, which runs forward-only here; "
-                "gradient techniques need a torchvision, TorchScript or embedded model"
-            )
+                "gradient techniques need a torchvision, TorchScript or embedded model",
+                reason="GRADIENTS_UNSUPPORTED")
         if query.image is None:
             raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
         validate_options(query.options)

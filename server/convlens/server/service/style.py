@@ -135,7 +135,8 @@ class StyleService:
         model = self.repository.get(query.model)
         if not model.supports_gradients:
             raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
-                                     "forward-only here; StyleTransfer needs gradients")
+                                     "forward-only here; StyleTransfer needs gradients",
+                                     reason="GRADIENTS_UNSUPPORTED")
         for name, image in (("content", query.content), ("style", query.style)):
             if image is None:
                 raise InvalidArgument(f"{name} is required: encoded PNG/JPEG/WebP bytes or a raw tensor",
