@@ -33,7 +33,7 @@ from convlens.server.engine.optimize.objectives import (
 )
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.targets import ClassTarget, Target, validate_target
-from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.errors import FailedPrecondition, InvalidArgument, Violations
 from convlens.server.ops.maximize import compute_evaluation
 from convlens.server.service.context import ServiceContext
 
@@ -86,27 +86,27 @@ LIMITS: dict[str, tuple[float, float]] = {
 
 
 def resolve_settings(query: MaximizeQuery) -> MaximizeSettings:
-    """The preset with the caller's overrides, each checked (INVALID_ARGUMENT naming the field)."""
+    """The preset with the caller's overrides, each checked (INVALID_ARGUMENT naming every bad field)."""
+    v = Violations()
     if query.preset is not None and query.preset not in PRESETS:
-        raise InvalidArgument(f"unknown preset {query.preset!r}; one of {', '.join(PRESETS)}", field="preset")
+        v.add("preset", f"unknown preset {query.preset!r}; one of {', '.join(PRESETS)}")
     overrides = dict(query.overrides)
     for name, value in overrides.items():
         if value is None or name not in LIMITS:
             continue
         low, high = LIMITS[name]
-        if not low <= value <= high:
-            raise InvalidArgument(f"{name} = {value} is out of range; allowed {low:g}..{high:g}", field=name)
+        v.check(low <= value <= high, name, f"{name} = {value} is out of range; allowed {low:g}..{high:g}")
     p = overrides.get("parameterization")
     if p is not None and p not in PARAMETERIZATIONS:
-        raise InvalidArgument(f"unknown parameterization {p!r}", field="parameterization")
+        v.add("parameterization", f"unknown parameterization {p!r}")
+    v.check(query.preview_every >= 0, "preview_every", "preview_every must be >= 0 (0: no previews)")
+    v.raise_if_any()
     if overrides.get("seed") is None:
         overrides["seed"] = secrets.randbits(31)  # reported in the settings, so the image is reproducible
     settings = MaximizeSettings.resolve(query.preset, **overrides)
     if settings.input_side() < 16:
         raise InvalidArgument(f"size {settings.size} leaves a {settings.input_side()} px input after padding "
                               "and jitter; use a larger size or less jitter", field="size")
-    if query.preview_every < 0:
-        raise InvalidArgument("preview_every must be >= 0 (0: no previews)", field="preview_every")
     return settings
 
 

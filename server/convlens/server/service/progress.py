@@ -18,6 +18,7 @@ class Progress:
     total_steps: int
     terms: dict[str, float]  # named loss / objective values at this step
     preview: Image.Image | None = None  # when the caller asked for previews and this step is one
+    octave: int | None = None  # Dream: the octave the step ran in
 
 
 def picture(pixels: torch.Tensor) -> Image.Image:

@@ -132,6 +132,8 @@ class MaximizeJob:
 
     def loss(self, acts: Activations, row: int) -> StepLoss:
         terms = self.objective.terms(acts, row)
+        if len(terms) == 1:  # one part: its value is "objective" itself, sent once (not under two keys)
+            terms = {}
         value = self.objective(acts, row)
         total = -value
         if self.settings.tv_weight > 0 and self._image is not None:

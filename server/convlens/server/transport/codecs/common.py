@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,6 +27,12 @@ def enum(table: dict[int, str], value: int, field: str, enum_name: str) -> str:
     if value not in table:
         raise InvalidArgument(f"unknown {enum_name} value {value}", field=field)
     return table[value]
+
+
+def given(message: object, name: str, default: object = None) -> Any:
+    """An `optional` field's value when the caller set it (0 included), else `default` (the contract's one rule
+    for defaults: presence, not zero)."""
+    return getattr(message, name) if message.HasField(name) else default  # type: ignore[attr-defined]
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:
