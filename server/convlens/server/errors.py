@@ -7,6 +7,7 @@ code): the class's default, or a more precise one where it is raised (MODEL_NOT_
     ConvLensError
      ├── InvalidArgument      (bad field; carries field violations)
      ├── NotFound             (unknown model / layer / dataset)
+     ├── PermissionDenied     (a known caller without the right, e.g. model control without admin)
      ├── FailedPrecondition   (e.g. gradients on a forward-only ONNX model)
      ├── ResourceExhausted    (queue full, image too large)
      ├── DeadlineExceeded     (deadline passed before compute)
@@ -60,6 +61,10 @@ class NotFound(ConvLensError):
 
     def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
         super().__init__(message, violations=[FieldViolation(field, message)] if field else None, reason=reason)
+
+
+class PermissionDenied(ConvLensError):
+    pass
 
 
 class FailedPrecondition(ConvLensError):

@@ -10,6 +10,7 @@ v1 service itself answers NOT_FOUND (its descriptor is not shipped in Python).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -18,8 +19,9 @@ V1ALPHA = reflection.SERVICE_NAME  # "grpc.reflection.v1alpha.ServerReflection"
 V1 = "grpc.reflection.v1.ServerReflection"
 
 
-def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-    """Serve reflection for `service_names` (plus both reflection services) under v1alpha and v1."""
+def enable_reflection(server: Any, service_names: Iterable[str]) -> None:
+    """Serve reflection for `service_names` (plus both reflection services) under v1alpha and v1, on a
+    grpc.aio.Server (or a wrapper of one)."""
     servicer = reflection.aio.ReflectionServicer((*service_names, V1ALPHA, V1))
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V1, {
