@@ -22,6 +22,7 @@ rpcTypes.resolvePath = (origin, target_) => path.join(googleDir, target_);
 rpcTypes.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
 
 const client = new contract.InspectionService(target, grpc.credentials.createInsecure());
+const repository = new contract.ModelRepositoryService(target, grpc.credentials.createInsecure());
 
 // An RGB image (40x48 unless asked) as a raw uint8 tensor: shapes are int64, sent here as strings (see the .proto header).
 function image(seed, h = 40, w = 48) {
@@ -30,12 +31,13 @@ function image(seed, h = 40, w = 48) {
   return { tensor: { dtype: 'DTYPE_UINT8', shape: [String(h), String(w), '3'], data } };
 }
 
-function unary(method, request, metadata) {
+function unary(method, request, metadata, service) {
   return new Promise((resolve) => {
     const md = new grpc.Metadata();
     for (const [k, v] of Object.entries(metadata || {})) md.set(k, v);
     let answer = null;
-    const call = client[method](request, md, (err, response) => {
+    const stub = service === 'repository' ? repository : client;
+    const call = stub[method](request, md, (err, response) => {
       answer = err ? { error: decodeError(err) } : { response };
     });
     // the status (with the trailing metadata) comes after the callback
@@ -139,9 +141,15 @@ async function main() {
     model, image: image(5), layer, steps_per_octave: 0, max_size: 0,
   }));
   out.StyleTwoBadFields = streamSummary(await stream('StyleTransfer', { model, steps: 0, size: 0 }));
+  // ModelRepositoryService: the index, and load/unload refused on a server without model control.
+  out.RepositoryIndex = summary(await unary('RepositoryIndex', {}, {}, 'repository'),
+    (r) => ({ names: r.models.map((m) => m.name), states: r.models.map((m) => m.state) }));
+  out.LoadModel = summary(await unary('LoadModel', { model: 'x' }, {}, 'repository'), () => ({}));
+  out.UnloadModel = summary(await unary('UnloadModel', { model: model }, {}, 'repository'), () => ({}));
   out.UnknownModel = summary(await unary('GetModel', { model: 'no-such-model' }, { 'x-request-id': 'node-err-2' }),
     () => ({}));
   client.close();
+  repository.close();
   process.stdout.write(JSON.stringify(out) + '\n');
 }
 

@@ -1,5 +1,5 @@
-"""The contract from a second language: a Node.js client built from proto/ alone calls every RPC of a test
-server (the streaming tests' tiny network) and prints JSON, checked here.
+"""The contract from a second language: a Node.js client built from proto/ alone calls every RPC of both
+services of a test server (the streaming tests' tiny network) and prints JSON, checked here.
 
 Node 20 and the npm packages (tests/contract_node/package-lock.json) are installed by `make test`
 (`make node-deps`: npm ci)."""
@@ -79,6 +79,11 @@ async def test_every_rpc_and_rich_errors_from_node(server: ConvLensServer) -> No
     assert r["MaximizeUnit"]["settings"]["seed"] == "0"
     assert r["DreamUnsetSeed"]["settings"]["jitter"] == 32
     assert r["StyleTransfer"]["settings"]["seed"] == "3"
+
+    # the second service: its index, and load/unload refused (this server runs without model control)
+    assert r["RepositoryIndex"] == {"names": [MODEL], "states": ["MODEL_STATE_READY"]}
+    for name in ("LoadModel", "UnloadModel"):
+        assert (r[name]["error"]["code"], r[name]["error"]["reason"]) == ("FAILED_PRECONDITION", "MODEL_CONTROL_OFF")
 
     # rich errors: every violation, the ErrorInfo reason, the request id
     dream = r["DreamTwoBadFields"]["error"]
