@@ -53,7 +53,8 @@ def layer_outputs(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str],
             pass
     missing = [name for name in wanted if name not in captured]
     if missing:
-        raise NotFound(f"layer(s) {', '.join(missing)} produced no tensor output", field=field)
+        raise NotFound(f"layer(s) {', '.join(missing)} produced no tensor output", field=field,
+                       reason="LAYER_WITHOUT_OUTPUT")
     return captured
 
 

@@ -136,7 +136,7 @@ class IndexManager:
         return FailedPrecondition(
             f"the index of {k.model} / {k.dataset} / {k.layer} is being built: {build.progress()}; {why}. "
             f"Retry later, or build it ahead: `convlens index build {k.model} {k.dataset} {k.layer} "
-            f"--index-dir {self.index_dir}` (add --shard I/N or --ray to spread it)")
+            f"--index-dir {self.index_dir}` (add --shard I/N or --ray to spread it)", reason="INDEX_BUILDING")
 
     def _remember(self, key: IndexKey, index: TopKIndex) -> None:
         self._ready[key] = index
@@ -166,7 +166,8 @@ class IndexManager:
                 ok = [(i, t) for i, t in zip(ids, prepared, strict=True) if t is not None]
                 skipped += len(ids) - len(ok)
                 if ok:
-                    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan)
+                    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
+                                  served=model)
                              for p in (ScanPayload(layer, t, self.per_image) for _, t in ok)]
                     rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
                     part = from_candidates(index, [i for i, _ in ok], concat(rows))
@@ -195,7 +196,7 @@ class IndexManager:
             if isinstance(exc, ConvLensError | asyncio.CancelledError):
                 raise
             raise FailedPrecondition(f"building the index of {'/'.join(labels)} failed: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+                                     f"{type(exc).__name__}: {exc}", reason="INDEX_BUILD_FAILED") from exc
         finally:
             self._builds.pop(build.key, None)
 
