@@ -11,7 +11,6 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 from PIL import Image
 
@@ -33,6 +32,7 @@ from convlens.server.service.streaming import (
     StreamingJobService,
     caller_pixels,
     check_preview_every,
+    given_or,
     off_loop,
     picture,
 )
@@ -83,11 +83,6 @@ class DreamQuery:
     max_size: int | None = None
 
 
-def _or(value: Any, default: Any) -> Any:
-    """The caller's value when given (0 included), else the default."""
-    return default if value is None else value
-
-
 @dataclass
 class DreamAnswer:
     image: Image.Image
@@ -111,11 +106,11 @@ class DreamService(StreamingJobService):
             len(spec.output_shape) == 3, "layer", f"layer {layer!r} outputs shape {spec.output_shape} per image, "
             "not a (C, H, W) map; dream at a convolutional layer") else None
         settings = replace(
-            d, layer=layer, channel=q.channel, octaves=_or(q.octaves, d.octaves),
-            octave_scale=_or(q.octave_scale, d.octave_scale),
-            steps_per_octave=_or(q.steps_per_octave, DEFAULT_STEPS_PER_OCTAVE.get(model.name, d.steps_per_octave)),
-            step_size=_or(q.step_size, d.step_size), jitter=_or(q.jitter, d.jitter),
-            max_size=_or(q.max_size, d.max_size),
+            d, layer=layer, channel=q.channel, octaves=given_or(q.octaves, d.octaves),
+            octave_scale=given_or(q.octave_scale, d.octave_scale),
+            steps_per_octave=given_or(q.steps_per_octave, DEFAULT_STEPS_PER_OCTAVE.get(model.name, d.steps_per_octave)),
+            step_size=given_or(q.step_size, d.step_size), jitter=given_or(q.jitter, d.jitter),
+            max_size=given_or(q.max_size, d.max_size),
             seed=secrets.randbits(31) if q.seed is None else q.seed)  # a random seed is reported back
         validate(settings, layer_channels=channels, guided=q.guide is not None, violations=v)
         if violations is None:

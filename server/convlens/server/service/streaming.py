@@ -57,6 +57,11 @@ def check_preview_every(every: int, violations: Violations | None = None) -> Non
         v.raise_if_any()
 
 
+def given_or(value: T | None, default: T) -> T:
+    """A request's optional setting: the caller's value when given (0 included), else the default."""
+    return default if value is None else value
+
+
 def wants_preview(every: int, step: int, total: int, *, last: bool = False) -> bool:
     """A preview at every `every`-th step; at the last step only when `last` (its image is the result's)."""
     if every <= 0:

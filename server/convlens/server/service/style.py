@@ -23,6 +23,7 @@ from convlens.server.service.streaming import (
     StreamingJobService,
     caller_pixels,
     check_preview_every,
+    given_or,
     off_loop,
     picture,
 )
@@ -100,10 +101,6 @@ class StyleAnswer:
     settings: StyleSettings  # as used
 
 
-def _or(value: object, default: object) -> object:
-    return default if value is None else value
-
-
 class StyleService(StreamingJobService):
     rpc = "StyleTransfer"
 
@@ -117,13 +114,13 @@ class StyleService(StreamingJobService):
             style_layers=tuple(q.style_layers) or d.style_layers,
             content_layer=q.content_layer or d.content_layer,
             style_layer_weights=tuple(q.style_layer_weights),
-            style_weight=float(_or(q.style_weight, d.style_weight)),  # type: ignore[arg-type]
-            content_weight=float(_or(q.content_weight, base.content_weight)),  # type: ignore[arg-type]
-            steps=int(_or(q.steps, base.steps)), size=int(_or(q.size, base.size)),  # type: ignore[call-overload]
+            style_weight=float(given_or(q.style_weight, d.style_weight)),
+            content_weight=float(given_or(q.content_weight, base.content_weight)),
+            steps=int(given_or(q.steps, base.steps)), size=int(given_or(q.size, base.size)),
             init=q.init or base.init,
             optimizer=q.optimizer or base.optimizer,
-            learning_rate=float(_or(q.learning_rate, d.learning_rate)),  # type: ignore[arg-type]
-            soften=q.soften or d.soften, temperature=float(_or(q.temperature, d.temperature)),  # type: ignore[arg-type]
+            learning_rate=float(given_or(q.learning_rate, d.learning_rate)),
+            soften=q.soften or d.soften, temperature=float(given_or(q.temperature, d.temperature)),
             gram_normalization=q.gram_normalization or base.gram_normalization,
             style_distance=q.style_distance or d.style_distance,
             seed=secrets.randbits(31) if q.seed is None else q.seed)  # a random seed is reported back
