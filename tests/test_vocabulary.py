@@ -13,10 +13,13 @@ from convlens.client import _cli, _convert, _types
 from convlens.server.engine import integrated_gradients, render, saliency, smoothgrad, targets
 from convlens.server.engine.optimize import maximize as maximize_engine
 from convlens.server.engine.optimize import style as style_engine
+from convlens.server.service import saliency as saliency_service
+from convlens.server.service import top_activations as top_service
 from convlens.server.transport.codecs import common, filters
 from convlens.server.transport.codecs import maximize as maximize_codec
 from convlens.server.transport.codecs import saliency as saliency_codec
 from convlens.server.transport.codecs import style as style_codec
+from convlens.server.transport.codecs import top_activations as top_codec
 from convlens.server.transport.codecs.vocabulary import enum_names, enum_values
 from convlens.v1 import convlens_pb2 as pb
 
@@ -35,6 +38,8 @@ def test_server_tables_cover_every_proto_value_and_every_option() -> None:
     assert set(filters.SCALINGS.values()) == set(render.SCALINGS)
     assert filters.SCALINGS[pb.FILTER_SCALING_PER_FILTER_MINMAX] == "minmax"
     assert set(saliency_codec.SMOOTH_BASES) <= set(saliency.METHODS)
+    assert set(saliency_codec.SALIENCY_OUTPUTS.values()) == set(saliency_service.OUTPUTS)
+    assert set(top_codec.TOP_OUTPUTS.values()) == set(top_service.OUTPUTS)
 
 
 def test_a_drifted_option_fails_loudly() -> None:
@@ -54,6 +59,11 @@ def test_sdk_scalings_reductions_and_baselines_are_the_engines() -> None:
     # The SDK takes an image for the "image" baseline; the named ones must match the engine's.
     assert {**_convert._BASELINES, "image": pb.BASELINE_IMAGE} == named(saliency_codec.BASELINES)
     assert set(typing.get_args(_types.Reduction)) == set(targets.REDUCTIONS)
+
+
+def test_sdk_output_tables_are_the_servers() -> None:
+    assert _convert.SALIENCY_OUTPUTS == named(saliency_codec.SALIENCY_OUTPUTS)
+    assert _convert.TOP_OUTPUTS == named(top_codec.TOP_OUTPUTS)
 
 
 def test_sdk_style_tables_are_the_servers() -> None:

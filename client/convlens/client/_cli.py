@@ -15,7 +15,7 @@ from PIL import Image
 
 from ._client import Client
 from ._config import TLS, TLSArg
-from ._convert import SALIENCY_METHODS
+from ._convert import SALIENCY_METHODS, SALIENCY_OUTPUTS
 from ._exceptions import ConvLensError
 from ._types import Target, Unit
 
@@ -44,6 +44,8 @@ examples:
   convlens datasets
   convlens index build efficientnet_lite0 photos _blocks.10 --dataset photos=/data/photos --shard 0/4
   convlens serve --help
+  convlens serve --http-port 8080     # also HTTP/JSON + KServe v1
+  convlens kserve-explainer --model_name cat-classifier --predictor_host p.ns --http_port 8080
 """
 
 
@@ -101,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="integrated_gradients")
     s.add_argument("--baseline", help="integrated_gradients: black, blurred or an image file")
     s.add_argument("--cam-layer", help="grad_cam / guided_grad_cam")
+    s.add_argument("--outputs", type=_outputs_arg, metavar="LIST",
+                   help="comma-separated outputs to compute and send: attribution, heatmap, overlay, predictions "
+                        "(default: what -o / --npy and the printout need)")
 
     s = sub.add_parser("maximize", help="synthesise an image that excites a class or unit (streams progress)")
     s.add_argument("model", help="a served model, e.g. efficientnet_lite0")
@@ -183,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the server (needs `pip install 'convlens[server]'`); "
                                  "arguments after `serve` go to it unparsed", add_help=False)
+    sub.add_parser("kserve-explainer", help="run the server as a KServe custom explainer (--model_name, "
+                                            "--predictor_host, --http_port as KServe passes them; then serve "
+                                            "flags): `convlens kserve-explainer --help`", add_help=False)
 
     s = sub.add_parser("loadtest", help="concurrency sweep: throughput, latency, server queue/compute split")
     s.add_argument("--rpc", choices=["saliency", "get_filters", "list_models"], default="saliency")
@@ -220,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(argv[i + 1:])  # everything after `serve` belongs to the server's own parser
     if i is not None and argv[i] == "index":
         return _index(argv[i + 1:])
+    if i is not None and argv[i] == "kserve-explainer":
+        return _server_command("convlens.server.kserve_explainer", "kserve-explainer", argv[i + 1:])
     args = _parser().parse_args(argv)
     tls = _tls(args)
     try:
@@ -386,27 +396,42 @@ def _parse_unit(text: str, reduction: str) -> Unit:
     raise ValueError(f"--unit {text!r}: expected LAYER:CHANNEL or LAYER:CHANNEL:Y:X with integers")
 
 
+def _outputs_arg(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SALIENCY_OUTPUTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(SALIENCY_OUTPUTS)}")
+    return names
+
+
 def _saliency(client: Client, args: argparse.Namespace) -> int:
     target: Target | None = _parse_unit(args.unit, args.reduction) if args.unit else args.target
+    outputs = args.outputs
+    if outputs is None:  # only what this command prints or writes
+        outputs = ("predictions", *(("overlay",) if args.output else ()),
+                   *(("attribution",) if args.npy else ()))
     s = client.saliency(args.image, args.model, target=target, method=args.method, samples=args.samples,
                         noise_level=args.noise_level, base_method=args.base_method, seed=args.seed,
                         steps=args.steps, baseline=args.baseline, cam_layer=args.cam_layer,
-                        overlay=bool(args.output))
+                        overlay=False, outputs=outputs)
     what = _describe(s.target)
-    print(f"{args.method} of {what} (value {s.target_value:.4g}); attribution {list(s.attribution.shape)}")
+    shape = "not asked" if s.attribution is None else list(s.attribution.shape)
+    print(f"{args.method} of {what} (value {s.target_value:.4g}); attribution {shape}")
     for p in s.predictions[:5]:
         print(f"  {p.class_index:>5}  {p.probability:7.2%}  logit {p.logit:8.3f}  {p.label}")
     if s.modified_activations:
         print(f"modified activations: {s.modified_activations}")
     for note in s.notes:
         print(f"note: {note}")
-    if args.npy:
+    if args.npy and s.attribution is not None:
         np.save(args.npy, s.attribution)
         print(f"wrote {args.npy}")
     if args.output:
         # Without a server-rendered overlay, the heatmap alone is still worth writing.
-        img = s.overlay if s.overlay is not None else _grey(s.heatmap)
-        img.save(args.output)
+        if s.overlay is not None:
+            s.overlay.save(args.output)
+        elif s.heatmap is not None:
+            _grey(s.heatmap).save(args.output)
         print(f"wrote {args.output}")
     return 0
 

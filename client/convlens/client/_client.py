@@ -170,14 +170,17 @@ class Client:
     def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
                         dataset: str | None = "samples", ranking: str = "max", max_per_image: int = 1,
                         images: Sequence[ImageInput] | None = None, crops: bool = False,
-                        include_images: bool = False, timeout: float | None = None) -> TopActivations:
+                        include_images: bool = False, outputs: Sequence[str] | None = None,
+                        timeout: float | None = None) -> TopActivations:
         """The k dataset regions (or regions of `images`) that most excite one channel, best first.
 
         A list of entries with .source .score .y .x .box .crop .image; `.stats` summarises the channel.
+        outputs: which of entries, crops, images, stats to compute and send (None: entries and stats, plus
+        crops / images when asked by `crops` / `include_images`).
         """
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
                                          crops=crops, include_images=include_images, ranking=ranking,
-                                         max_per_image=max_per_image)
+                                         max_per_image=max_per_image, outputs=outputs)
         return cv.top_activations(self._unary("TopActivations", req, timeout))
 
     def list_datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
@@ -188,19 +191,21 @@ class Client:
                  method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
                  base_method: str | None = None, seed: int | None = None, steps: int | None = None,
                  baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
-                 cam_layer: str | None = None, overlay: bool = True,
+                 cam_layer: str | None = None, overlay: bool = True, outputs: Sequence[str] | None = None,
                  timeout: float | None = None) -> SaliencyResult:
         """Attribute a class logit (int), a Unit, or (None) the top-1 class to the image's pixels.
 
         method: gradient, guided_backprop, deconvnet, smoothgrad, integrated_gradients, grad_cam,
         guided_grad_cam. SmoothGrad: samples, noise_level, base_method, seed. Integrated gradients: steps,
         baseline ("black", "blurred" or an image), blur_sigma. Grad-CAM: cam_layer. Unset: server default.
+        outputs: which of attribution, heatmap, overlay, predictions to compute and send (None: all but
+        the overlay, plus the overlay when `overlay`); outputs not asked come back as None / [].
         Every method also takes `timeout`: this call's deadline in seconds instead of the client's.
         """
         req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
                                   noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
                                   baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer,
-                                  overlay=overlay)
+                                  overlay=overlay, outputs=outputs)
         return cv.saliency(self._unary("Saliency", req, timeout))
 
     # ------------------------------------------------------------ model control (ModelRepositoryService)
@@ -368,10 +373,11 @@ class AsyncClient:
     async def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
                               dataset: str | None = "samples", ranking: str = "max", max_per_image: int = 1,
                               images: Sequence[ImageInput] | None = None, crops: bool = False,
-                              include_images: bool = False, timeout: float | None = None) -> TopActivations:
+                              include_images: bool = False, outputs: Sequence[str] | None = None,
+                              timeout: float | None = None) -> TopActivations:
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
                                          crops=crops, include_images=include_images, ranking=ranking,
-                                         max_per_image=max_per_image)
+                                         max_per_image=max_per_image, outputs=outputs)
         return cv.top_activations(await self._unary("TopActivations", req, timeout))
 
     async def list_datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
@@ -381,12 +387,12 @@ class AsyncClient:
                        method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
                        base_method: str | None = None, seed: int | None = None, steps: int | None = None,
                        baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
-                       cam_layer: str | None = None, overlay: bool = True,
-                 timeout: float | None = None) -> SaliencyResult:
+                       cam_layer: str | None = None, overlay: bool = True, outputs: Sequence[str] | None = None,
+                       timeout: float | None = None) -> SaliencyResult:
         req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
                                   noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
                                   baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer,
-                                  overlay=overlay)
+                                  overlay=overlay, outputs=outputs)
         return cv.saliency(await self._unary("Saliency", req, timeout))
 
     # ------------------------------------------------------------ model control (see Client for docs)

@@ -162,8 +162,8 @@ class Geometry:
 
 @dataclass(frozen=True, eq=False)
 class SaliencyResult:
-    attribution: npt.NDArray[np.float32]  # [C, H, W], in normalised-input units
-    heatmap: npt.NDArray[np.float32]  # [H, W]
+    attribution: npt.NDArray[np.float32] | None  # [C, H, W], in normalised-input units (None: not asked)
+    heatmap: npt.NDArray[np.float32] | None  # [H, W] (None: not asked)
     overlay: Image.Image | None
     predictions: list[Prediction]  # top-5
     geometry: Geometry | None
@@ -243,6 +243,7 @@ class Progress:
     total: int
     objectives: dict[str, float]
     preview: Image.Image | None
+    octave: int | None = None  # Dream: the octave the step ran in (0-based, smallest first)
 
 
 @dataclass(frozen=True, eq=False)
