@@ -53,7 +53,8 @@ def test_table_is_markdown() -> None:
 def test_figure_saves_the_picture_it_shows(tmp_path: Path) -> None:
     html = figure(tmp_path, "red.png", Image.new("RGB", (4, 3), "red"), "a <red> square", 64)
     assert "src='red.png'" in html and "height=64" in html and "a &lt;red&gt; square" in html
-    assert Image.open(tmp_path / "red.png").getpixel((0, 0)) == (255, 0, 0)
+    with Image.open(tmp_path / "red.png") as saved:
+        assert saved.getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_sheet_lays_out_a_captioned_grid() -> None:

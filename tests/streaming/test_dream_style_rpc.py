@@ -207,11 +207,15 @@ async def test_cli_dream_and_style_write_pictures(server: ConvLensServer, tmp_pa
     rc = await asyncio.to_thread(main, ["-s", address, "dream", str(content), "-m", MODEL, "--layer", "stage1",
                                         "--octaves", "2", "--steps", "2", "--max-size", "48",
                                         "-o", str(tmp_path / "dream.png")])
-    assert rc == 0 and Image.open(tmp_path / "dream.png").size == (48, 48)
+    assert rc == 0
+    with Image.open(tmp_path / "dream.png") as picture:  # closed here, not at garbage collection
+        assert picture.size == (48, 48)
     rc = await asyncio.to_thread(main, ["-s", address, "style", str(content), str(style_image), "-m", MODEL,
                                         "--steps", "3", "--size", "32", "--soften", "channels",
                                         "-o", str(tmp_path / "styled.png")])
-    assert rc == 0 and Image.open(tmp_path / "styled.png").size == (32, 32)
+    assert rc == 0
+    with Image.open(tmp_path / "styled.png") as picture:  # closed here, not at garbage collection
+        assert picture.size == (32, 32)
     out = capsys.readouterr()
     assert "4/4" in out.err and "3/3" in out.err and "style" in out.err  # the progress bars
     assert "soften=channels" in out.out and "layer=stage1" in out.out

@@ -63,12 +63,12 @@ def catalog_section(c: Client) -> str:
 
 
 def filters_section(c: Client, out: Path) -> str:
-    stem = c.get_filters(MODEL, "_conv_stem", grid=True, cell_scale=12)
+    stem = c.get_filters(MODEL, "_conv_stem", grid=True, cell_scale=12, timeout=900)
     assert stem.grid is not None
     stem.grid.save(out / "filters_stem.png")
     deeper = []
     for layer in DEEPER_LAYERS:
-        f = c.get_filters(MODEL, layer, grid=True, max_filters=32, max_input_channels=16)
+        f = c.get_filters(MODEL, layer, grid=True, max_filters=32, max_input_channels=16, timeout=900)
         assert f.grid is not None
         name = f"filters_{layer.replace('.', '_')}.png"
         f.grid.save(out / name)
@@ -88,7 +88,7 @@ def saliency_section(c: Client, pool: Executor, out: Path, p: Profile) -> str:
     Image.fromarray(cat).save(out / "chelsea.png")
     options: dict[str, dict[str, Any]] = {"smoothgrad": {"samples": p.smoothgrad_samples, "noise_level": 0.15},
                                           "integrated_gradients": {"steps": p.ig_steps}}
-    calls = {m: pool.submit(c.saliency, cat, MODEL, method=m, overlay=True, **options.get(m, {}))
+    calls = {m: pool.submit(c.saliency, cat, MODEL, method=m, overlay=True, timeout=900, **options.get(m, {}))
              for m in SALIENCY_METHODS}
     figures = ["<figure><img src='chelsea.png' height=224><figcaption>input</figcaption></figure>"]
     top = None
