@@ -119,6 +119,7 @@ async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path) ->
         with pytest.raises(FailedPreconditionError) as err:
             await c.load_model("broken")
         assert "'missing.pt' not found" in err.value.message
+        assert err.value.reason == "MODEL_LOAD_FAILED"
         with pytest.raises(NotFoundError):
             await c.unload_model("beta")
         assert (await answer(c, "alpha"))[0] == 1  # the other model served throughout
