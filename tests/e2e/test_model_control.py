@@ -189,14 +189,17 @@ class GatedNet(nn.Module):
         return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
-async def test_unload_refuses_new_calls_while_calls_in_flight_finish(tmp_path: Path) -> None:
+def gated_server(tmp_path: Path) -> ConvLensServer:
     module = GatedNet().eval()
     pre = Preprocess(16, 16, 16, (0.5,) * 3, (0.25,) * 3)
     model = ServedModel(name="gated", format="torchscript", module=module, preprocess=pre, labels=["a", "b"],
                         supports_gradients=True, layers=build_catalog(module, pre))
     (tmp_path / "repo").mkdir()
-    repo = ModelRepository([model], root=tmp_path / "repo")
-    srv = ConvLensServer(config(tmp_path / "repo"), repository=repo)
+    return ConvLensServer(config(tmp_path / "repo"), repository=ModelRepository([model], root=tmp_path / "repo"))
+
+
+async def test_unload_refuses_new_calls_while_calls_in_flight_finish(tmp_path: Path) -> None:
+    srv = gated_server(tmp_path)
     ENTERED.clear(), GATE.clear(), GATED.set()
     try:
         async with started(srv) as c:
@@ -209,6 +212,27 @@ async def test_unload_refuses_new_calls_while_calls_in_flight_finish(tmp_path: P
             s = await in_flight
             assert [p.label for p in s.predictions] == ["b", "a"] or [p.label for p in s.predictions] == ["a", "b"]
             assert s.attribution.shape == (3, 16, 16)
+    finally:
+        GATED.clear()
+        GATE.set()
+
+
+async def test_an_optimisation_job_keeps_its_copy_through_an_unload(tmp_path: Path) -> None:
+    """MaximizeUnit's steps run on the copy the job started with: the model unloaded after its first step
+    began, the job still runs every step and answers."""
+    srv = gated_server(tmp_path)
+    ENTERED.clear(), GATE.clear(), GATED.set()
+    try:
+        async with started(srv) as c:
+            job = asyncio.create_task(c.maximize_unit("gated", 1, steps=4, seed=0))
+            assert await asyncio.to_thread(ENTERED.wait, 60)  # its first step is computing
+            await c.unload_model("gated")
+            with pytest.raises(NotFoundError):
+                await c.maximize_unit("gated", 1, steps=4)
+            GATE.set()
+            result = await job
+            assert result.settings is not None and result.settings["steps"] == 4
+            assert [p.label for p in result.predictions] in (["a", "b"], ["b", "a"])
     finally:
         GATED.clear()
         GATE.set()
