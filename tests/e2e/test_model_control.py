@@ -4,9 +4,11 @@ folders): explicit mode's load / reload / unload while the server serves, versio
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import urllib.request
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -102,8 +104,14 @@ async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path) ->
             await c.saliency(PIXELS, "beta@7", target=0)
         assert "no version 7" in err.value.message
 
-        # Unload one version, then the model: NOT_FOUND for new calls, the gauge follows.
+        # Unload one version, then the model: NOT_FOUND for new calls, the gauge follows, and the unloaded copy
+        # (with the workers' replicas of it) is freed once nothing runs on it.
+        assert srv.repository is not None
+        copy = weakref.ref(srv.repository.get("beta@2"))
+        assert copy() is not None and copy().lane_replicas  # type: ignore[union-attr]  # it computed above
         await c.unload_model("beta", version=2)
+        gc.collect()
+        assert copy() is None, gc.get_referrers(copy())
         assert (await answer(c, "beta"))[0] == 2
         entries = await c.unload_model("beta")
         assert [(e.version, e.state, e.reason) for e in entries] == [(1, "UNAVAILABLE", "unloaded"),
