@@ -4,9 +4,11 @@ folders): explicit mode's load / reload / unload while the server serves, versio
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import urllib.request
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -102,8 +104,14 @@ async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path) ->
             await c.saliency(PIXELS, "beta@7", target=0)
         assert "no version 7" in err.value.message
 
-        # Unload one version, then the model: NOT_FOUND for new calls, the gauge follows.
+        # Unload one version, then the model: NOT_FOUND for new calls, the gauge follows, and the unloaded copy
+        # (with the workers' replicas of it) is freed once nothing runs on it.
+        assert srv.repository is not None
+        copy = weakref.ref(srv.repository.get("beta@2"))
+        assert copy() is not None and copy().lane_replicas  # type: ignore[union-attr]  # it computed above
         await c.unload_model("beta", version=2)
+        gc.collect()
+        assert copy() is None, gc.get_referrers(copy())
         assert (await answer(c, "beta"))[0] == 2
         entries = await c.unload_model("beta")
         assert [(e.version, e.state, e.reason) for e in entries] == [(1, "UNAVAILABLE", "unloaded"),
@@ -119,6 +127,7 @@ async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path) ->
         with pytest.raises(FailedPreconditionError) as err:
             await c.load_model("broken")
         assert "'missing.pt' not found" in err.value.message
+        assert err.value.reason == "MODEL_LOAD_FAILED"
         with pytest.raises(NotFoundError):
             await c.unload_model("beta")
         assert (await answer(c, "alpha"))[0] == 1  # the other model served throughout
@@ -188,14 +197,17 @@ class GatedNet(nn.Module):
         return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
-async def test_unload_refuses_new_calls_while_calls_in_flight_finish(tmp_path: Path) -> None:
+def gated_server(tmp_path: Path) -> ConvLensServer:
     module = GatedNet().eval()
     pre = Preprocess(16, 16, 16, (0.5,) * 3, (0.25,) * 3)
     model = ServedModel(name="gated", format="torchscript", module=module, preprocess=pre, labels=["a", "b"],
                         supports_gradients=True, layers=build_catalog(module, pre))
     (tmp_path / "repo").mkdir()
-    repo = ModelRepository([model], root=tmp_path / "repo")
-    srv = ConvLensServer(config(tmp_path / "repo"), repository=repo)
+    return ConvLensServer(config(tmp_path / "repo"), repository=ModelRepository([model], root=tmp_path / "repo"))
+
+
+async def test_unload_refuses_new_calls_while_calls_in_flight_finish(tmp_path: Path) -> None:
+    srv = gated_server(tmp_path)
     ENTERED.clear(), GATE.clear(), GATED.set()
     try:
         async with started(srv) as c:
@@ -208,6 +220,27 @@ async def test_unload_refuses_new_calls_while_calls_in_flight_finish(tmp_path: P
             s = await in_flight
             assert [p.label for p in s.predictions] == ["b", "a"] or [p.label for p in s.predictions] == ["a", "b"]
             assert s.attribution.shape == (3, 16, 16)
+    finally:
+        GATED.clear()
+        GATE.set()
+
+
+async def test_an_optimisation_job_keeps_its_copy_through_an_unload(tmp_path: Path) -> None:
+    """MaximizeUnit's steps run on the copy the job started with: the model unloaded after its first step
+    began, the job still runs every step and answers."""
+    srv = gated_server(tmp_path)
+    ENTERED.clear(), GATE.clear(), GATED.set()
+    try:
+        async with started(srv) as c:
+            job = asyncio.create_task(c.maximize_unit("gated", 1, steps=4, seed=0))
+            assert await asyncio.to_thread(ENTERED.wait, 60)  # its first step is computing
+            await c.unload_model("gated")
+            with pytest.raises(NotFoundError):
+                await c.maximize_unit("gated", 1, steps=4)
+            GATE.set()
+            result = await job
+            assert result.settings is not None and result.settings["steps"] == 4
+            assert [p.label for p in result.predictions] in (["a", "b"], ["b", "a"])
     finally:
         GATED.clear()
         GATE.set()

@@ -76,11 +76,11 @@ def test_poll_mode_admin_tokens_audit_and_metrics(tmp_path: Path, capsys: pytest
         # Only admin tokens change what is served; anyone with a token may list.
         with pytest.raises(PermissionDeniedError) as err:
             viewer.load_model("beta")
-        assert "admin" in err.value.message
+        assert "admin" in err.value.message and err.value.reason == "ADMIN_TOKEN_REQUIRED"
         assert [e.state for e in ops.load_model("beta")] == ["READY"]  # poll mode: read the folder now
         with pytest.raises(FailedPreconditionError) as err:
             ops.unload_model("beta")
-        assert "poll mode" in err.value.message
+        assert "poll mode" in err.value.message and err.value.reason == "POLL_MODE"
 
         # The CLI lists the repository.
         assert cli(["-s", srv.address, "--token", "s3cret-viewer", "repository", "list"]) == 0

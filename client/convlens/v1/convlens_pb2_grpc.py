@@ -485,6 +485,11 @@ class ModelRepositoryServiceStub:
     With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
     token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
     access log (caller, model, version, status).
+
+    ErrorInfo reasons of this service: MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND (NOT_FOUND, with the field
+    `model` or `version`), MODEL_CONTROL_OFF, NO_MODEL_REPOSITORY, POLL_MODE (unload in poll mode),
+    EMBEDDED_MODEL, MODEL_LOAD_FAILED (FAILED_PRECONDITION), ADMIN_TOKEN_REQUIRED (PERMISSION_DENIED),
+    INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -531,6 +536,11 @@ class ModelRepositoryServiceServicer:
     With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
     token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
     access log (caller, model, version, status).
+
+    ErrorInfo reasons of this service: MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND (NOT_FOUND, with the field
+    `model` or `version`), MODEL_CONTROL_OFF, NO_MODEL_REPOSITORY, POLL_MODE (unload in poll mode),
+    EMBEDDED_MODEL, MODEL_LOAD_FAILED (FAILED_PRECONDITION), ADMIN_TOKEN_REQUIRED (PERMISSION_DENIED),
+    INVALID_ARGUMENT.
     """
 
     def RepositoryIndex(self, request, context):
@@ -603,6 +613,11 @@ class ModelRepositoryService:
     With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
     token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
     access log (caller, model, version, status).
+
+    ErrorInfo reasons of this service: MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND (NOT_FOUND, with the field
+    `model` or `version`), MODEL_CONTROL_OFF, NO_MODEL_REPOSITORY, POLL_MODE (unload in poll mode),
+    EMBEDDED_MODEL, MODEL_LOAD_FAILED (FAILED_PRECONDITION), ADMIN_TOKEN_REQUIRED (PERMISSION_DENIED),
+    INVALID_ARGUMENT.
     """
 
     @staticmethod

@@ -64,7 +64,7 @@ class NotFound(ConvLensError):
 
 
 class PermissionDenied(ConvLensError):
-    pass
+    reason = "PERMISSION_DENIED"
 
 
 class FailedPrecondition(ConvLensError):

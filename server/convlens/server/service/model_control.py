@@ -178,15 +178,16 @@ class ModelControl:
         assert self.root is not None
         if name in self.repository.embedded:
             raise FailedPrecondition(f"{name!r} is an embedded model, part of the server: it cannot be loaded "
-                                     "or unloaded (serve with --no-embedded to leave it out)")
+                                     "or unloaded (serve with --no-embedded to leave it out)", reason="EMBEDDED_MODEL")
         if not (self.root / name).is_dir() or name.startswith("."):
             raise NotFound(f"no model folder {name!r} in the model repository {self.root}; folders: "
-                           f"{', '.join(self.repository.folder_names()) or 'none'}", field="model")
+                           f"{', '.join(self.repository.folder_names()) or 'none'}", field="model",
+                           reason="MODEL_NOT_FOUND")
         async with self._lock(name):
             problems = await self._read(name, [version] if version is not None else None)
         if problems:
             raise FailedPrecondition(f"model {name!r} could not be loaded: " + "; ".join(
-                f"{f'version {v}: ' if v else ''}{r}" for v, r in sorted(problems.items())))
+                f"{f'version {v}: ' if v else ''}{r}" for v, r in sorted(problems.items())), reason="MODEL_LOAD_FAILED")
         return self.index(names=[name])
 
     async def _read(self, name: str, versions: list[int] | None, changed: DiskState | None = None,
@@ -202,7 +203,8 @@ class ModelControl:
                 missing = [v for v in versions if v not in folder.versions]
                 if missing:
                     raise NotFound(f"model {name!r} has no version folder {name}/{missing[0]}/; versions: "
-                                   f"{', '.join(map(str, folder.versions)) or 'none'}", field="version")
+                                   f"{', '.join(map(str, folder.versions)) or 'none'}", field="version",
+                                   reason="MODEL_VERSION_NOT_FOUND")
             read = await asyncio.to_thread(self.repository.read, name, versions)
         finally:
             self._loading -= keys
@@ -225,10 +227,10 @@ class ModelControl:
         self._refuse("unload")
         if self.mode == "poll":
             raise FailedPrecondition("in poll mode the folders decide what is served: remove the folder (or its "
-                                     "version folder) from the model repository to unload it")
+                                     "version folder) from the model repository to unload it", reason="POLL_MODE")
         if name in self.repository.embedded:
             raise FailedPrecondition(f"{name!r} is an embedded model, part of the server: it cannot be loaded "
-                                     "or unloaded (serve with --no-embedded to leave it out)")
+                                     "or unloaded (serve with --no-embedded to leave it out)", reason="EMBEDDED_MODEL")
         async with self._lock(name):
             served = self.repository.versions(name)
             if not served:

@@ -164,4 +164,5 @@ def require_admin(caller: str, admin: bool) -> None:
     """PermissionDenied unless the caller's token is marked admin."""
     if not admin:
         raise PermissionDenied(f"caller {caller!r} may not change what the server serves: this call needs a "
-                               "token marked admin (`name:token:admin` in the --auth-tokens file)")
+                               "token marked admin (`name:token:admin` in the --auth-tokens file)",
+                               reason="ADMIN_TOKEN_REQUIRED")
