@@ -39,6 +39,11 @@ def unary_requests() -> dict[str, Any]:
     }
 
 
+def detail_of(error: dict[str, Any], kind: str) -> dict[str, Any]:
+    (detail,) = [d for d in error["details"] if d["type"] == kind]
+    return detail
+
+
 async def post(front: Front, method: str, body: Any, **headers: str) -> Any:
     data = body if isinstance(body, (str, bytes)) else json_format.MessageToJson(body)
     return await front.http.post(f"/convlens.v1.InspectionService/{method}", content=data, headers=headers)
@@ -108,8 +113,8 @@ async def test_bad_json_is_a_400_naming_the_field(front: Front, body: str, field
     assert answer.status_code == 400, answer.text
     error = answer.json()
     assert error["code"] == "invalid_argument"
-    (detail,) = error["details"]
-    assert detail["type"] == "google.rpc.BadRequest"
+    assert detail_of(error, "google.rpc.ErrorInfo")["debug"]["reason"] == "INVALID_JSON"
+    detail = detail_of(error, "google.rpc.BadRequest")
     assert [v["field"] for v in detail["debug"]["fieldViolations"]] == [field]
     # the binary form Connect clients decode says the same
     value = base64.b64decode(detail["value"] + "=" * (-len(detail["value"]) % 4))
@@ -124,7 +129,8 @@ async def test_a_domain_error_carries_the_same_code_and_violations_as_over_grpc(
     assert answer.status_code == HTTP_STATUS[raised.value.code()]
     error = answer.json()
     assert error["code"] == raised.value.code().name.lower() and error["message"] == raised.value.details()
-    assert error["details"][0]["debug"]["fieldViolations"][0]["field"] == "target.unit.layer"
+    assert detail_of(error, "google.rpc.BadRequest")["debug"]["fieldViolations"][0]["field"] == "target.unit.layer"
+    assert detail_of(error, "google.rpc.ErrorInfo")["debug"]["reason"] == "LAYER_NOT_FOUND"
 
 
 async def test_the_request_id_is_echoed_and_http_calls_are_counted_with_their_protocol(front: Front) -> None:
@@ -158,8 +164,8 @@ async def test_every_contract_method_has_a_route_and_unknown_paths_answer_json(f
 async def test_timeout_headers_are_checked(front: Front) -> None:
     for header, value in (("grpc-timeout", "5x"), ("connect-timeout-ms", "soon")):
         answer = await post(front, "ListModels", "{}", **{header: value})
-        assert answer.status_code == 400 and answer.json()["details"][0]["debug"]["fieldViolations"][0][
-            "field"] == header
+        violations = detail_of(answer.json(), "google.rpc.BadRequest")["debug"]["fieldViolations"]
+        assert answer.status_code == 400 and violations[0]["field"] == header
     assert (await post(front, "ListModels", "{}", **{"grpc-timeout": "5S"})).status_code == 200
 
 

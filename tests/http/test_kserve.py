@@ -85,7 +85,8 @@ async def test_bad_explain_requests_name_the_field(front: Front) -> None:
     for body, field in cases:
         answer = await front.http.post(f"/v1/models/{MODEL}:explain", json=body)
         assert answer.status_code == 400, (body, answer.text)
-        violations = answer.json()["details"][0]["debug"]["fieldViolations"]
+        (bad_request,) = [d for d in answer.json()["details"] if d["type"] == "google.rpc.BadRequest"]
+        violations = bad_request["debug"]["fieldViolations"]
         assert [v["field"] for v in violations] == [field], body
 
 

@@ -36,6 +36,7 @@ from convlens.server.transport.interceptor import ServiceInterceptor
 from convlens.server.transport.status import to_status
 
 BODY_FIELD = "(body)"
+INVALID_JSON = "INVALID_JSON"  # the ErrorInfo reason of a body that is not the request message's proto3 JSON
 
 
 def to_json(message: Any) -> dict[str, Any]:
@@ -63,6 +64,9 @@ def field_path(error: str, data: object, descriptor: Descriptor | None) -> str:
     unknown = re.search(r'has no field named "([^"]+)"', error)
     if unknown:
         names.append(unknown.group(1))
+    at = re.search(r" at [A-Za-z_]\w*((?:\.\w+)+?)\.*$", error)  # "... at SaliencyRequest.smoothgrad.samples."
+    if at and not unknown and len(at.group(1).split(".")[1:]) >= len(names):
+        names = at.group(1).split(".")[1:]
     keys = _json_path(data, names) if names else None
     if keys is None:
         return ".".join(names) or BODY_FIELD
@@ -103,20 +107,22 @@ def parse_message(data: object, message_class: Any, prefix: str = "") -> Any:
     """proto3 JSON (already decoded) into `message_class`; InvalidArgument naming the field otherwise."""
     if not isinstance(data, dict):
         raise InvalidArgument(f"expected a JSON object (the {message_class.DESCRIPTOR.full_name} message in "
-                              f"proto3 JSON), got {type(data).__name__}", field=prefix.rstrip(".") or BODY_FIELD)
+                              f"proto3 JSON), got {type(data).__name__}", field=prefix.rstrip(".") or BODY_FIELD,
+                              reason=INVALID_JSON)
     try:
         return json_format.ParseDict(data, message_class())
     except json_format.ParseError as exc:
         text = str(exc).split("\n")[0]
         raise InvalidArgument(f"bad {message_class.DESCRIPTOR.name} JSON: {text}",
-                              field=prefix + field_path(text, data, message_class.DESCRIPTOR)) from None
+                              field=prefix + field_path(text, data, message_class.DESCRIPTOR),
+                              reason=INVALID_JSON) from None
 
 
 def decode_body(body: bytes) -> object:
     try:
         return json.loads(body) if body.strip() else {}
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise InvalidArgument(f"the body is not JSON: {exc}", field=BODY_FIELD) from None
+        raise InvalidArgument(f"the body is not JSON: {exc}", field=BODY_FIELD, reason=INVALID_JSON) from None
 
 
 def event_name(message: Any) -> str:
