@@ -108,8 +108,10 @@ async def test_bad_json_is_a_400_naming_the_field(front: Front, body: str, field
     assert answer.status_code == 400, answer.text
     error = answer.json()
     assert error["code"] == "invalid_argument"
-    (detail,) = error["details"]
-    assert detail["type"] == "google.rpc.BadRequest"
+    details = {d["type"]: d for d in error["details"]}
+    assert set(details) == {"google.rpc.BadRequest", "google.rpc.ErrorInfo"}  # as over gRPC
+    assert details["google.rpc.ErrorInfo"]["debug"]["reason"] == "INVALID_ARGUMENT"
+    detail = details["google.rpc.BadRequest"]
     assert [v["field"] for v in detail["debug"]["fieldViolations"]] == [field]
     # the binary form Connect clients decode says the same
     value = base64.b64decode(detail["value"] + "=" * (-len(detail["value"]) % 4))
