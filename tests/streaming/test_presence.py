@@ -4,6 +4,8 @@ before compute comes back in one answer, with an ErrorInfo reason; reflection v1
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -63,6 +65,14 @@ async def test_unknown_model_reason(client: AsyncClient) -> None:
     with pytest.raises(cl.NotFoundError) as caught:
         await client.dream(photo(), MODEL, "no.such.layer", **DREAM)
     assert caught.value.reason == "LAYER_NOT_FOUND"
+
+
+async def test_cli_prints_the_reason(server: ConvLensServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from convlens.client._cli import main
+
+    assert await asyncio.to_thread(main, ["-s", f"127.0.0.1:{server.port}", "layers", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: NOT_FOUND: no model 'no-such-model'") and "[MODEL_NOT_FOUND]" in err
 
 
 @pytest.mark.parametrize("service", ["grpc.reflection.v1.ServerReflection",

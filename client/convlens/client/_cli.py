@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result: int = _COMMANDS[args.command](client, args)
             return result
     except ConvLensError as e:
-        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        reason = f" [{e.reason}]" if e.reason else ""  # the server's ErrorInfo reason, stable for scripts
+        print(f"error: {e.code.name}: {e.message}{reason}", file=sys.stderr)
         for v in e.field_violations:
             print(f"  {v.field}: {v.description}", file=sys.stderr)
         return 1

@@ -61,6 +61,10 @@ def field_path(error: str, data: object, descriptor: Descriptor | None) -> str:
     those names in order, spelled with the proto field names.
     """
     names = re.findall(r"Failed to parse (\S+) field", error)
+    # A proto3 `optional` field's error names its whole path only at the end: "... at Request.smoothgrad.samples."
+    at = re.search(r" at \w+\.([\w.]+?)\.?$", error)
+    if at and len(at.group(1).split(".")) > len(names):
+        names = at.group(1).split(".")
     unknown = re.search(r'has no field named "([^"]+)"', error)
     if unknown:
         names.append(unknown.group(1))
