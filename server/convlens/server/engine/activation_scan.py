@@ -23,7 +23,7 @@ from convlens.server.engine.topk_index import (
     candidates,
     from_candidates,
 )
-from convlens.server.errors import NotFound
+from convlens.server.errors import NotFound, echo
 
 
 class _Reached(Exception):
@@ -54,7 +54,7 @@ def layer_output(module: nn.Module, layer: str, inputs: torch.Tensor, *, channel
     finally:
         handle.remove()
     if not captured:
-        raise NotFound(f"layer {layer!r} did not produce a tensor in the forward pass", field="layer")
+        raise NotFound(f"layer {echo(layer)} did not produce a tensor in the forward pass", field="layer")
     return captured[0]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from convlens.server.errors import NotFound
+from convlens.server.errors import NotFound, echo
 from convlens.server.models.embedded import load_embedded
 from convlens.server.models.loaders import ModelConfigError, load_folder
 from convlens.server.models.model import ServedModel
@@ -72,7 +72,7 @@ class ModelRepository:
         try:
             return self._models[name]
         except KeyError:
-            raise NotFound(f"no model {name!r}; served models: {', '.join(self.names()) or 'none'}",
+            raise NotFound(f"no model {echo(name)}; served models: {', '.join(self.names()) or 'none'}",
                            field="model") from None
 
     def names(self) -> list[str]:
