@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convlens.server.engine.hooks import forward_hook
 from convlens.server.engine.layers import not_found
 from convlens.server.engine.topk_index import (
     DEFAULT_PER_IMAGE,
@@ -46,7 +47,7 @@ def layer_output(module: nn.Module, layer: str, inputs: torch.Tensor, *, channel
 
     if channels_last and inputs.ndim == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    handle = target.register_forward_hook(hook)
+    handle = forward_hook(target, hook)
     try:
         module(inputs)
     except _Reached:
