@@ -41,3 +41,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out build *.egg-info
+
+# ---- reliability (#15): tools/reliability; figures in docs/reliability.md
+.PHONY: fuzz soak
+fuzz: $(STAMP)
+	$(PY) -m tools.reliability.fuzz --calls $${FUZZ_CALLS:-10000}
+
+soak: $(STAMP)
+	$(PY) -m tools.reliability.soak --minutes $${SOAK_MINUTES:-30}

@@ -11,7 +11,7 @@ from convlens.server import errors
 from convlens.server.transport.status import to_status
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
-from tests.ops.conftest import TINY
+from tools.reliability.tiny import MODEL as TINY
 
 HUGE = "x" * 100_000
 
