@@ -58,6 +58,9 @@ def compute_steps(model: ServedModel, jobs: Sequence[Job]) -> list[Any]:
     for job in jobs:
         try:
             results.append((run_step(model.module, [job])[0], 1))
+        except torch.OutOfMemoryError:  # this job alone does not fit (#15): retryable, not INTERNAL
+            results.append(ResourceExhausted("out of memory computing this job's step alone; retry with a "
+                                             "smaller size, or on another instance"))
         except Exception as exc:
             results.append(exc)
     return results

@@ -28,6 +28,7 @@ from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.admission import ServiceTimes
 from convlens.server.scheduler.batcher import Batcher, Entry
+from convlens.server.scheduler.memory import compute_splitting, injected_faults, with_faults
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
 from convlens.server.scheduler.shards import (
     Shard,
@@ -59,6 +60,7 @@ class Worker:
         self._metrics = metrics
         self._label = str(device)
         self._times = times  # recent compute time per batch, for deadline-aware admission
+        self._faults = injected_faults()  # test-only (scheduler/memory.py); {} in production
         self._lanes: list[Shard] = []  # [device lane, *shard lanes]; made in start()
         self._busy: dict[int, list[Entry]] = {}  # lane index -> the entries it computes
         self._held: list[Entry] | None = None  # taken for the device lane, waiting for the shards to finish
@@ -234,7 +236,9 @@ class Worker:
                 start - entry.enqueued)
         outcomes: list[Outcome]
         try:
-            results = list(task.compute(self._replica(task.model, replicas, fresh), [e.task.payload for e in live]))
+            results = compute_splitting(with_faults(task.compute, self._faults),
+                                        self._replica(task.model, replicas, fresh),
+                                        [e.task.payload for e in live], f"{task.rpc} request")
             if len(results) != len(live):
                 raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
                                    f"results for {len(live)} payloads")
