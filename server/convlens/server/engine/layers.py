@@ -30,7 +30,7 @@ def not_found(name: str, field: str, model_name: str | None = None, *, hint: str
     model = model_name or "MODEL"
     whose = f"model {echo(model_name)} has" if model_name else "the model has"
     return NotFound(f"no layer {echo(name)}: {whose} no such module; list its layers with GetModel "
-                    f"(`convlens layers {model}`){hint}", field=field)
+                    f"(`convlens layers {model}`){hint}", field=field, reason="LAYER_NOT_FOUND")
 
 
 def not_a_map(name: str, shape: tuple[int, ...] | None, field: str, *, hint: str = "") -> InvalidArgument:

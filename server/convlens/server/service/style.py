@@ -7,18 +7,25 @@ layers; an L-BFGS job runs alone. Validation and decoding happen before the job 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from PIL import Image
 
-from convlens.server.engine.style import StyleJob, StyleSettings, prepare_images, start_image, validate
-from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.compute.style import TargetsPayload, compute_targets
+from convlens.server.engine.optimize.style import StyleJob, StyleSettings, prepare_images, start_image, validate
+from convlens.server.errors import InvalidArgument, Violations
 from convlens.server.models.model import ServedModel
-from convlens.server.ops.style import TargetsPayload, compute_targets
-from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput
-from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview
+from convlens.server.service.streaming import (
+    Progress,
+    StreamingJobService,
+    caller_pixels,
+    check_preview_every,
+    off_loop,
+    picture,
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ class StyleQuery:
     init: str | None = None
     learning_rate: float | None = None
     style_distance: str | None = None
-    seed: int = 0
+    seed: int | None = None  # None: a random one (reported in the settings)
     preview_every: int = 0
 
 
@@ -97,13 +104,13 @@ def _or(value: object, default: object) -> object:
     return default if value is None else value
 
 
-class StyleService:
-    def __init__(self, context: ServiceContext) -> None:
-        self.repository = context.repository
-        self.scheduler = context.scheduler
+class StyleService(StreamingJobService):
+    rpc = "StyleTransfer"
 
-    def settings(self, model: ServedModel, q: StyleQuery) -> StyleSettings:
-        """The request's settings with the model's defaults filled in, validated."""
+    def settings(self, model: ServedModel, q: StyleQuery, violations: Violations | None = None) -> StyleSettings:
+        """The request's settings with the model's defaults filled in, validated: InvalidArgument naming every
+        bad field (added to `violations` instead when given)."""
+        v = Violations() if violations is None else violations
         d = defaults_for(model)
         base = StyleSettings(style_layers=d.style_layers, content_layer=d.content_layer)
         settings = StyleSettings(
@@ -112,16 +119,20 @@ class StyleService:
             style_layer_weights=tuple(q.style_layer_weights),
             style_weight=float(_or(q.style_weight, d.style_weight)),  # type: ignore[arg-type]
             content_weight=float(_or(q.content_weight, base.content_weight)),  # type: ignore[arg-type]
-            steps=q.steps or base.steps, size=q.size or base.size, init=q.init or base.init,
+            steps=int(_or(q.steps, base.steps)), size=int(_or(q.size, base.size)),  # type: ignore[call-overload]
+            init=q.init or base.init,
             optimizer=q.optimizer or base.optimizer,
             learning_rate=float(_or(q.learning_rate, d.learning_rate)),  # type: ignore[arg-type]
             soften=q.soften or d.soften, temperature=float(_or(q.temperature, d.temperature)),  # type: ignore[arg-type]
             gram_normalization=q.gram_normalization or base.gram_normalization,
-            style_distance=q.style_distance or d.style_distance, seed=q.seed)
-        validate(settings)
+            style_distance=q.style_distance or d.style_distance,
+            seed=secrets.randbits(31) if q.seed is None else q.seed)  # a random seed is reported back
+        validate(settings, v)
         for name in settings.style_layers:
-            self._map_layer(model, name, "style_layers")
-        self._map_layer(model, settings.content_layer, "content_layer")
+            v.collect(self._map_layer, model, name, "style_layers")
+        v.collect(self._map_layer, model, settings.content_layer, "content_layer")
+        if violations is None:
+            v.raise_if_any()
         return settings
 
     @staticmethod
@@ -132,31 +143,27 @@ class StyleService:
                                   "map; Gram matrices need a convolutional layer", field=field)
 
     async def __call__(self, query: StyleQuery, deadline: float | None) -> AsyncIterator[Progress | StyleAnswer]:
-        model = self.repository.get(query.model)
-        if not model.supports_gradients:
-            raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
-                                     "forward-only here; StyleTransfer needs gradients")
+        model = self.gradient_model(query.model)
+        violations = Violations()
         for name, image in (("content", query.content), ("style", query.style)):
             if image is None:
-                raise InvalidArgument(f"{name} is required: encoded PNG/JPEG/WebP bytes or a raw tensor",
-                                      field=name)
-        settings = self.settings(model, query)
+                violations.add(name, f"{name} is required: encoded PNG/JPEG/WebP bytes or a raw tensor")
+        settings = self.settings(model, query, violations)
+        check_preview_every(query.preview_every, violations)
+        violations.raise_if_any()
         content = await asyncio.to_thread(caller_pixels, query.content, "content")  # type: ignore[arg-type]
         style = await asyncio.to_thread(caller_pixels, query.style, "style")  # type: ignore[arg-type]
         content, style = await asyncio.to_thread(prepare_images, content, style, settings.size)
-        async with self.scheduler.job(model=model.name, rpc="StyleTransfer", deadline=deadline) as handle:
+        async with self.job(model, deadline) as handle:
             targets = await handle.submit(("style-targets", tuple(content.shape), tuple(style.shape)),
                                           TargetsPayload(content, style, settings), compute_targets)
             job = StyleJob(settings, targets, start_image(content, settings).to(handle.device),
                            mean=model.preprocess.mean, std=model.preprocess.std)
             initial = float("nan")
-            async for report in handle.steps(job):
-                if report.step == 1:
-                    initial = report.terms["style"]
-                preview = None
-                if wants_preview(query.preview_every, report.step, report.total_steps):
-                    preview = await asyncio.to_thread(picture, job.picture())
-                yield Progress(report.step, report.total_steps, dict(report.terms), preview)
+            async for event in self.progress(handle, job, query.preview_every, lambda: picture(job.picture())):
+                if event.step == 1:
+                    initial = event.terms["style"]
+                yield event
             final = job.picture()
             losses = dict(job.losses)
-        yield StyleAnswer(await asyncio.to_thread(picture, final), losses, initial, settings)
+        yield StyleAnswer(await off_loop(lambda: picture(final)), losses, initial, settings)
