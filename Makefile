@@ -64,3 +64,11 @@ clean:
 .PHONY: bench-peers
 bench-peers: $(STAMP)
 	$(PY) -m tools.peers.bench
+
+# ---- reliability (#15): tools/reliability; figures in docs/reliability.md
+.PHONY: fuzz soak
+fuzz: $(STAMP)
+	$(PY) -m tools.reliability.fuzz --calls $${FUZZ_CALLS:-10000}
+
+soak: $(STAMP)
+	$(PY) -m tools.reliability.soak --minutes $${SOAK_MINUTES:-30}

@@ -37,13 +37,16 @@ async def test_mixed_load_settles_every_task(make_scheduler, metrics) -> None:
             return "ok"
         except DeadlineExceeded:
             return "deadline"
-        except ResourceExhausted:
-            return "full"
+        except ResourceExhausted as exc:
+            # deadline-aware admission (#15) refuses at once what the queue cannot compute in time
+            return "unmeetable" if "past its deadline" in exc.message else "full"
 
     outcomes = await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(300))), 30)
     assert s.queue_depth() == 0
     assert metrics.registry.get_sample_value("convlens_scheduler_queue_depth", {"device": "all"}) == 0
-    assert outcomes.count("ok") > 100
+    # On a loaded machine the measured batch time grows and admission refuses more of the 0.5 s callers
+    # (before #15 they waited and often expired): served or told at once, more than a third of the callers.
+    assert outcomes.count("ok") + outcomes.count("unmeetable") > 100
     computed = rec.payloads
     assert len(computed) == len(set(computed))  # no task computed twice
     for _, batch in rec.batches:

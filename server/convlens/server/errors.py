@@ -134,3 +134,18 @@ class Violations:
         if len(self.items) > 1:
             message += f" (and {len(self.items) - 1} more: see the field violations)"
         raise InvalidArgument(message, violations=self.items)
+
+
+# ---- bounded echo: what a caller sent comes back in messages, never whole (issue #15) ----------------------
+
+ECHO_LIMIT = 80  # characters of a caller's value quoted in a message
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)`, cut to `limit` characters with the original length said: a 100,000-character model name
+    must not become 300 kB of trailers that a default client refuses to read."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = f" ({len(value)} chars)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}…{length}"

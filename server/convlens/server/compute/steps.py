@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from convlens.server.engine.optimize.job import Job
 from convlens.server.engine.optimize.runner import run_step
+from convlens.server.errors import ResourceExhausted
 from convlens.server.models.model import ServedModel
 
 
@@ -26,6 +29,9 @@ def compute_steps(model: ServedModel, jobs: Sequence[Job]) -> list[Any]:
     for job in jobs:
         try:
             results.append((run_step(model.module, [job])[0], 1))
+        except torch.OutOfMemoryError:  # this job alone does not fit (#15): retryable, not INTERNAL
+            results.append(ResourceExhausted("out of memory computing this job's step alone; retry with a "
+                                             "smaller size, or on another instance"))
         except Exception as exc:
             results.append(exc)
     return results

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from convlens.server.datasets.dataset import Dataset, DirectoryDataset, SamplesDataset
-from convlens.server.errors import NotFound
+from convlens.server.errors import NotFound, echo
 
 DEFAULT_DATASET = "samples"
 
@@ -43,7 +43,7 @@ class DatasetRegistry:
     def get(self, name: str) -> Dataset:
         d = self._datasets.get(name or DEFAULT_DATASET)
         if d is None:
-            raise NotFound(f"no dataset {name!r}; datasets: {', '.join(self._datasets) or 'none'} "
+            raise NotFound(f"no dataset {echo(name)}; datasets: {', '.join(self._datasets) or 'none'} "
                            "(add one with --dataset NAME=DIR)", field="dataset", reason="DATASET_NOT_FOUND")
         return d
 

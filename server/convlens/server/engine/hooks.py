@@ -16,9 +16,20 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from convlens.server.engine.layers import LayerResolver, resolver_for
+from convlens.server.errors import FailedPrecondition
 
 ForwardHook = Callable[[nn.Module, Any, Any], Any]
 ForwardPreHook = Callable[[nn.Module, Any], Any]
+
+
+def forward_hook(module: nn.Module, hook: ForwardHook) -> Any:
+    """`module.register_forward_hook(hook)`, or FailedPrecondition for a layer inside TorchScript code, which
+    refuses hooks (torch raises a bare RuntimeError that would reach the caller as INTERNAL)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise FailedPrecondition("this layer is inside TorchScript code, whose layers cannot be observed "
+                                 "(no forward hooks): serve the model as a torchvision state dict to use its "
+                                 "inner layers; its output (class targets) works")
+    return module.register_forward_hook(hook)
 
 
 @contextmanager
@@ -29,7 +40,7 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, ForwardHook]],
     handles = []
     try:
         for module, hook in hooks:
-            handles.append(module.register_forward_hook(hook))
+            handles.append(forward_hook(module, hook))
         for module, pre_hook in pre_hooks:
             handles.append(module.register_forward_pre_hook(pre_hook))
         yield

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from convlens.server.errors import InvalidArgument, NotFound
+from convlens.server.errors import InvalidArgument, NotFound, echo
 
 if TYPE_CHECKING:
     from convlens.server.engine.receptive_field import ReceptiveField
@@ -30,19 +30,19 @@ T = TypeVar("T")
 
 def not_found(name: str, field: str, model_name: str | None = None, *, hint: str = "") -> NotFound:
     model = model_name or "MODEL"
-    whose = f"model {model_name!r} has" if model_name else "the model has"
-    return NotFound(f"no layer {name!r}: {whose} no such module; list its layers with GetModel "
+    whose = f"model {echo(model_name)} has" if model_name else "the model has"
+    return NotFound(f"no layer {echo(name)}: {whose} no such module; list its layers with GetModel "
                     f"(`convlens layers {model}`){hint}", field=field, reason="LAYER_NOT_FOUND")
 
 
 def not_a_map(name: str, shape: tuple[int, ...] | None, field: str, *, hint: str = "") -> InvalidArgument:
     got = "no tensor" if shape is None else f"shape {tuple(shape)} per image"
-    return InvalidArgument(f"layer {name!r} outputs {got}, not a (C, H, W) map{hint}", field=field)
+    return InvalidArgument(f"layer {echo(name)} outputs {got}, not a (C, H, W) map{hint}", field=field)
 
 
 def no_weights(name: str, module: nn.Module, field: str) -> InvalidArgument:
     return InvalidArgument(
-        f"layer {name!r} ({type(module).__name__}) has no convolution weights; choose a layer whose "
+        f"layer {echo(name)} ({type(module).__name__}) has no convolution weights; choose a layer whose "
         "catalog entry has has_filters = true", field=field)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convlens.server.errors import InvalidArgument, NotFound
+from convlens.server.errors import InvalidArgument, NotFound, echo
 from convlens.server.models.embedded import load_embedded
 from convlens.server.models.folders import ModelFolder, read_folder
 from convlens.server.models.folders import model_names as folder_names
@@ -163,14 +163,14 @@ class ModelRepository:
         name, version = parse_ref(ref)
         versions = self._versions.get(name)
         if not versions:
-            raise NotFound(f"no model {name!r}; served models: {', '.join(self.names()) or 'none'}",
+            raise NotFound(f"no model {echo(name)}; served models: {', '.join(self.names()) or 'none'}",
                            field="model", reason="MODEL_NOT_FOUND")
         if version is None:
             return versions[max(versions)]
         try:
             return versions[version]
         except KeyError:
-            raise NotFound(f"model {name!r} has no version {version} served; served versions: "
+            raise NotFound(f"model {echo(name)} has no version {version} served; served versions: "
                            f"{', '.join(map(str, versions))}", field="model",
                            reason="MODEL_VERSION_NOT_FOUND") from None
 

@@ -69,6 +69,11 @@ class Batcher:
         self._depth += 1
         self._changed()
 
+    def queued(self) -> list[tuple[str, str, int]]:
+        """(model, rpc, tasks) of every queued group of one-shot tasks (steps excluded: their jobs run anyway)."""
+        return [(model, group[0].task.rpc, len(group)) for model, groups in self._models.items()
+                for group in groups.values() if group and group[0].task.quorum is None]
+
     def discard(self, entry: Entry) -> bool:
         """Remove a still-queued entry (its caller went away); False when it was already taken."""
         groups = self._models.get(entry.task.model)

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from convlens.server.errors import DeadlineExceeded, Unavailable
+from convlens.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
+from convlens.server.scheduler.admission import ServiceTimes, estimated_wait
 from convlens.server.scheduler.batcher import Batcher, Entry
 from convlens.server.scheduler.policy import BatchPolicy, policies_for
 from convlens.server.scheduler.steps import JobHandle, JobRegistry, job_slot
@@ -25,7 +26,8 @@ class Scheduler:
 
     Metrics: queue_depth is one gauge with device="all" (the queue is shared by every device);
     batch_size, compute_seconds, tasks_total, worker_busy_seconds are per device; queue_wait_seconds is
-    per task; rejections_total counts reasons "queue_full", "deadline", "cancelled", "stopping".
+    per task; rejections_total counts reasons "queue_full", "deadline", "deadline_unmeetable" (refused at
+    submit: scheduler/admission.py), "cancelled", "stopping".
     """
 
     def __init__(self, models: Callable[[str], ServedModel], devices: Sequence[torch.device],
@@ -37,7 +39,9 @@ class Scheduler:
         self._metrics = metrics
         self._batcher = Batcher(metrics, max_queue)
         per_device = policies_for(devices, policies)
-        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads) for d in devices]
+        self._times = ServiceTimes()
+        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads, times=self._times)
+                         for d in devices]
         self._jobs = JobRegistry(devices, max_jobs, metrics, self._batcher.notify)
         self._state = "new"  # new -> running -> stopping -> stopped
         self._stopped: asyncio.Future[None] | None = None
@@ -74,6 +78,8 @@ class Scheduler:
         if task.deadline is not None and task.deadline <= now:
             self._reject(task, "deadline")
             raise DeadlineExceeded("deadline passed before the task was queued")
+        if task.deadline is not None and task.quorum is None:
+            self._admit_by_deadline(task, now)
         loop = asyncio.get_running_loop()
         entry = Entry(task, loop.create_future(), now)
         self._batcher.put(entry)  # ResourceExhausted at once when full
@@ -92,6 +98,26 @@ class Scheduler:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _admit_by_deadline(self, task: Task, now: float) -> None:
+        """ResourceExhausted at once when the queue ahead cannot be computed before the task's deadline
+        (scheduler/admission.py): the caller can retry elsewhere instead of waiting the deadline out."""
+        assert task.deadline is not None
+        own = self._times.per_batch(task.model, task.rpc)
+        if own is None or not self._batcher.depth:
+            return
+        lanes = sum(w.lanes for w in self._workers)
+        wait = estimated_wait(self._batcher.queued(), self._times,
+                              max(1, self._workers[0].policy.max_batch_size // max(1, self._workers[0].lanes)),
+                              lanes)
+        left = task.deadline - now
+        if wait > left:  # the queue ahead alone outlasts the deadline (admission.py: why not its own batch)
+            self._reject(task, "deadline_unmeetable")
+            retry = max(0.1, wait + own)
+            raise ResourceExhausted(
+                f"server busy: {self._batcher.depth} tasks queued, about {wait:.2f}s of work ahead of this call "
+                f"and {own:.2f}s for it, past its deadline ({max(left, 0):.2f}s left); retry on another instance, "
+                f"or here after ~{retry:.1f}s, or with a longer deadline")
 
     def _expire(self, entry: Entry) -> None:
         if not entry.future.done() and self._batcher.discard(entry):

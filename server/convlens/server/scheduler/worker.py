@@ -26,7 +26,9 @@ import torch
 from convlens.server.errors import ConvLensError
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
+from convlens.server.scheduler.admission import ServiceTimes
 from convlens.server.scheduler.batcher import Batcher, Entry
+from convlens.server.scheduler.memory import compute_splitting, injected_faults, with_faults
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
 from convlens.server.scheduler.shards import (
     Shard,
@@ -44,7 +46,8 @@ WHOLE = 0  # the device lane's index
 
 class Worker:
     def __init__(self, device: torch.device, policy: BatchPolicy, batcher: Batcher,
-                 models: Callable[[str], ServedModel], metrics: Metrics, threads: int | None = None) -> None:
+                 models: Callable[[str], ServedModel], metrics: Metrics, threads: int | None = None, *,
+                 times: ServiceTimes | None = None) -> None:
         self.device = device
         self.policy = policy
         # Intra-op threads of this worker's compute on a CPU (split between its shards, all of them on the
@@ -57,12 +60,19 @@ class Worker:
         self._models = models
         self._metrics = metrics
         self._label = str(device)
+        self._times = times  # recent compute time per batch, for deadline-aware admission
+        self._faults = injected_faults()  # test-only (scheduler/memory.py); {} in production
         self._lanes: list[Shard] = []  # [device lane, *shard lanes]; made in start()
         self._busy: dict[int, list[Entry]] = {}  # lane index -> the entries it computes
         self._held: list[Entry] | None = None  # taken for the device lane, waiting for the shards to finish
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
+
+    @property
+    def lanes(self) -> int:
+        """Lanes that compute side by side (the shards; one on a GPU or with one shard)."""
+        return self._shard_count
 
     @property
     def busy(self) -> bool:
@@ -227,7 +237,9 @@ class Worker:
                 start - entry.enqueued)
         outcomes: list[Outcome]
         try:
-            results = list(task.compute(self._replica(task, replicas, fresh, lane), [e.task.payload for e in live]))
+            results = compute_splitting(with_faults(task.compute, self._faults),
+                                        self._replica(task, replicas, fresh, lane),
+                                        [e.task.payload for e in live], f"{task.rpc} request")
             if len(results) != len(live):
                 raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
                                    f"results for {len(live)} payloads")
@@ -241,6 +253,8 @@ class Worker:
         self._metrics.compute_seconds.labels(**labels).observe(elapsed)
         self._metrics.tasks.labels(**labels).inc(len(live))
         self._metrics.worker_busy_seconds.labels(device=self._label, lane=lane).inc(elapsed)
+        if self._times is not None and task.quorum is None:
+            self._times.record(task.model, task.rpc, elapsed)
         return outcomes
 
     def _model_of(self, task: Task) -> ServedModel:

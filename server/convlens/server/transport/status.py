@@ -33,13 +33,41 @@ CODES: dict[type[errors.ConvLensError], grpc.StatusCode] = {
 }
 
 
+# Trailers a default grpcio client accepts are 8 KB in all (metadata soft limit); the message travels twice
+# (grpc-message and the details), so each part is cut well below that, whatever a caller's value was.
+MESSAGE_LIMIT = 1000
+DESCRIPTION_LIMIT = 400
+FIELD_LIMIT = 120
+VIOLATIONS_BUDGET = 3000  # characters of all field violations together
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
+def bounded(message: str, violations: list[errors.FieldViolation]
+            ) -> tuple[str, list[errors.FieldViolation]]:
+    """`message` and `violations` cut to fit the trailers; violations beyond the budget are counted."""
+    kept: list[errors.FieldViolation] = []
+    used = 0
+    for i, v in enumerate(violations):
+        cut = errors.FieldViolation(_cut(v.field, FIELD_LIMIT), _cut(v.description, DESCRIPTION_LIMIT))
+        used += len(cut.field) + len(cut.description)
+        if used > VIOLATIONS_BUDGET:
+            kept.append(errors.FieldViolation("…", f"{len(violations) - i} more violations not shown"))
+            break
+        kept.append(cut)
+    return _cut(message, MESSAGE_LIMIT), kept
+
+
 def to_status(exc: BaseException) -> grpc.Status:
     """The status a caller sees for `exc`. Unknown exceptions become INTERNAL without internals."""
     if isinstance(exc, TensorError):
         exc = errors.InvalidArgument(f"bad tensor: {exc}", field="tensor")
     if isinstance(exc, errors.ConvLensError):
         code = next(c for cls, c in CODES.items() if isinstance(exc, cls))
-        message, violations, reason = exc.message, exc.violations, exc.reason
+        message, violations = bounded(exc.message, exc.violations)
+        reason = exc.reason
     else:
         log.exception("internal error", exc_info=exc)
         code, message, violations = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", []
