@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="default: random (printed, so the image can be reproduced)")
     s.add_argument("--lr", type=float, dest="learning_rate", help="Adam's learning rate")
     s.add_argument("--parameterization", choices=["fft", "pixel", "maco"])
+    s.add_argument("--images", type=int, help="optimise N images in one job (-o img.png writes img-1.png ...)")
+    s.add_argument("--diversity", type=float, help="weight of Lucid's diversity objective (with --images >= 2)")
+    s.add_argument("--diversity-layer", help="layer of its Gram matrices (default: the unit's layer)")
     s.add_argument("--deadline", type=float, default=600.0, help="seconds the whole run may take (default 600)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -391,7 +394,8 @@ def _saliency(client: Client, args: argparse.Namespace) -> int:
 def _maximize(client: Client, args: argparse.Namespace) -> int:
     target: Target = _parse_unit(args.unit, args.reduction) if args.unit else args.target
     bar = None if args.quiet else _ProgressBar(sys.stderr)
-    options = {k: getattr(args, k) for k in ("steps", "size", "seed", "learning_rate", "parameterization")
+    options = {k: getattr(args, k) for k in ("steps", "size", "seed", "learning_rate", "parameterization",
+                                             "images", "diversity", "diversity_layer")
                if getattr(args, k) is not None}
     r = client.maximize_unit(args.model, target, preset=args.preset, on_progress=bar,
                              timeout=max(args.timeout, args.deadline), **options)  # type: ignore[arg-type]
@@ -402,7 +406,16 @@ def _maximize(client: Client, args: argparse.Namespace) -> int:
         print(f"  {p.class_index:>5}  {p.probability:7.2%}  logit {p.logit:8.3f}  {p.label}")
     if r.settings:
         print("settings: " + " ".join(f"{k}={v}" for k, v in r.settings.items()))
-    if args.output:
+    if len(r.images) > 1:
+        print(f"{len(r.images)} images, mean pairwise Gram similarity {r.gram_similarity:.3f}; objectives "
+              + " ".join(f"{i.objective:.4g}" for i in r.images))
+    if args.output and len(r.images) > 1:
+        stem, dot, ext = args.output.rpartition(".")
+        for n, item in enumerate(r.images, 1):
+            path = f"{stem}-{n}.{ext}" if dot else f"{args.output}-{n}.png"
+            item.image.save(path)
+            print(f"wrote {path}")
+    elif args.output:
         r.image.save(args.output)
         print(f"wrote {args.output}")
     return 0

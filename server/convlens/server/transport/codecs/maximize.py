@@ -16,7 +16,7 @@ PARAMETERIZATIONS = {pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_FFT
 # Optional request fields that override the preset (same names in MaximizeSettings).
 KNOBS = ("steps", "size", "learning_rate", "l2_decay", "blur_every", "blur_sigma", "jitter", "scale_jitter",
          "rotate_degrees", "seed", "value_percentile", "contribution_percentile", "tv_weight", "pad",
-         "final_jitter", "decay_power")
+         "final_jitter", "decay_power", "images", "diversity", "diversity_layer")
 PRESET_ENUMS = {name: value for value, name in PRESETS.items() if value != pb.MAXIMIZE_PRESET_UNSPECIFIED}
 PARAMETERIZATION_ENUMS = {name: value for value, name in PARAMETERIZATIONS.items()}
 
@@ -49,4 +49,6 @@ def response(event: MaximizeProgress | MaximizeAnswer) -> pb.MaximizeUnitRespons
     return pb.MaximizeUnitResponse(result=pb.MaximizeUnitResult(
         image_png=png(event.image), objective=event.objective,
         predictions=[prediction(p) for p in event.predictions], settings=settings(event.settings),
-        target=target_message(event.target)))
+        target=target_message(event.target), gram_similarity=event.gram_similarity,
+        images=[pb.MaximizeImage(image_png=png(i.image), objective=i.objective,
+                                 predictions=[prediction(p) for p in i.predictions]) for i in event.images]))
