@@ -48,6 +48,8 @@ def association(entry: Entry) -> str:
         return ""
     top = classes[0]
     n = len(entry.get("top") or [])
+    if top["count"] < 2:  # every photo a different class: no association worth the name
+        return f"mixed ({len(classes)} classes in {n})"
     return f"{top['label']} ({top['count']}/{n})"
 
 
@@ -139,7 +141,7 @@ def unit_page(entry: Entry, neighbours: dict[str, UnitKey | None], here: UnitKey
     s = e.get("stats")
     if s:
         parts.append(f'<h2>Channel statistics</h2><table><tr><th>images</th><td>{s["images"]}</td></tr>'
-                     f'<tr><th>mean of per-image max</th><td>{s["mean"]:.4g}</td></tr>'
+                     f'<tr><th>mean (every position)</th><td>{s["mean"]:.4g}</td></tr>'
                      f'<tr><th>max</th><td>{s["max"]:.4g}</td></tr>'
                      f'<tr><th>positive fraction</th><td>{s["positive_fraction"]:.1%}</td></tr></table>')
     classes = ", ".join(f'{_e(k["label"])} ×{k["count"]}' for k in e.get("classes") or [])
