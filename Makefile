@@ -4,19 +4,24 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test serve proto proto-check lint bench clean
+.PHONY: demo gallery test serve proto proto-check lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[server,dev,ray]'
+# CUDA machine (nvidia-smi answers): onnxruntime-gpu in place of the CPU onnxruntime (same module name)
+	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) uninstall -q -y onnxruntime && $(PIP) install -q -e '.[gpu]'; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m convlens.server.demo --out out/demo
+	$(PY) -m tools.demo --out out/demo
+
+gallery: $(STAMP)
+	$(PY) -m tools.demo --gallery --out out/gallery
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -32,12 +37,19 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check client server tests tools
+	$(PY) -m mypy --strict client/convlens/client
 	npx --yes @bufbuild/buf@1 lint proto
 
 bench: $(STAMP)
-	$(PY) -m convlens.server.bench --out docs/performance.md
-	$(PY) -m convlens.server.bench_dream_style --out docs/performance.md
-	$(PY) -m convlens.server.bench_maximize --out docs/performance.md
+	$(PY) -m tools.bench.saliency --out docs/performance.md
+	$(PY) -m tools.bench.dream_style --out docs/performance.md
+	$(PY) -m tools.bench.maximize --out docs/performance.md
 
 clean:
 	rm -rf out build *.egg-info
+
+# Issue 18: ConvLens against a plain grpc.aio server and Ray Serve on the same work (tools/peers/);
+# prints the tables, writes out/bench/peers.json. Not part of `make test`.
+.PHONY: bench-peers
+bench-peers: $(STAMP)
+	$(PY) -m tools.peers.bench

@@ -62,7 +62,7 @@ def test_the_parser_sees_imports() -> None:
 
 def test_the_engine_is_pure_torch() -> None:
     graph = imports_by_part()
-    forbidden = {"models", "scheduler", "service", "transport", "ops", "app", "config", "grpc",
+    forbidden = {"models", "scheduler", "service", "transport", "compute", "app", "config", "grpc",
                  "convlens.v1", "convlens.client", "google"}
     bad = {part: sorted(map(str, graph["engine"][part])) for part in forbidden if part in graph["engine"]}
     assert not bad, f"engine/ imports layers above it: {bad}"
@@ -102,9 +102,17 @@ def test_no_longer_import_cycles() -> None:
             assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
-def test_the_transport_needs_nothing_from_the_sdk() -> None:
+def test_the_server_needs_nothing_from_the_sdk_or_the_tools() -> None:
+    """The SDK is a client of the server, and the developer tools (tools/) are clients of both: none of
+    the server's packages or modules imports them (no exemption: the benches and the demo live in tools/)."""
     graph = imports_by_part()
-    assert "convlens.client" not in graph["transport"], sorted(map(str, graph["transport"]["convlens.client"]))
-    server_wide = {part: sorted(map(str, files["convlens.client"])) for part, files in graph.items()
-                   if "convlens.client" in files and not part.startswith(("bench", "demo"))}
-    assert not server_wide, f"server code outside the bench/demo tools imports the SDK: {server_wide}"
+    assert "models" in graph and "transport" in graph, "the walk reached the server's packages"
+    server_wide = {part: sorted(map(str, files[foreign])) for part, files in graph.items()
+                   for foreign in ("convlens.client", "tools") if foreign in files}
+    assert not server_wide, f"server code imports the SDK or the developer tools: {server_wide}"
+
+
+def test_the_server_package_holds_no_developer_tools() -> None:
+    """convlens.server's top level holds the server's own modules and packages only."""
+    tooling = sorted(p.name for p in SERVER.glob("*.py") if p.stem.startswith(("bench", "demo")))
+    assert not tooling, f"developer tools belong in tools/, not the served package: {tooling}"

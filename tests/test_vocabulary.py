@@ -11,11 +11,16 @@ import pytest
 
 from convlens.client import _cli, _convert, _types
 from convlens.server.engine import integrated_gradients, render, saliency, smoothgrad, targets
-from convlens.server.engine import style as style_engine
+from convlens.server.engine.optimize import maximize as maximize_engine
+from convlens.server.engine.optimize import style as style_engine
+from convlens.server.service import saliency as saliency_service
+from convlens.server.service import top_activations as top_service
 from convlens.server.transport.codecs import common, filters
+from convlens.server.transport.codecs import maximize as maximize_codec
 from convlens.server.transport.codecs import saliency as saliency_codec
 from convlens.server.transport.codecs import style as style_codec
-from convlens.server.transport.codecs.vocabulary import enum_names
+from convlens.server.transport.codecs import top_activations as top_codec
+from convlens.server.transport.codecs.vocabulary import enum_names, enum_values
 from convlens.v1 import convlens_pb2 as pb
 
 
@@ -33,6 +38,8 @@ def test_server_tables_cover_every_proto_value_and_every_option() -> None:
     assert set(filters.SCALINGS.values()) == set(render.SCALINGS)
     assert filters.SCALINGS[pb.FILTER_SCALING_PER_FILTER_MINMAX] == "minmax"
     assert set(saliency_codec.SMOOTH_BASES) <= set(saliency.METHODS)
+    assert set(saliency_codec.SALIENCY_OUTPUTS.values()) == set(saliency_service.OUTPUTS)
+    assert set(top_codec.TOP_OUTPUTS.values()) == set(top_service.OUTPUTS)
 
 
 def test_a_drifted_option_fails_loudly() -> None:
@@ -54,10 +61,71 @@ def test_sdk_scalings_reductions_and_baselines_are_the_engines() -> None:
     assert set(typing.get_args(_types.Reduction)) == set(targets.REDUCTIONS)
 
 
+def test_sdk_output_tables_are_the_servers() -> None:
+    assert _convert.SALIENCY_OUTPUTS == named(saliency_codec.SALIENCY_OUTPUTS)
+    assert _convert.TOP_OUTPUTS == named(top_codec.TOP_OUTPUTS)
+
+
 def test_sdk_style_tables_are_the_servers() -> None:
     assert _convert._DISTANCES == named(style_codec.DISTANCES)
     assert set(_convert._DISTANCES) == set(style_engine.STYLE_DISTANCES) == set(typing.get_args(_types.StyleDistance))
     assert _convert._SOFTEN == named(style_codec.SOFTEN) and set(_convert._SOFTEN) == set(style_engine.SOFTEN)
+
+
+def test_optimisation_tables_are_derived_from_the_engine_and_pinned_to_the_sdk() -> None:
+    derived = {
+        "preset": (maximize_codec.PRESETS, maximize_engine.PRESETS, _convert._PRESETS),
+        "parameterization": (maximize_codec.PARAMETERIZATIONS, maximize_engine.PARAMETERIZATIONS,
+                             _convert._PARAMETERIZATIONS),
+        "optimizer": (style_codec.OPTIMIZERS, style_engine.OPTIMIZERS, _convert._OPTIMIZERS),
+        "gram_normalization": (style_codec.GRAMS, style_engine.GRAM_NORMALIZATIONS, _convert._GRAMS),
+        "init": (style_codec.INITS, style_engine.INITS, _convert._INITS),
+    }
+    for name, (table, engine_names, sdk) in derived.items():
+        assert set(table.values()) == set(engine_names), name
+        assert set(table) == {v for v in table if v == 0} | set(sdk.values()), name  # every proto value
+        assert named(table) == sdk, name
+    assert maximize_codec.PRESETS[pb.MAXIMIZE_PRESET_UNSPECIFIED] == "lucid"
+    assert style_codec.OPTIMIZERS[pb.OPTIMIZER_UNSPECIFIED] == "adam"
+    assert pb.PARAMETERIZATION_UNSPECIFIED not in maximize_codec.PARAMETERIZATIONS  # unset: the preset's
+
+
+def test_maximize_knobs_are_declared_once_on_the_settings() -> None:
+    """KNOBS (read off MaximizeSettings' fields) are exactly the request's optional numbers, and each
+    range is what the service enforces: its ends pass, just outside fails, naming the field."""
+    from dataclasses import fields
+
+    from convlens.server.errors import InvalidArgument
+
+    optional = {f.name for f in pb.MaximizeUnitRequest.DESCRIPTOR.fields if f.has_presence and f.message_type is None}
+    assert set(maximize_engine.KNOBS) == optional
+    assert set(maximize_engine.KNOBS) <= {f.name for f in fields(maximize_engine.MaximizeSettings)}
+    for name, (low, high) in maximize_engine.KNOBS.items():
+        if name in ("size", "pad", "jitter", "final_jitter", "scale_jitter"):
+            continue  # bounded together by the input side as well; their ranges are checked below
+        for ok in (low, high):
+            assert getattr(maximize_engine.MaximizeSettings.checked("lucid", **{name: ok}), name) == ok
+        with pytest.raises(InvalidArgument) as e:
+            maximize_engine.MaximizeSettings.checked("lucid", **{name: high + 1})
+        assert [v.field for v in e.value.violations] == [name]
+    for name in ("size", "pad", "jitter", "final_jitter", "scale_jitter"):
+        low, high = maximize_engine.KNOBS[name]
+        with pytest.raises(InvalidArgument) as e:
+            maximize_engine.MaximizeSettings.checked("lucid", **{name: low - 1})
+        assert [v.field for v in e.value.violations] == [name]
+
+
+def test_the_one_reverse_lookup() -> None:
+    """Every derived table, read back: each option to the one non-UNSPECIFIED value that names it."""
+    tables = [saliency_codec.METHODS, saliency_codec.BASELINES, common.REDUCTIONS, filters.SCALINGS,
+              maximize_codec.PRESETS, maximize_codec.PARAMETERIZATIONS, style_codec.OPTIMIZERS, style_codec.SOFTEN,
+              style_codec.GRAMS, style_codec.INITS, style_codec.DISTANCES]
+    for table in tables:
+        values = enum_values(table)
+        assert set(values) == set(table.values()) and 0 not in values.values()
+        assert all(table[value] == name for name, value in values.items())
+    assert enum_values(maximize_codec.PRESETS) == {"lecture": pb.MAXIMIZE_PRESET_LECTURE,
+                                                   "lucid": pb.MAXIMIZE_PRESET_LUCID, "maco": pb.MAXIMIZE_PRESET_MACO}
 
 
 def test_cli_choices_are_the_engines() -> None:

@@ -142,7 +142,8 @@ class FakeServicer(pb_grpc.InspectionServiceServicer):
         target = request.target if request.HasField("target") else pb.Target(class_index=281)
         return pb.SaliencyResponse(
             attribution=to_tensor(attribution), heatmap=to_tensor(attribution.max(axis=0)),
-            overlay_png=png(Image.new("RGB", (w, h))) if request.render_overlay else b"",
+            overlay_png=(png(Image.new("RGB", (w, h)))
+                         if request.render_overlay or pb.SALIENCY_OUTPUT_OVERLAY in request.outputs else b""),
             predictions=[pb.Prediction(class_index=281, label="tabby", logit=12.5, probability=0.75),
                          pb.Prediction(class_index=282, label="tiger cat", logit=11.0, probability=0.2)],
             geometry=pb.Geometry(original_height=h, original_width=w, resized_height=256, resized_width=256,

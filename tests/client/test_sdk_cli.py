@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from convlens.client._cli import main
+from convlens.v1 import convlens_pb2 as pb
 
 from .fake_server import MODEL, WEIGHTS, FakeServer
 
@@ -62,6 +63,9 @@ def test_saliency(server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixt
     assert np.load(npy).shape == (3, 10, 14)
     req = server.rec.requests[-1]
     assert req.target.class_index == 281 and req.method == 2
+    # Only what the command writes or prints: no heatmap, and the overlay as an output, not render_overlay.
+    assert set(req.outputs) == {pb.SALIENCY_OUTPUT_OVERLAY, pb.SALIENCY_OUTPUT_PREDICTIONS,
+                                pb.SALIENCY_OUTPUT_ATTRIBUTION} and not req.render_overlay
 
     assert main(["-s", server.target, "saliency", str(img), "--unit", "_blocks.10:5:3:4"]) == 0
     u = server.rec.requests[-1].target.unit

@@ -24,6 +24,7 @@ PUBLIC = [
     "TopActivations", "UnauthenticatedError", "UnavailableError", "UnimplementedError", "UnknownError",
     "Unit",
     "__version__",
+    "RepositoryModel",  # model control (issue 14)
 ]
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from convlens.server.engine import dream as D
 from convlens.server.engine.hooks import leftover_hooks
 from convlens.server.engine.layer_features import PixelSpace
+from convlens.server.engine.optimize import dream as D
 from convlens.server.engine.optimize.job import StepLoss
 from convlens.server.engine.optimize.runner import run_step
 from convlens.server.errors import InvalidArgument

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from convlens.server.engine import style as S
 from convlens.server.engine.hooks import leftover_hooks
 from convlens.server.engine.layer_features import PixelSpace
+from convlens.server.engine.optimize import style as S
 from convlens.server.engine.optimize.runner import run_step
 from convlens.server.errors import InvalidArgument
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
+from convlens.server.compute.saliency import SaliencyPayload, compute_saliency
 from convlens.server.engine.saliency import SaliencyOptions
 from convlens.server.engine.targets import ClassTarget, UnitTarget
 from convlens.server.metrics import Metrics
 from convlens.server.models.catalog import build_catalog
 from convlens.server.models.model import Preprocess, ServedModel
-from convlens.server.ops.saliency import SaliencyPayload, compute_saliency
 from convlens.server.scheduler import BatchPolicy, Scheduler, Task
 from convlens.server.scheduler.policy import memory_format_for
 from tests.engine.conftest import LiteNet, ReluNet, randomise_batchnorm, seeded

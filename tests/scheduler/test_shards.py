@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 
+from convlens.server.compute.saliency import SaliencyPayload, compute_saliency
 from convlens.server.engine.saliency import SaliencyOptions
 from convlens.server.engine.targets import ClassTarget, UnitTarget
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
-from convlens.server.ops.saliency import SaliencyPayload, compute_saliency
 from convlens.server.scheduler import BatchPolicy, Scheduler, Task
 from convlens.server.scheduler.policy import policies_for
 from convlens.server.scheduler.shards import process_default_threads, set_process_default_threads, split

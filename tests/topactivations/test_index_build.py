@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from convlens.client._cli import main as cli
-from convlens.server.engine.topk_index import TopKIndex
+from convlens.server.engine.topk import file_format
+from convlens.server.engine.topk.index import TopKIndex
 from convlens.server.indexing.build import build_index, index_key
 from convlens.server.indexing.cli import parse_shard
 from convlens.server.indexing.sources import DatasetSource, ModelSource
@@ -59,9 +60,9 @@ def test_shards_from_job_completion_index_merge_to_the_one_pass_index(
     key = index_key(model, dataset, LAYER)  # type: ignore[arg-type]
     assert not key.path(tmp_path).exists()
     shards = sorted(key.folder(tmp_path).glob("*.shard-*"))
-    assert len(shards) == 3 and sum(TopKIndex.load(p).count for p in shards) == len(PHOTOS)
+    assert len(shards) == 3 and sum(file_format.load(p).count for p in shards) == len(PHOTOS)
     assert cli(["index", "merge", *_args(setup, tmp_path)]) == 0
-    merged = TopKIndex.load(key.path(tmp_path))
+    merged = file_format.load(key.path(tmp_path))
     assert merged.same_as(_one_pass(setup))
     assert merged.meta["skipped_count"] == "0" and merged.count == len(PHOTOS)
 
@@ -95,7 +96,7 @@ def test_ray_build_on_a_local_cluster_equals_the_single_process_build(
     assert done.returncode == 0, done.stderr[-3000:]
     assert "indexed" in done.stdout
     model, dataset = (s.load() for s in _sources(setup))
-    built = TopKIndex.load(index_key(model, dataset, LAYER).path(tmp_path))  # type: ignore[arg-type]
+    built = file_format.load(index_key(model, dataset, LAYER).path(tmp_path))  # type: ignore[arg-type]
     # Same entries and order; scores to float rounding (Ray's batches differ, and oneDNN computes a batch
     # of 1 slightly differently from a batch of 3).
     assert built.matches(_one_pass(setup))

@@ -240,3 +240,20 @@ def test_cli_top_writes_a_contact_sheet_and_datasets_lists(server: ServerProcess
     assert cli(["-s", server.address, "datasets"]) == 0
     table = capsys.readouterr().out
     assert "photos" in table and "resnet18:layer2" in table
+
+
+def test_selected_outputs_are_there_iff_asked_and_equal_the_full_answer(server: ServerProcess) -> None:
+    with Client(server.address, timeout=300) as c:
+        full = c.top_activations("resnet18", "layer2", 3, k=3, dataset="photos", crops=True, include_images=True)
+        stats_only = c.top_activations("resnet18", "layer2", 3, k=3, dataset="photos", outputs=["stats"])
+        crops = c.top_activations("resnet18", "layer2", 3, k=3, dataset="photos", outputs=["crops"])
+        default = c.top_activations("resnet18", "layer2", 3, k=3, dataset="photos")
+    assert len(full) == 3 and full.stats is not None
+    assert len(stats_only) == 0 and stats_only.stats == full.stats
+    assert stats_only.images_scanned == full.images_scanned and stats_only.channels == full.channels
+    # Crops imply the entries; no pictures, no stats.
+    assert crops.stats is None and [e.source for e in crops] == [e.source for e in full]
+    assert all(e.image is None and e.crop is not None for e in crops)
+    assert [np.asarray(e.crop).tolist() for e in crops] == [np.asarray(e.crop).tolist() for e in full]
+    assert [(e.score, e.box) for e in default] == [(e.score, e.box) for e in full]
+    assert default.stats == full.stats and all(e.crop is None and e.image is None for e in default)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from convlens.server.engine.topk_index import Entry, ImageId, TopKIndex, candidates, coverage_of, from_candidates, merge
+from convlens.server.engine.topk import file_format
+from convlens.server.engine.topk.candidates import candidates
+from convlens.server.engine.topk.index import Entry, ImageId, TopKIndex, coverage_of, from_candidates, merge
 
 C, H, W = 5, 4, 6
 
@@ -137,8 +139,8 @@ def test_memory_stays_bounded_by_channels_times_k(tmp_path):
         index.add(ids, candidates(torch.randn(20, C, H, W), per_image))
     assert index.count == 400
     assert len(index.images) <= 3 * C * k_max
-    index.save(tmp_path / "i.npz")
-    assert TopKIndex.load(tmp_path / "i.npz").same_as(index)
+    file_format.save(index, tmp_path / "i.npz")
+    assert file_format.load(tmp_path / "i.npz").same_as(index)
 
 
 def test_nan_never_ranks_and_merge_refuses_other_shapes():

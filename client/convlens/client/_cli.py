@@ -15,7 +15,7 @@ from PIL import Image
 
 from ._client import Client
 from ._config import TLS, TLSArg
-from ._convert import SALIENCY_METHODS
+from ._convert import SALIENCY_METHODS, SALIENCY_OUTPUTS
 from ._exceptions import ConvLensError
 from ._types import Target, Unit
 
@@ -45,6 +45,8 @@ examples:
   convlens atlas efficientnet_lite0 -o atlas/ --layers _blocks.2,_blocks.8 --channels 0-7 --jobs 4
   convlens index build efficientnet_lite0 photos _blocks.10 --dataset photos=/data/photos --shard 0/4
   convlens serve --help
+  convlens serve --http-port 8080     # also HTTP/JSON + KServe v1
+  convlens kserve-explainer --model_name cat-classifier --predictor_host p.ns --http_port 8080
 """
 
 
@@ -102,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="integrated_gradients")
     s.add_argument("--baseline", help="integrated_gradients: black, blurred or an image file")
     s.add_argument("--cam-layer", help="grad_cam / guided_grad_cam")
+    s.add_argument("--outputs", type=_outputs_arg, metavar="LIST",
+                   help="comma-separated outputs to compute and send: attribution, heatmap, overlay, predictions "
+                        "(default: what -o / --npy and the printout need)")
 
     s = sub.add_parser("maximize", help="synthesise an image that excites a class or unit (streams progress)")
     s.add_argument("model", help="a served model, e.g. efficientnet_lite0")
@@ -190,11 +195,25 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="the datasets TopActivations ranks on, and their indexes")
 
+    s = sub.add_parser("repository", help="model control: list the server's model repository, load, reload or "
+                                          "unload a model (load/unload need an admin token with --auth-tokens)")
+    action = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    r = action.add_parser("list", help="every model folder (each version) and embedded model, with its state")
+    r.add_argument("--ready", action="store_true", help="only READY versions")
+    for verb, text in (("load", "load or reload a model folder (every version, or --version N)"),
+                       ("unload", "stop serving a model (every version, or --version N)")):
+        r = action.add_parser(verb, help=text)
+        r.add_argument("model", help="the model folder's name (NAME@VERSION also names a version)")
+        r.add_argument("--version", type=int, help="only this version")
+
     sub.add_parser("index", help="build TopActivations indexes ahead of time, without a server (needs "
                                  "`pip install 'convlens[server]'`): `convlens index build --help`", add_help=False)
 
     sub.add_parser("serve", help="run the server (needs `pip install 'convlens[server]'`); "
                                  "arguments after `serve` go to it unparsed", add_help=False)
+    sub.add_parser("kserve-explainer", help="run the server as a KServe custom explainer (--model_name, "
+                                            "--predictor_host, --http_port as KServe passes them; then serve "
+                                            "flags): `convlens kserve-explainer --help`", add_help=False)
 
     s = sub.add_parser("loadtest", help="concurrency sweep: throughput, latency, server queue/compute split")
     s.add_argument("--rpc", choices=["saliency", "get_filters", "list_models"], default="saliency")
@@ -232,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(argv[i + 1:])  # everything after `serve` belongs to the server's own parser
     if i is not None and argv[i] == "index":
         return _index(argv[i + 1:])
+    if i is not None and argv[i] == "kserve-explainer":
+        return _server_command("convlens.server.kserve_explainer", "kserve-explainer", argv[i + 1:])
     args = _parser().parse_args(argv)
     tls = _tls(args)
     try:
@@ -334,6 +355,18 @@ def _datasets(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _repository(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        entries = client.repository_index(ready_only=args.ready)
+    elif args.action == "load":
+        entries = client.load_model(args.model, args.version)
+    else:
+        entries = client.unload_model(args.model, args.version)
+    _table(["NAME", "VERSION", "STATE", "DEFAULT", "SOURCE", "REASON"],
+           [[e.name, str(e.version), e.state, "*" if e.default else "", e.source, e.reason or "-"] for e in entries])
+    return 0
+
+
 def _models(client: Client, args: argparse.Namespace) -> int:
     rows = [[m.name, m.format, f"{m.input_size[0]}x{m.input_size[1]}", str(m.num_classes),
              f"{m.parameter_count:,}", "yes" if m.supports_gradients else "no", m.description]
@@ -386,27 +419,42 @@ def _parse_unit(text: str, reduction: str) -> Unit:
     raise ValueError(f"--unit {text!r}: expected LAYER:CHANNEL or LAYER:CHANNEL:Y:X with integers")
 
 
+def _outputs_arg(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SALIENCY_OUTPUTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(SALIENCY_OUTPUTS)}")
+    return names
+
+
 def _saliency(client: Client, args: argparse.Namespace) -> int:
     target: Target | None = _parse_unit(args.unit, args.reduction) if args.unit else args.target
+    outputs = args.outputs
+    if outputs is None:  # only what this command prints or writes
+        outputs = ("predictions", *(("overlay",) if args.output else ()),
+                   *(("attribution",) if args.npy else ()))
     s = client.saliency(args.image, args.model, target=target, method=args.method, samples=args.samples,
                         noise_level=args.noise_level, base_method=args.base_method, seed=args.seed,
                         steps=args.steps, baseline=args.baseline, cam_layer=args.cam_layer,
-                        overlay=bool(args.output))
+                        overlay=False, outputs=outputs)
     what = _describe(s.target)
-    print(f"{args.method} of {what} (value {s.target_value:.4g}); attribution {list(s.attribution.shape)}")
+    shape = "not asked" if s.attribution is None else list(s.attribution.shape)
+    print(f"{args.method} of {what} (value {s.target_value:.4g}); attribution {shape}")
     for p in s.predictions[:5]:
         print(f"  {p.class_index:>5}  {p.probability:7.2%}  logit {p.logit:8.3f}  {p.label}")
     if s.modified_activations:
         print(f"modified activations: {s.modified_activations}")
     for note in s.notes:
         print(f"note: {note}")
-    if args.npy:
+    if args.npy and s.attribution is not None:
         np.save(args.npy, s.attribution)
         print(f"wrote {args.npy}")
     if args.output:
         # Without a server-rendered overlay, the heatmap alone is still worth writing.
-        img = s.overlay if s.overlay is not None else _grey(s.heatmap)
-        img.save(args.output)
+        if s.overlay is not None:
+            s.overlay.save(args.output)
+        elif s.heatmap is not None:
+            _grey(s.heatmap).save(args.output)
         print(f"wrote {args.output}")
     return 0
 
@@ -418,7 +466,7 @@ def _maximize(client: Client, args: argparse.Namespace) -> int:
                                              "images", "diversity", "diversity_layer")
                if getattr(args, k) is not None}
     r = client.maximize_unit(args.model, target, preset=args.preset, on_progress=bar,
-                             timeout=max(args.timeout, args.deadline), **options)  # type: ignore[arg-type]
+                             timeout=max(args.timeout, args.deadline), **options)
     if bar is not None:
         bar.finish()
     print(f"{_describe(target)}: objective {r.objective:.4g}")
@@ -568,7 +616,8 @@ def _atlas(client: Client, args: argparse.Namespace) -> int:
 
 _COMMANDS = {"atlas": _atlas,
              "health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency,
-             "maximize": _maximize, "top": _top, "datasets": _datasets, "dream": _dream, "style": _style}
+             "maximize": _maximize, "top": _top, "datasets": _datasets, "dream": _dream, "style": _style,
+             "repository": _repository}
 
 
 if __name__ == "__main__":

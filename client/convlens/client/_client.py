@@ -32,6 +32,7 @@ from ._types import (
     ModelDetails,
     ModelInfo,
     Progress,
+    RepositoryModel,
     SaliencyResult,
     StyleTransferOptions,
     StyleTransferResult,
@@ -84,6 +85,7 @@ class Client:
         self._channel = (grpc.secure_channel(target, creds, opts) if creds is not None
                          else grpc.insecure_channel(target, opts))
         self._stub = pb_grpc.InspectionServiceStub(self._channel)
+        self._repository = pb_grpc.ModelRepositoryServiceStub(self._channel)
 
     def __repr__(self) -> str:
         return f"Client({self._config.target!r})"
@@ -108,10 +110,10 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def _unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
+    def _unary(self, rpc: str, request: Any, timeout: float | None = None, stub: Any = None) -> Any:
         try:
-            return getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
-                                            metadata=self._config.metadata)
+            return getattr(stub or self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
+                                                    metadata=self._config.metadata)
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
 
@@ -168,14 +170,17 @@ class Client:
     def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
                         dataset: str | None = "samples", ranking: str = "max", max_per_image: int = 1,
                         images: Sequence[ImageInput] | None = None, crops: bool = False,
-                        include_images: bool = False, timeout: float | None = None) -> TopActivations:
+                        include_images: bool = False, outputs: Sequence[str] | None = None,
+                        timeout: float | None = None) -> TopActivations:
         """The k dataset regions (or regions of `images`) that most excite one channel, best first.
 
         A list of entries with .source .score .y .x .box .crop .image; `.stats` summarises the channel.
+        outputs: which of entries, crops, images, stats to compute and send (None: entries and stats, plus
+        crops / images when asked by `crops` / `include_images`).
         """
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
                                          crops=crops, include_images=include_images, ranking=ranking,
-                                         max_per_image=max_per_image)
+                                         max_per_image=max_per_image, outputs=outputs)
         return cv.top_activations(self._unary("TopActivations", req, timeout))
 
     def list_datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
@@ -186,20 +191,43 @@ class Client:
                  method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
                  base_method: str | None = None, seed: int | None = None, steps: int | None = None,
                  baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
-                 cam_layer: str | None = None, overlay: bool = True,
+                 cam_layer: str | None = None, overlay: bool = True, outputs: Sequence[str] | None = None,
                  timeout: float | None = None) -> SaliencyResult:
         """Attribute a class logit (int), a Unit, or (None) the top-1 class to the image's pixels.
 
         method: gradient, guided_backprop, deconvnet, smoothgrad, integrated_gradients, grad_cam,
         guided_grad_cam. SmoothGrad: samples, noise_level, base_method, seed. Integrated gradients: steps,
         baseline ("black", "blurred" or an image), blur_sigma. Grad-CAM: cam_layer. Unset: server default.
+        outputs: which of attribution, heatmap, overlay, predictions to compute and send (None: all but
+        the overlay, plus the overlay when `overlay`); outputs not asked come back as None / [].
         Every method also takes `timeout`: this call's deadline in seconds instead of the client's.
         """
         req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
                                   noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
                                   baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer,
-                                  overlay=overlay)
+                                  overlay=overlay, outputs=outputs)
         return cv.saliency(self._unary("Saliency", req, timeout))
+
+    # ------------------------------------------------------------ model control (ModelRepositoryService)
+
+    def repository_index(self, *, ready_only: bool = False, timeout: float | None = None) -> list[RepositoryModel]:
+        """Every model folder of the server's repository (each version) and embedded model, with its state."""
+        resp = self._unary("RepositoryIndex", pb.RepositoryIndexRequest(ready_only=ready_only), timeout,
+                           self._repository)
+        return cv.repository_models(resp.models)
+
+    def load_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                   ) -> list[RepositoryModel]:
+        """Load (or reload) a model folder: every version, or one; returns the model's versions after it.
+        Calls in flight finish on the copy they started on. Needs an admin token when the server takes tokens."""
+        req = pb.LoadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models(self._unary("LoadModel", req, timeout, self._repository).models)
+
+    def unload_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                     ) -> list[RepositoryModel]:
+        """Stop serving a model (every version, or one): new calls get NotFoundError, calls in flight finish."""
+        req = pb.UnloadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models(self._unary("UnloadModel", req, timeout, self._repository).models)
 
     # ------------------------------------------------------------ streaming RPCs
 
@@ -258,6 +286,7 @@ class AsyncClient:
         self._channel = (grpc.aio.secure_channel(target, creds, opts) if creds is not None
                          else grpc.aio.insecure_channel(target, opts))
         self._stub = pb_grpc.InspectionServiceStub(self._channel)
+        self._repository = pb_grpc.ModelRepositoryServiceStub(self._channel)
 
     def __repr__(self) -> str:
         return f"AsyncClient({self._config.target!r})"
@@ -283,10 +312,10 @@ class AsyncClient:
 
     # ------------------------------------------------------------ plumbing
 
-    async def _unary(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
+    async def _unary(self, rpc: str, request: Any, timeout: float | None = None, stub: Any = None) -> Any:
         try:
-            return await getattr(self._stub, rpc)(request, timeout=_pick(timeout, self._config.timeout.unary),
-                                                  metadata=self._config.metadata)
+            return await getattr(stub or self._stub, rpc)(
+                request, timeout=_pick(timeout, self._config.timeout.unary), metadata=self._config.metadata)
         except grpc.RpcError as err:
             raise _map_rpc_error(err) from err
 
@@ -344,10 +373,11 @@ class AsyncClient:
     async def top_activations(self, model: str, layer: str, channel: int, *, k: int = 9,
                               dataset: str | None = "samples", ranking: str = "max", max_per_image: int = 1,
                               images: Sequence[ImageInput] | None = None, crops: bool = False,
-                              include_images: bool = False, timeout: float | None = None) -> TopActivations:
+                              include_images: bool = False, outputs: Sequence[str] | None = None,
+                              timeout: float | None = None) -> TopActivations:
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
                                          crops=crops, include_images=include_images, ranking=ranking,
-                                         max_per_image=max_per_image)
+                                         max_per_image=max_per_image, outputs=outputs)
         return cv.top_activations(await self._unary("TopActivations", req, timeout))
 
     async def list_datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
@@ -357,13 +387,31 @@ class AsyncClient:
                        method: str = "gradient", samples: int | None = None, noise_level: float | None = None,
                        base_method: str | None = None, seed: int | None = None, steps: int | None = None,
                        baseline: str | ImageInput | None = None, blur_sigma: float | None = None,
-                       cam_layer: str | None = None, overlay: bool = True,
-                 timeout: float | None = None) -> SaliencyResult:
+                       cam_layer: str | None = None, overlay: bool = True, outputs: Sequence[str] | None = None,
+                       timeout: float | None = None) -> SaliencyResult:
         req = cv.saliency_request(image, model, target=target, method=method, samples=samples,
                                   noise_level=noise_level, base_method=base_method, seed=seed, steps=steps,
                                   baseline=baseline, blur_sigma=blur_sigma, cam_layer=cam_layer,
-                                  overlay=overlay)
+                                  overlay=overlay, outputs=outputs)
         return cv.saliency(await self._unary("Saliency", req, timeout))
+
+    # ------------------------------------------------------------ model control (see Client for docs)
+
+    async def repository_index(self, *, ready_only: bool = False, timeout: float | None = None
+                               ) -> list[RepositoryModel]:
+        resp = await self._unary("RepositoryIndex", pb.RepositoryIndexRequest(ready_only=ready_only), timeout,
+                                 self._repository)
+        return cv.repository_models(resp.models)
+
+    async def load_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                         ) -> list[RepositoryModel]:
+        req = pb.LoadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models((await self._unary("LoadModel", req, timeout, self._repository)).models)
+
+    async def unload_model(self, name: str, version: int | None = None, *, timeout: float | None = None
+                           ) -> list[RepositoryModel]:
+        req = pb.UnloadModelRequest(**cv.model_target(name, version))
+        return cv.repository_models((await self._unary("UnloadModel", req, timeout, self._repository)).models)
 
     # ------------------------------------------------------------ streaming RPCs
 

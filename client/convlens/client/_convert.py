@@ -32,6 +32,7 @@ from ._types import (
     Prediction,
     Progress,
     ReceptiveField,
+    RepositoryModel,
     SaliencyResult,
     StyleTransferResult,
     Target,
@@ -40,7 +41,7 @@ from ._types import (
     Unit,
 )
 
-SALIENCY_METHODS: dict[str, int] = {
+SALIENCY_METHODS: dict[str, pb.SaliencyMethod.ValueType] = {
     "gradient": pb.SALIENCY_METHOD_GRADIENT,
     "guided_backprop": pb.SALIENCY_METHOD_GUIDED_BACKPROP,
     "deconvnet": pb.SALIENCY_METHOD_DECONVNET,
@@ -53,6 +54,10 @@ RANKINGS = {"max": pb.RANKING_MAX, "mean": pb.RANKING_MEAN}
 _INDEX_STATES = {pb.INDEX_STATE_READY: "ready", pb.INDEX_STATE_BUILDING: "building", pb.INDEX_STATE_ABSENT: "absent"}
 _SCALINGS = {"minmax": pb.FILTER_SCALING_PER_FILTER_MINMAX, "symmetric": pb.FILTER_SCALING_SYMMETRIC}
 _BASELINES = {"black": pb.BASELINE_BLACK, "blurred": pb.BASELINE_BLURRED}
+SALIENCY_OUTPUTS = {"attribution": pb.SALIENCY_OUTPUT_ATTRIBUTION, "heatmap": pb.SALIENCY_OUTPUT_HEATMAP,
+                    "overlay": pb.SALIENCY_OUTPUT_OVERLAY, "predictions": pb.SALIENCY_OUTPUT_PREDICTIONS}
+TOP_OUTPUTS = {"entries": pb.TOP_ACTIVATIONS_OUTPUT_ENTRIES, "crops": pb.TOP_ACTIVATIONS_OUTPUT_CROPS,
+               "images": pb.TOP_ACTIVATIONS_OUTPUT_IMAGES, "stats": pb.TOP_ACTIVATIONS_OUTPUT_STATS}
 _REDUCTIONS = {"mean": pb.REDUCTION_MEAN, "max": pb.REDUCTION_MAX}
 _PARAMETERIZATIONS = {"fft": pb.PARAMETERIZATION_FFT, "pixel": pb.PARAMETERIZATION_PIXEL,
                       "maco": pb.PARAMETERIZATION_MACO}
@@ -66,8 +71,10 @@ _GRAMS = {"positions": pb.GRAM_NORMALIZATION_POSITIONS, "elements": pb.GRAM_NORM
 _INITS = {"content": pb.STYLE_INIT_CONTENT, "noise": pb.STYLE_INIT_NOISE}
 _DISTANCES = {"mse": pb.STYLE_DISTANCE_MSE, "relative": pb.STYLE_DISTANCE_RELATIVE}
 
+_Code = TypeVar("_Code", bound=int)  # an enum's number, typed as that enum's values
 
-def _choice(table: Mapping[str, int], value: str, what: str) -> int:
+
+def _choice(table: Mapping[str, _Code], value: str, what: str) -> _Code:
     try:
         return table[value]
     except (KeyError, TypeError):
@@ -104,20 +111,24 @@ def filters_request(model: str, layer: str, *, grid: bool, scaling: str, max_fil
 
 def top_activations_request(model: str, layer: str, channel: int, *, k: int, dataset: str | None,
                             images: Sequence[ImageInput] | None, crops: bool, include_images: bool,
-                            ranking: str = "max", max_per_image: int = 1) -> pb.TopActivationsRequest:
+                            ranking: str = "max", max_per_image: int = 1,
+                            outputs: Sequence[str] | None = None) -> pb.TopActivationsRequest:
     return pb.TopActivationsRequest(
         model=model, layer=layer, channel=channel, k=k, dataset=dataset or "",
-        images=[to_image(img, what=f"images[{i}]") for i, img in enumerate(images or ())],
         include_crops=crops, include_images=include_images, ranking=_choice(RANKINGS, ranking, "ranking"),
-        max_per_image=max_per_image)
+        max_per_image=max_per_image, outputs=[_choice(TOP_OUTPUTS, o, "output") for o in outputs or ()],
+        images=[to_image(img, what=f"images[{i}]") for i, img in enumerate(images or ())])
 
 
 def saliency_request(image: ImageInput, model: str, *, target: Target | None, method: str,
                      samples: int | None, noise_level: float | None, base_method: str | None,
                      seed: int | None, steps: int | None, baseline: str | ImageInput | None,
-                     blur_sigma: float | None, cam_layer: str | None, overlay: bool) -> pb.SaliencyRequest:
+                     blur_sigma: float | None, cam_layer: str | None, overlay: bool,
+                     outputs: Sequence[str] | None = None) -> pb.SaliencyRequest:
+    """`outputs` None: the server's default (+ the overlay when `overlay`); else exactly those outputs."""
     req = pb.SaliencyRequest(model=model, method=_choice(SALIENCY_METHODS, method, "saliency method"),
-                             render_overlay=overlay)
+                             render_overlay=overlay and outputs is None,
+                             outputs=[_choice(SALIENCY_OUTPUTS, o, "output") for o in outputs or ()])
     if samples is not None or noise_level is not None or base_method is not None or seed is not None:
         req.smoothgrad.SetInParent()
         sg = req.smoothgrad
@@ -191,7 +202,19 @@ def model_info(m: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(name=m.name, format=m.format, input_size=(m.input_height, m.input_width),
                      num_classes=m.num_classes, resize=m.resize, mean=tuple(m.mean), std=tuple(m.std),
                      supports_gradients=m.supports_gradients, parameter_count=m.parameter_count,
-                     description=m.description)
+                     description=m.description, version=m.version or 1)
+
+
+def repository_models(models: Any) -> list[RepositoryModel]:
+    states = {pb.MODEL_STATE_READY: "READY", pb.MODEL_STATE_UNAVAILABLE: "UNAVAILABLE",
+              pb.MODEL_STATE_LOADING: "LOADING"}
+    return [RepositoryModel(name=m.name, version=m.version, state=states.get(m.state, "UNSPECIFIED"),
+                            reason=m.reason, source=m.source, default=m.default_version) for m in models]
+
+
+def model_target(name: str, version: int | None) -> dict[str, Any]:
+    """The fields of a LoadModelRequest / UnloadModelRequest."""
+    return {"model": name} if version is None else {"model": name, "version": version}
 
 
 def _layer(layer: pb.LayerInfo) -> LayerInfo:
@@ -242,7 +265,8 @@ def saliency(r: pb.SaliencyResponse) -> SaliencyResult:
     geometry = (Geometry(g.original_height, g.original_width, g.resized_height, g.resized_width, g.crop_top,
                          g.crop_left, g.input_height, g.input_width, g.scale)
                 if r.HasField("geometry") else None)
-    return SaliencyResult(attribution=_f32(r.attribution), heatmap=_f32(r.heatmap),
+    return SaliencyResult(attribution=_f32(r.attribution) if r.HasField("attribution") else None,
+                          heatmap=_f32(r.heatmap) if r.HasField("heatmap") else None,
                           overlay=png_to_pil(r.overlay_png), predictions=predictions(r.predictions),
                           geometry=geometry, target=_target(r.target), target_value=r.target_value,
                           modified_activations=r.modified_activations, notes=list(r.notes),
@@ -288,7 +312,7 @@ def _image(data: bytes) -> Image.Image:
 
 def maximize_result(r: pb.MaximizeUnitResult) -> MaximizeResult:
     settings: dict[str, Any] = {f.name: getattr(r.settings, f.name) for f in r.settings.DESCRIPTOR.fields}
-    names = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
+    names: dict[str, Mapping[str, int]] = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
     for key, table in names.items():  # enum numbers as the names the options take
         settings[key] = next((name for name, code in table.items() if code == settings[key]), settings[key])
     images = [MaximizeImage(_image(i.image_png), i.objective, predictions(i.predictions)) for i in r.images]
@@ -317,8 +341,8 @@ def dream_result(r: pb.DreamResult) -> DreamResult:
 
 
 def style_result(r: pb.StyleTransferResult) -> StyleTransferResult:
-    enums = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS, "init": _INITS,
-             "style_distance": _DISTANCES}
+    enums: dict[str, Mapping[str, int]] = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS,
+                                           "init": _INITS, "style_distance": _DISTANCES}
     return StyleTransferResult(_image(r.image_png), r.style_loss, r.content_loss, r.total_loss,
                                r.initial_style_loss, _fields(r.settings, enums))
 

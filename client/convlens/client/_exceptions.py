@@ -21,7 +21,7 @@ call is made; only what the server (or the channel) answered becomes a ConvLensE
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -139,7 +139,9 @@ def _field_violations(err: grpc.RpcError) -> list[FieldViolation]:
     # Rich details ride in the grpc-status-details-bin trailer. A malformed or mismatched trailer must
     # never hide the real error, so any decoding problem just means "no violations".
     try:
-        status = rpc_status.from_call(err)  # a failed call's RpcError is also its Call
+        # from_call reads trailing_metadata(), code() and details(): a failed sync call's RpcError is its Call,
+        # and grpc.aio's AioRpcError has the same three methods (it is no grpc.Call, hence the cast).
+        status = rpc_status.from_call(cast(grpc.Call, err))
     except Exception:
         return []
     if status is None:

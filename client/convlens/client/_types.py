@@ -73,6 +73,24 @@ class ModelInfo:
     supports_gradients: bool  # False: gradient techniques answer FailedPreconditionError
     parameter_count: int
     description: str
+    version: int = 1  # the version this describes (NAME@VERSION in requests names one)
+
+
+@dataclass(frozen=True)
+class RepositoryModel:
+    """One version of one model in the server's repository index (model control)."""
+
+    name: str
+    version: int  # 1 for a flat folder or an embedded model; 0: the folder has no readable version
+    state: str  # "READY", "UNAVAILABLE" or "LOADING"
+    reason: str  # why it is not READY (or what its last failed load said while an older copy serves)
+    source: str  # "repository" or "embedded"
+    default: bool  # serves calls that name no version
+
+    @property
+    def ref(self) -> str:
+        """How a request names exactly this version."""
+        return f"{self.name}@{self.version}"
 
 
 @dataclass(frozen=True)
@@ -144,8 +162,8 @@ class Geometry:
 
 @dataclass(frozen=True, eq=False)
 class SaliencyResult:
-    attribution: npt.NDArray[np.float32]  # [C, H, W], in normalised-input units
-    heatmap: npt.NDArray[np.float32]  # [H, W]
+    attribution: npt.NDArray[np.float32] | None  # [C, H, W], in normalised-input units (None: not asked)
+    heatmap: npt.NDArray[np.float32] | None  # [H, W] (None: not asked)
     overlay: Image.Image | None
     predictions: list[Prediction]  # top-5
     geometry: Geometry | None

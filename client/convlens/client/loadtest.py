@@ -69,6 +69,9 @@ class LoadTestConfig:
     image: ImageInput | None = None  # saliency; None: synthetic_image()
     method: str = "gradient"  # saliency
     class_target: int | None = None  # saliency; None: the top-1 class
+    # saliency: the outputs asked for (SaliencyRequest.outputs); the sweep measures serving a heatmap with
+    # its predictions, not shipping the 600 kB attribution. None: the server's default answer.
+    outputs: tuple[str, ...] | None = ("heatmap", "predictions")
     concurrency: tuple[int, ...] = (1, 4, 16, 32)
     duration: float = 20.0
     warmup: float = 2.0
@@ -183,7 +186,7 @@ def _request(cfg: LoadTestConfig) -> Any:
                              else pil_to_png(Image.fromarray(synthetic_image())))
         return cv.saliency_request(image, cfg.model, target=cfg.class_target, method=cfg.method, samples=None,
                                    noise_level=None, base_method=None, seed=None, steps=None, baseline=None,
-                                   blur_sigma=None, cam_layer=None, overlay=False)
+                                   blur_sigma=None, cam_layer=None, overlay=False, outputs=cfg.outputs)
     if cfg.rpc == "get_filters":
         return cv.filters_request(cfg.model, cfg.layer, grid=False, scaling="minmax", max_filters=None,
                                   max_input_channels=None, cell_scale=None)

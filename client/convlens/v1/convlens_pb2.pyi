@@ -7,6 +7,8 @@ Conventions:
 - Images travel as encoded bytes (PNG/JPEG/WebP) or as a raw Tensor, never as repeated floats.
 - A raw image Tensor is [H, W], [H, W, 1] or [H, W, 3], uint8 or float32 on the 0..255 scale.
 - Errors are gRPC status codes with google.rpc details (BadRequest field violations for bad fields).
+- Every request's `model` field names a served model as NAME (its highest served version) or
+  NAME@VERSION (that version: a folder MODEL/VERSION/ of the model repository). See ModelRepositoryService.
 """
 
 from collections import abc as _abc
@@ -416,6 +418,102 @@ STYLE_INIT_NOISE: StyleInit.ValueType  # 2
 """Uniform noise from the seed."""
 Global___StyleInit: _TypeAlias = StyleInit  # noqa: Y015
 
+class _SaliencyOutput:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SaliencyOutputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SaliencyOutput.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SALIENCY_OUTPUT_UNSPECIFIED: _SaliencyOutput.ValueType  # 0
+    """Invalid in a request."""
+    SALIENCY_OUTPUT_ATTRIBUTION: _SaliencyOutput.ValueType  # 1
+    """SaliencyResponse.attribution ([C, H, W] float32, ~600 kB at 224 px)."""
+    SALIENCY_OUTPUT_HEATMAP: _SaliencyOutput.ValueType  # 2
+    """SaliencyResponse.heatmap ([H, W] float32, ~200 kB at 224 px)."""
+    SALIENCY_OUTPUT_OVERLAY: _SaliencyOutput.ValueType  # 3
+    """SaliencyResponse.overlay_png (a PNG rendered on the server)."""
+    SALIENCY_OUTPUT_PREDICTIONS: _SaliencyOutput.ValueType  # 4
+    """SaliencyResponse.predictions (top-5)."""
+
+class SaliencyOutput(_SaliencyOutput, metaclass=_SaliencyOutputEnumTypeWrapper):
+    """---------------------------------------------------------------- selectable outputs
+
+    SaliencyOutput names one part of a SaliencyResponse a caller may ask for (SaliencyRequest.outputs).
+    Geometry, target, target_value, notes and the counters always come back: they cost nothing.
+    """
+
+SALIENCY_OUTPUT_UNSPECIFIED: SaliencyOutput.ValueType  # 0
+"""Invalid in a request."""
+SALIENCY_OUTPUT_ATTRIBUTION: SaliencyOutput.ValueType  # 1
+"""SaliencyResponse.attribution ([C, H, W] float32, ~600 kB at 224 px)."""
+SALIENCY_OUTPUT_HEATMAP: SaliencyOutput.ValueType  # 2
+"""SaliencyResponse.heatmap ([H, W] float32, ~200 kB at 224 px)."""
+SALIENCY_OUTPUT_OVERLAY: SaliencyOutput.ValueType  # 3
+"""SaliencyResponse.overlay_png (a PNG rendered on the server)."""
+SALIENCY_OUTPUT_PREDICTIONS: SaliencyOutput.ValueType  # 4
+"""SaliencyResponse.predictions (top-5)."""
+Global___SaliencyOutput: _TypeAlias = SaliencyOutput  # noqa: Y015
+
+class _TopActivationsOutput:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TopActivationsOutputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TopActivationsOutput.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOP_ACTIVATIONS_OUTPUT_UNSPECIFIED: _TopActivationsOutput.ValueType  # 0
+    """Invalid in a request."""
+    TOP_ACTIVATIONS_OUTPUT_ENTRIES: _TopActivationsOutput.ValueType  # 1
+    """The entries (TopActivationsResponse.activations: source, score, position, boxes, geometry)."""
+    TOP_ACTIVATIONS_OUTPUT_CROPS: _TopActivationsOutput.ValueType  # 2
+    """Each entry's crop_png (implies the entries)."""
+    TOP_ACTIVATIONS_OUTPUT_IMAGES: _TopActivationsOutput.ValueType  # 3
+    """Each entry's image_png (implies the entries)."""
+    TOP_ACTIVATIONS_OUTPUT_STATS: _TopActivationsOutput.ValueType  # 4
+    """TopActivationsResponse.stats."""
+
+class TopActivationsOutput(_TopActivationsOutput, metaclass=_TopActivationsOutputEnumTypeWrapper):
+    """TopActivationsOutput names one part of a TopActivationsResponse a caller may ask for.
+    images_scanned, channels and dataset always come back.
+    """
+
+TOP_ACTIVATIONS_OUTPUT_UNSPECIFIED: TopActivationsOutput.ValueType  # 0
+"""Invalid in a request."""
+TOP_ACTIVATIONS_OUTPUT_ENTRIES: TopActivationsOutput.ValueType  # 1
+"""The entries (TopActivationsResponse.activations: source, score, position, boxes, geometry)."""
+TOP_ACTIVATIONS_OUTPUT_CROPS: TopActivationsOutput.ValueType  # 2
+"""Each entry's crop_png (implies the entries)."""
+TOP_ACTIVATIONS_OUTPUT_IMAGES: TopActivationsOutput.ValueType  # 3
+"""Each entry's image_png (implies the entries)."""
+TOP_ACTIVATIONS_OUTPUT_STATS: TopActivationsOutput.ValueType  # 4
+"""TopActivationsResponse.stats."""
+Global___TopActivationsOutput: _TypeAlias = TopActivationsOutput  # noqa: Y015
+
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    MODEL_STATE_READY: _ModelState.ValueType  # 1
+    """Served: calls naming it are answered."""
+    MODEL_STATE_UNAVAILABLE: _ModelState.ValueType  # 2
+    """Not served: never loaded, unloaded, or broken (the reason says which)."""
+    MODEL_STATE_LOADING: _ModelState.ValueType  # 3
+    """Being read. A version already served keeps serving its old copy meanwhile."""
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """ModelState is where one version of a model stands."""
+
+MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+MODEL_STATE_READY: ModelState.ValueType  # 1
+"""Served: calls naming it are answered."""
+MODEL_STATE_UNAVAILABLE: ModelState.ValueType  # 2
+"""Not served: never loaded, unloaded, or broken (the reason says which)."""
+MODEL_STATE_LOADING: ModelState.ValueType  # 3
+"""Being read. A version already served keeps serving its old copy meanwhile."""
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """Tensor is a dense array: C-order, little-endian bytes."""
@@ -767,6 +865,7 @@ class ModelInfo(_message.Message):
     SUPPORTS_GRADIENTS_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     format: _builtins.str
     """"embedded", "torchvision", "torchscript" or "onnx"."""
@@ -779,6 +878,10 @@ class ModelInfo(_message.Message):
     """False for forward-only formats (ONNX): gradient techniques answer FAILED_PRECONDITION."""
     parameter_count: _builtins.int
     description: _builtins.str
+    version: _builtins.int
+    """The version this describes (1 for a flat model folder and embedded models). ListModels lists each
+    model's default (highest) version; GetModel("NAME@VERSION") describes another.
+    """
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Normalisation on the 0..1 scale: (x/255 - mean) / std, per RGB channel."""
@@ -799,10 +902,11 @@ class ModelInfo(_message.Message):
         supports_gradients: _builtins.bool = ...,
         parameter_count: _builtins.int = ...,
         description: _builtins.str = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "format", b"format", "input_height", b"input_height", "input_width", b"input_width", "mean", b"mean", "name", b"name", "num_classes", b"num_classes", "parameter_count", b"parameter_count", "resize", b"resize", "std", b"std", "supports_gradients", b"supports_gradients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "format", b"format", "input_height", b"input_height", "input_width", b"input_width", "mean", b"mean", "name", b"name", "num_classes", b"num_classes", "parameter_count", b"parameter_count", "resize", b"resize", "std", b"std", "supports_gradients", b"supports_gradients", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1053,6 +1157,7 @@ class TopActivationsRequest(_message.Message):
     INCLUDE_IMAGES_FIELD_NUMBER: _builtins.int
     RANKING_FIELD_NUMBER: _builtins.int
     MAX_PER_IMAGE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     layer: _builtins.str
     channel: _builtins.int
@@ -1073,6 +1178,13 @@ class TopActivationsRequest(_message.Message):
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """The caller's own images, ranked directly instead of a dataset (at most 64)."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[Global___TopActivationsOutput.ValueType]:
+        """The outputs wanted (TopActivationsOutput); empty: the entries and the stats (+ crops with include_crops,
+        + pictures with include_images). Outputs not named are neither computed nor encoded; include_crops and
+        include_images add theirs.
+        """
+
     def __init__(
         self,
         *,
@@ -1086,10 +1198,11 @@ class TopActivationsRequest(_message.Message):
         include_images: _builtins.bool = ...,
         ranking: Global___Ranking.ValueType = ...,
         max_per_image: _builtins.int = ...,
+        outputs: _abc.Iterable[Global___TopActivationsOutput.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "max_per_image", b"max_per_image", "model", b"model", "ranking", b"ranking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "max_per_image", b"max_per_image", "model", b"model", "outputs", b"outputs", "ranking", b"ranking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1452,6 +1565,7 @@ class SaliencyRequest(_message.Message):
     GRAD_CAM_FIELD_NUMBER: _builtins.int
     BASELINE_IMAGE_FIELD_NUMBER: _builtins.int
     RENDER_OVERLAY_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     method: Global___SaliencyMethod.ValueType
     render_overlay: _builtins.bool
@@ -1469,6 +1583,12 @@ class SaliencyRequest(_message.Message):
     def baseline_image(self) -> Global___Image:
         """For BASELINE_IMAGE."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[Global___SaliencyOutput.ValueType]:
+        """The outputs wanted (SaliencyOutput); empty: attribution, heatmap and predictions (+ the overlay with
+        render_overlay). Outputs not named are neither computed nor encoded; render_overlay adds the overlay.
+        """
+
     def __init__(
         self,
         *,
@@ -1481,10 +1601,11 @@ class SaliencyRequest(_message.Message):
         grad_cam: Global___GradCamOptions | None = ...,
         baseline_image: Global___Image | None = ...,
         render_overlay: _builtins.bool = ...,
+        outputs: _abc.Iterable[Global___SaliencyOutput.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline_image", b"baseline_image", "grad_cam", b"grad_cam", "image", b"image", "integrated_gradients", b"integrated_gradients", "smoothgrad", b"smoothgrad", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_image", b"baseline_image", "grad_cam", b"grad_cam", "image", b"image", "integrated_gradients", b"integrated_gradients", "method", b"method", "model", b"model", "render_overlay", b"render_overlay", "smoothgrad", b"smoothgrad", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_image", b"baseline_image", "grad_cam", b"grad_cam", "image", b"image", "integrated_gradients", b"integrated_gradients", "method", b"method", "model", b"model", "outputs", b"outputs", "render_overlay", b"render_overlay", "smoothgrad", b"smoothgrad", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2393,6 +2514,197 @@ class StyleTransferResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___StyleTransferResponse: _TypeAlias = StyleTransferResponse  # noqa: Y015
+
+@_typing.final
+class RepositoryModel(_message.Message):
+    """RepositoryModel is one version of one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DEFAULT_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The folder's name (the model's name in requests)."""
+    version: _builtins.int
+    """The version (1 for a flat folder and for embedded models; 0 when the folder has no readable version)."""
+    state: Global___ModelState.ValueType
+    reason: _builtins.str
+    """Why it is not READY (or what went wrong with its last load while an older copy serves)."""
+    source: _builtins.str
+    """"repository" (a --model-repo folder) or "embedded" (part of the server; cannot be loaded or unloaded)."""
+    default_version: _builtins.bool
+    """True for the version that serves calls naming no version."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        state: Global___ModelState.ValueType = ...,
+        reason: _builtins.str = ...,
+        source: _builtins.str = ...,
+        default_version: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_version", b"default_version", "name", b"name", "reason", b"reason", "source", b"source", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepositoryModel: _TypeAlias = RepositoryModel  # noqa: Y015
+
+@_typing.final
+class RepositoryIndexRequest(_message.Message):
+    """RepositoryIndexRequest filters the index."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READY_ONLY_FIELD_NUMBER: _builtins.int
+    ready_only: _builtins.bool
+    """Only READY versions."""
+    def __init__(
+        self,
+        *,
+        ready_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready_only", b"ready_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepositoryIndexRequest: _TypeAlias = RepositoryIndexRequest  # noqa: Y015
+
+@_typing.final
+class RepositoryIndexResponse(_message.Message):
+    """RepositoryIndexResponse lists the models, sorted by name and version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    MODEL_CONTROL_FIELD_NUMBER: _builtins.int
+    model_control: _builtins.str
+    """"none", "explicit" or "poll"."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepositoryModel]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___RepositoryModel] | None = ...,
+        model_control: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_control", b"model_control", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepositoryIndexResponse: _TypeAlias = RepositoryIndexResponse  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    """LoadModelRequest names the folder to load."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A folder name of the model repository (NAME@VERSION is accepted for `version`)."""
+    version: _builtins.int
+    """Only this version (MODEL/VERSION/); unset: every version in the folder, and served versions whose
+    folder is gone are unloaded.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
+    _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelResponse(_message.Message):
+    """LoadModelResponse is the model's versions after the load."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepositoryModel]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___RepositoryModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelResponse: _TypeAlias = LoadModelResponse  # noqa: Y015
+
+@_typing.final
+class UnloadModelRequest(_message.Message):
+    """UnloadModelRequest names the model to stop serving."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A served model's name (NAME@VERSION is accepted for `version`)."""
+    version: _builtins.int
+    """Only this version; unset: every version."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
+    _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
+
+Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelResponse(_message.Message):
+    """UnloadModelResponse is the model's versions after the unload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepositoryModel]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___RepositoryModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
 
 @_typing.final
 class MaximizeImage(_message.Message):

@@ -451,3 +451,226 @@ class InspectionService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelRepositoryServiceStub:
+    """---------------------------------------------------------------- model control
+
+    ModelRepositoryService lists and changes what the server serves from its --model-repo, after Triton's
+    model-repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload).
+
+    Layout: one folder per model, either flat (MODEL/model.toml, served as version 1) or versioned
+    (MODEL/1/model.toml, MODEL/2/model.toml, ...). Calls naming a model without a version go to its
+    highest served version. Start-up modes (`convlens serve --model-control`): `none` (load every folder at
+    start; LoadModel and UnloadModel answer FAILED_PRECONDITION), `explicit` (load every folder at start,
+    then only on these calls), `poll` (the folders decide: new or changed versions are loaded, removed ones
+    unloaded, every --repository-poll-s seconds; LoadModel reads a folder at once, UnloadModel answers
+    FAILED_PRECONDITION).
+
+    A load of a served version makes a new copy and swaps it in: calls in flight finish on the copy they
+    started on, new calls get the new copy, and no batch mixes two copies. If the load fails the old copy
+    keeps serving. An unload removes the model at once: new calls answer NOT_FOUND, calls in flight finish.
+
+    With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
+    token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
+    access log (caller, model, version, status).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RepositoryIndex = channel.unary_unary(
+                '/convlens.v1.ModelRepositoryService/RepositoryIndex',
+                request_serializer=convlens_dot_v1_dot_convlens__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=convlens_dot_v1_dot_convlens__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/convlens.v1.ModelRepositoryService/LoadModel',
+                request_serializer=convlens_dot_v1_dot_convlens__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=convlens_dot_v1_dot_convlens__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/convlens.v1.ModelRepositoryService/UnloadModel',
+                request_serializer=convlens_dot_v1_dot_convlens__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=convlens_dot_v1_dot_convlens__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+
+
+class ModelRepositoryServiceServicer:
+    """---------------------------------------------------------------- model control
+
+    ModelRepositoryService lists and changes what the server serves from its --model-repo, after Triton's
+    model-repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload).
+
+    Layout: one folder per model, either flat (MODEL/model.toml, served as version 1) or versioned
+    (MODEL/1/model.toml, MODEL/2/model.toml, ...). Calls naming a model without a version go to its
+    highest served version. Start-up modes (`convlens serve --model-control`): `none` (load every folder at
+    start; LoadModel and UnloadModel answer FAILED_PRECONDITION), `explicit` (load every folder at start,
+    then only on these calls), `poll` (the folders decide: new or changed versions are loaded, removed ones
+    unloaded, every --repository-poll-s seconds; LoadModel reads a folder at once, UnloadModel answers
+    FAILED_PRECONDITION).
+
+    A load of a served version makes a new copy and swaps it in: calls in flight finish on the copy they
+    started on, new calls get the new copy, and no batch mixes two copies. If the load fails the old copy
+    keeps serving. An unload removes the model at once: new calls answer NOT_FOUND, calls in flight finish.
+
+    With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
+    token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
+    access log (caller, model, version, status).
+    """
+
+    def RepositoryIndex(self, request, context):
+        """RepositoryIndex lists every model folder (each version) and every embedded model, with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """LoadModel loads (or reloads) a model folder: all its versions, or one. NOT_FOUND when there is no
+        such folder or version; FAILED_PRECONDITION when a version cannot be loaded (the reason says why;
+        RepositoryIndex lists it UNAVAILABLE) or model control is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """UnloadModel stops serving a model (all versions, or one). NOT_FOUND when it is not served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelRepositoryServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=convlens_dot_v1_dot_convlens__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=convlens_dot_v1_dot_convlens__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=convlens_dot_v1_dot_convlens__pb2.LoadModelRequest.FromString,
+                    response_serializer=convlens_dot_v1_dot_convlens__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=convlens_dot_v1_dot_convlens__pb2.UnloadModelRequest.FromString,
+                    response_serializer=convlens_dot_v1_dot_convlens__pb2.UnloadModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'convlens.v1.ModelRepositoryService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('convlens.v1.ModelRepositoryService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelRepositoryService:
+    """---------------------------------------------------------------- model control
+
+    ModelRepositoryService lists and changes what the server serves from its --model-repo, after Triton's
+    model-repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload).
+
+    Layout: one folder per model, either flat (MODEL/model.toml, served as version 1) or versioned
+    (MODEL/1/model.toml, MODEL/2/model.toml, ...). Calls naming a model without a version go to its
+    highest served version. Start-up modes (`convlens serve --model-control`): `none` (load every folder at
+    start; LoadModel and UnloadModel answer FAILED_PRECONDITION), `explicit` (load every folder at start,
+    then only on these calls), `poll` (the folders decide: new or changed versions are loaded, removed ones
+    unloaded, every --repository-poll-s seconds; LoadModel reads a folder at once, UnloadModel answers
+    FAILED_PRECONDITION).
+
+    A load of a served version makes a new copy and swaps it in: calls in flight finish on the copy they
+    started on, new calls get the new copy, and no batch mixes two copies. If the load fails the old copy
+    keeps serving. An unload removes the model at once: new calls answer NOT_FOUND, calls in flight finish.
+
+    With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
+    token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
+    access log (caller, model, version, status).
+    """
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convlens.v1.ModelRepositoryService/RepositoryIndex',
+            convlens_dot_v1_dot_convlens__pb2.RepositoryIndexRequest.SerializeToString,
+            convlens_dot_v1_dot_convlens__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convlens.v1.ModelRepositoryService/LoadModel',
+            convlens_dot_v1_dot_convlens__pb2.LoadModelRequest.SerializeToString,
+            convlens_dot_v1_dot_convlens__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convlens.v1.ModelRepositoryService/UnloadModel',
+            convlens_dot_v1_dot_convlens__pb2.UnloadModelRequest.SerializeToString,
+            convlens_dot_v1_dot_convlens__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

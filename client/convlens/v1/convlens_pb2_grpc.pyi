@@ -7,6 +7,8 @@ Conventions:
 - Images travel as encoded bytes (PNG/JPEG/WebP) or as a raw Tensor, never as repeated floats.
 - A raw image Tensor is [H, W], [H, W, 1] or [H, W, 3], uint8 or float32 on the 0..255 scale.
 - Errors are gRPC status codes with google.rpc details (BadRequest field violations for bad fields).
+- Every request's `model` field names a served model as NAME (its highest served version) or
+  NAME@VERSION (that version: a folder MODEL/VERSION/ of the model repository). See ModelRepositoryService.
 """
 
 from collections import abc as _abc
@@ -158,3 +160,127 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         """StyleTransfer carries a style image's texture onto a content image (Gatys et al.)."""
 
 def add_InspectionServiceServicer_to_server(servicer: InspectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ModelRepositoryServiceStub:
+    """---------------------------------------------------------------- model control
+
+    ModelRepositoryService lists and changes what the server serves from its --model-repo, after Triton's
+    model-repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload).
+
+    Layout: one folder per model, either flat (MODEL/model.toml, served as version 1) or versioned
+    (MODEL/1/model.toml, MODEL/2/model.toml, ...). Calls naming a model without a version go to its
+    highest served version. Start-up modes (`convlens serve --model-control`): `none` (load every folder at
+    start; LoadModel and UnloadModel answer FAILED_PRECONDITION), `explicit` (load every folder at start,
+    then only on these calls), `poll` (the folders decide: new or changed versions are loaded, removed ones
+    unloaded, every --repository-poll-s seconds; LoadModel reads a folder at once, UnloadModel answers
+    FAILED_PRECONDITION).
+
+    A load of a served version makes a new copy and swaps it in: calls in flight finish on the copy they
+    started on, new calls get the new copy, and no batch mixes two copies. If the load fails the old copy
+    keeps serving. An unload removes the model at once: new calls answer NOT_FOUND, calls in flight finish.
+
+    With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
+    token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
+    access log (caller, model, version, status).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ModelRepositoryServiceAsyncStub: ...
+    RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.RepositoryIndexRequest, _convlens_pb2.RepositoryIndexResponse]
+    """RepositoryIndex lists every model folder (each version) and every embedded model, with its state."""
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.LoadModelRequest, _convlens_pb2.LoadModelResponse]
+    """LoadModel loads (or reloads) a model folder: all its versions, or one. NOT_FOUND when there is no
+    such folder or version; FAILED_PRECONDITION when a version cannot be loaded (the reason says why;
+    RepositoryIndex lists it UNAVAILABLE) or model control is off.
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.UnloadModelRequest, _convlens_pb2.UnloadModelResponse]
+    """UnloadModel stops serving a model (all versions, or one). NOT_FOUND when it is not served."""
+
+@_typing.type_check_only
+class ModelRepositoryServiceAsyncStub(ModelRepositoryServiceStub):
+    """---------------------------------------------------------------- model control
+
+    ModelRepositoryService lists and changes what the server serves from its --model-repo, after Triton's
+    model-repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload).
+
+    Layout: one folder per model, either flat (MODEL/model.toml, served as version 1) or versioned
+    (MODEL/1/model.toml, MODEL/2/model.toml, ...). Calls naming a model without a version go to its
+    highest served version. Start-up modes (`convlens serve --model-control`): `none` (load every folder at
+    start; LoadModel and UnloadModel answer FAILED_PRECONDITION), `explicit` (load every folder at start,
+    then only on these calls), `poll` (the folders decide: new or changed versions are loaded, removed ones
+    unloaded, every --repository-poll-s seconds; LoadModel reads a folder at once, UnloadModel answers
+    FAILED_PRECONDITION).
+
+    A load of a served version makes a new copy and swaps it in: calls in flight finish on the copy they
+    started on, new calls get the new copy, and no batch mixes two copies. If the load fails the old copy
+    keeps serving. An unload removes the model at once: new calls answer NOT_FOUND, calls in flight finish.
+
+    With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
+    token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
+    access log (caller, model, version, status).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    RepositoryIndex: _aio.UnaryUnaryMultiCallable[_convlens_pb2.RepositoryIndexRequest, _convlens_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
+    """RepositoryIndex lists every model folder (each version) and every embedded model, with its state."""
+    LoadModel: _aio.UnaryUnaryMultiCallable[_convlens_pb2.LoadModelRequest, _convlens_pb2.LoadModelResponse]  # type: ignore[assignment]
+    """LoadModel loads (or reloads) a model folder: all its versions, or one. NOT_FOUND when there is no
+    such folder or version; FAILED_PRECONDITION when a version cannot be loaded (the reason says why;
+    RepositoryIndex lists it UNAVAILABLE) or model control is off.
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_convlens_pb2.UnloadModelRequest, _convlens_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    """UnloadModel stops serving a model (all versions, or one). NOT_FOUND when it is not served."""
+
+class ModelRepositoryServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------- model control
+
+    ModelRepositoryService lists and changes what the server serves from its --model-repo, after Triton's
+    model-repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload).
+
+    Layout: one folder per model, either flat (MODEL/model.toml, served as version 1) or versioned
+    (MODEL/1/model.toml, MODEL/2/model.toml, ...). Calls naming a model without a version go to its
+    highest served version. Start-up modes (`convlens serve --model-control`): `none` (load every folder at
+    start; LoadModel and UnloadModel answer FAILED_PRECONDITION), `explicit` (load every folder at start,
+    then only on these calls), `poll` (the folders decide: new or changed versions are loaded, removed ones
+    unloaded, every --repository-poll-s seconds; LoadModel reads a folder at once, UnloadModel answers
+    FAILED_PRECONDITION).
+
+    A load of a served version makes a new copy and swaps it in: calls in flight finish on the copy they
+    started on, new calls get the new copy, and no batch mixes two copies. If the load fails the old copy
+    keeps serving. An unload removes the model at once: new calls answer NOT_FOUND, calls in flight finish.
+
+    With --auth-tokens, LoadModel and UnloadModel need a token marked admin (`name:token:admin` in the
+    token file); others answer PERMISSION_DENIED. Each call of this service writes an audit line to the
+    access log (caller, model, version, status).
+    """
+
+    @_abc_1.abstractmethod
+    def RepositoryIndex(
+        self,
+        request: _convlens_pb2.RepositoryIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_convlens_pb2.RepositoryIndexResponse, _abc.Awaitable[_convlens_pb2.RepositoryIndexResponse]]:
+        """RepositoryIndex lists every model folder (each version) and every embedded model, with its state."""
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _convlens_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_convlens_pb2.LoadModelResponse, _abc.Awaitable[_convlens_pb2.LoadModelResponse]]:
+        """LoadModel loads (or reloads) a model folder: all its versions, or one. NOT_FOUND when there is no
+        such folder or version; FAILED_PRECONDITION when a version cannot be loaded (the reason says why;
+        RepositoryIndex lists it UNAVAILABLE) or model control is off.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _convlens_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_convlens_pb2.UnloadModelResponse, _abc.Awaitable[_convlens_pb2.UnloadModelResponse]]:
+        """UnloadModel stops serving a model (all versions, or one). NOT_FOUND when it is not served."""
+
+def add_ModelRepositoryServiceServicer_to_server(servicer: ModelRepositoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,7 @@
     ConvLensError
      ├── InvalidArgument      (bad field; carries field violations)
      ├── NotFound             (unknown model / layer / dataset)
+     ├── PermissionDenied     (a known caller without the right, e.g. model control without admin)
      ├── FailedPrecondition   (e.g. gradients on a forward-only ONNX model)
      ├── ResourceExhausted    (queue full, image too large)
      ├── DeadlineExceeded     (deadline passed before compute)
@@ -45,6 +46,10 @@ class InvalidArgument(ConvLensError):
 class NotFound(ConvLensError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message, violations=[FieldViolation(field, message)] if field else None)
+
+
+class PermissionDenied(ConvLensError):
+    pass
 
 
 class FailedPrecondition(ConvLensError):

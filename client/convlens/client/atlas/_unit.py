@@ -34,7 +34,8 @@ class ClassPredictor:
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
-        result = self.client.saliency(entry.image, model, overlay=False, timeout=self.timeout)
+        result = self.client.saliency(entry.image, model, overlay=False, outputs=["predictions"],
+                                      timeout=self.timeout)
         label = result.predictions[0].label if result.predictions else None
         with self._lock:
             self.calls += 1

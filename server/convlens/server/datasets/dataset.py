@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from convlens.server.engine.topk_index import ImageId
+from convlens.server.engine.topk.index import ImageId
 
 log = logging.getLogger("convlens.datasets")
 
@@ -169,6 +169,15 @@ def _rgb(array: np.ndarray) -> np.ndarray:
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     return np.ascontiguousarray(a[:, :, :3])
+
+
+def sample_photo(name: str) -> np.ndarray:
+    """One of the `samples` photos by its short name ("chelsea", "china"), as RGB uint8 [H, W, 3]."""
+    for path, load in SAMPLES.items():
+        if path.rsplit("/", 1)[-1].split(".")[0] == name:
+            return _rgb(load())
+    names = sorted(p.rsplit("/", 1)[-1].split(".")[0] for p in SAMPLES)
+    raise KeyError(f"no sample photo {name!r}; there are {', '.join(names)}")
 
 
 class SamplesDataset(Dataset):

@@ -1,7 +1,7 @@
 """Building an index ahead of time in one process: `convlens index build` and each Kubernetes shard.
 
 Images are decoded and preprocessed on a small thread pool one batch ahead of the model, exactly as
-classification prepares them; the model part is `engine.activation_scan.scan_batch`, the same step the
+classification prepares them; the model part is `engine.topk.scan.scan_batch`, the same step the
 server's scheduler and the Ray actors run. Decode and forward time are measured separately.
 """
 
@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from convlens.server.datasets.dataset import Dataset
-from convlens.server.engine.activation_scan import empty_index, scan_batch
-from convlens.server.engine.topk_index import DEFAULT_K_MAX, DEFAULT_PER_IMAGE, ImageId, TopKIndex, merge
+from convlens.server.engine.topk import file_format
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE
+from convlens.server.engine.topk.index import DEFAULT_K_MAX, ImageId, TopKIndex, merge
+from convlens.server.engine.topk.scan import empty_index, scan_batch
 from convlens.server.errors import InvalidArgument
 from convlens.server.indexing.store import IndexKey, load_if_valid, stamp, weights_digest
 from convlens.server.models.model import ServedModel
@@ -121,7 +123,7 @@ def build_index(model: ServedModel, dataset: Dataset, layer: str, *, shard: int 
 
 def merge_shards(paths: Sequence[Path]) -> TopKIndex:
     """Merge shard files of one key; refuses mixed keys and a missing or doubled shard."""
-    parts = [TopKIndex.load(p) for p in paths]
+    parts = [file_format.load(p) for p in paths]
     if not parts:
         raise ValueError("no shard files to merge")
     keys = {p.meta.get("key") for p in parts}
@@ -144,7 +146,7 @@ def cached_or_build(model: ServedModel, dataset: Dataset, layer: str, root: Path
     if found is not None:
         return found
     index = build_index(model, dataset, layer, **kwargs)  # type: ignore[arg-type]
-    index.save(key.path(root))
+    file_format.save(index, key.path(root))
     return index
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convlens.server.datasets.registry import parse_dataset_spec
+from convlens.server.engine.topk import file_format
 from convlens.server.indexing.build import Timings, build_index, index_key, merge_shards
 from convlens.server.indexing.sources import DatasetSource, ModelSource
 from convlens.server.indexing.store import default_index_dir
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pattern = f"{key.path(args.index_dir).stem}.shard-*-of-*.npz"
             paths = sorted(key.folder(args.index_dir).glob(pattern))
             merged = merge_shards(paths)
-            merged.save(key.path(args.index_dir))
+            file_format.save(merged, key.path(args.index_dir))
             print(f"merged {len(paths)} shards ({merged.count} images) into {key.path(args.index_dir)}")
             return 0
         shard, shards = parse_shard(args.shard)
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             index = build_index(model, dataset, args.layer, shard=shard, shards=shards,
                                 batch_size=args.batch_size, progress=bar, timings=timings)
-        index.save(out)
+        file_format.save(index, out)
         wall = time.perf_counter() - started
         print(f"indexed {index.count} of {n} images ({index.meta.get('skipped_count', '0')} skipped) in "
               f"{wall:.1f} s ({index.count / max(wall, 1e-9):.1f} images/s; decode {timings.decode_seconds:.1f} s, "

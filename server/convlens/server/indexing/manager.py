@@ -16,26 +16,28 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from convlens.server.compute.top_activations import ScanPayload, compute_scan
 from convlens.server.datasets.dataset import Dataset, DirectoryDataset
 from convlens.server.datasets.registry import DatasetRegistry
-from convlens.server.engine.activation_scan import concat, empty_index
-from convlens.server.engine.topk_index import (
+from convlens.server.engine.topk import file_format
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, concat
+from convlens.server.engine.topk.index import (
     DEFAULT_K_MAX,
-    DEFAULT_PER_IMAGE,
     ImageId,
     TopKIndex,
     from_candidates,
     merge,
 )
+from convlens.server.engine.topk.scan import empty_index
 from convlens.server.errors import ConvLensError, FailedPrecondition
 from convlens.server.indexing.build import layer_shape, prepare_one
-from convlens.server.indexing.store import IndexKey, load_if_valid, stamp, weights_digest
+from convlens.server.indexing.store import IndexKey, default_index_dir, load_if_valid, stamp, weights_digest
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
-from convlens.server.ops.top_activations import ScanPayload, compute_scan
 from convlens.server.scheduler.scheduler import Scheduler
 from convlens.server.scheduler.task import Task
 
@@ -73,6 +75,14 @@ class IndexManager:
         self._ready: OrderedDict[IndexKey, TopKIndex] = OrderedDict()
         self._builds: dict[IndexKey, Build] = {}
         self._refreshed: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: Any, scheduler: Scheduler, metrics: Metrics | None) -> IndexManager:
+        """The server's manager: its --dataset registry, --index-dir (or the default) and on-demand limit."""
+        datasets = DatasetRegistry.from_specs(getattr(config, "datasets", ()) or ())
+        index_dir = getattr(config, "index_dir", None) or default_index_dir()
+        return cls(datasets, scheduler, metrics, index_dir,
+                   on_demand_images=getattr(config, "index_on_demand_images", 2000))
 
     # ------------------------------------------------------------------ keys
 
@@ -156,7 +166,8 @@ class IndexManager:
                 ok = [(i, t) for i, t in zip(ids, prepared, strict=True) if t is not None]
                 skipped += len(ids) - len(ok)
                 if ok:
-                    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan)
+                    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
+                                  served=model)
                              for p in (ScanPayload(layer, t, self.per_image) for _, t in ok)]
                     rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
                     part = from_candidates(index, [i for i, _ in ok], concat(rows))
@@ -171,7 +182,7 @@ class IndexManager:
             index.meta["skipped_count"] = str(skipped)
             index.meta["shard"] = "0/1"
             stamp(index, build.key)
-            await asyncio.to_thread(index.save, build.key.path(self.index_dir))
+            await asyncio.to_thread(file_format.save, index, build.key.path(self.index_dir))
             self._remember(build.key, index)
             if self.metrics is not None:
                 self.metrics.index_builds.labels(*labels, "ok").inc()

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from convlens.server.engine.activation_scan import empty_index, scan_batch
-from convlens.server.engine.topk_index import DEFAULT_K_MAX, DEFAULT_PER_IMAGE, ImageId, TopKIndex, merge
+from convlens.server.engine.topk import file_format
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE
+from convlens.server.engine.topk.index import DEFAULT_K_MAX, ImageId, TopKIndex, merge
+from convlens.server.engine.topk.scan import empty_index, scan_batch
 from convlens.server.indexing.build import Progress, Timings, index_key, layer_shape, prepare_one, shard_of
 from convlens.server.indexing.sources import DatasetSource, ModelSource
 from convlens.server.indexing.store import stamp
@@ -71,7 +73,7 @@ class _Scan:
             return {"index": np.array([b""], dtype=object), "skipped": np.array([skipped])}
         inputs = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.model.device)
         part = scan_batch(self.model.module, self.layer, inputs, ids, self.like, channels_last=self.channels_last)
-        return {"index": np.array([part.to_bytes()], dtype=object), "skipped": np.array([skipped])}
+        return {"index": np.array([file_format.to_bytes(part)], dtype=object), "skipped": np.array([skipped])}
 
 
 def build_index_ray(model: ModelSource, dataset: DatasetSource, layer: str, *, address: str | None = None,
@@ -99,7 +101,7 @@ def build_index_ray(model: ModelSource, dataset: DatasetSource, layer: str, *, a
                         num_cpus=0 if gpus else 1)
     done, skipped = 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        parts = [TopKIndex.from_bytes(b) for b in batch["index"] if b]
+        parts = [file_format.from_bytes(b) for b in batch["index"] if b]
         skipped += int(np.sum(batch["skipped"]))
         if parts:
             index = merge([index, *parts])

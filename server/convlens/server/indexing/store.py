@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convlens.server.engine.topk_index import TopKIndex, coverage_of
+from convlens.server.engine.topk import file_format
+from convlens.server.engine.topk.index import TopKIndex, coverage_of
 
 _DIGEST_CACHE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
@@ -77,7 +78,7 @@ def load_if_valid(path: Path, key: IndexKey) -> TopKIndex | None:
     if not path.is_file():
         return None
     try:
-        index = TopKIndex.load(path)
+        index = file_format.load(path)
     except Exception:
         return None
     return index if index.meta.get("key") == repr(sorted(key.meta().items())) else None

@@ -116,8 +116,10 @@ def _num_classes(config: dict[str, Any], labels: list[str] | None) -> int:
     return n
 
 
-def load_folder(folder: Path) -> ServedModel:
-    """The ServedModel of one model folder; ModelConfigError (or the loader's error) if it can't be."""
+def load_folder(folder: Path, name: str | None = None, version: int = 1) -> ServedModel:
+    """The ServedModel of one model folder (named `name`, default the folder's); ModelConfigError (or the
+    loader's error) if it can't be. A version folder (MODEL/2/) is a model folder of its own."""
+    name = name or folder.name
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ModelConfigError(f"no {CONFIG_FILE} in {folder}")
@@ -164,12 +166,14 @@ def load_folder(folder: Path) -> ServedModel:
         raise ModelConfigError(f"labels file has {len(labels)} lines, the model has {n_out} outputs")
 
     return ServedModel(
-        name=folder.name,
+        name=name,
+        version=version,
         format=fmt,
         module=module,
         preprocess=pre,
         labels=labels,
         supports_gradients=fmt != "onnx",
         layers=build_catalog(module, pre),
-        description=description or f"{config.get('arch', fmt)} from {folder.name}/",
+        description=description or (f"{config.get('arch', fmt)} from "
+                                    f"{folder.name if folder.name == name else f'{name}/{folder.name}'}/"),
     )

@@ -54,6 +54,13 @@ class ServedModel:
     description: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     memory_format: torch.memory_format = torch.contiguous_format  # of the weights (and of `batch`)
+    # Model control (models/repository.py): the version this copy serves, and the copy's identity: a reload
+    # makes a new copy of the same version, and a batch never mixes two copies (scheduler Task.batch_key).
+    version: int = 1
+    copy_id: int = 0
+    # The workers' replicas of this copy, per lane (scheduler/worker.py): they live and die with the copy,
+    # so an unloaded or replaced copy's replicas go once its last call has finished.
+    lane_replicas: dict[str, ServedModel] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -105,7 +112,12 @@ class ServedModel:
             module = copy.deepcopy(self.module).to(device).eval()
             if memory_format != torch.contiguous_format:
                 module = module.to(memory_format=memory_format)
-        return replace(self, module=module, device=device, memory_format=memory_format)
+        return replace(self, module=module, device=device, memory_format=memory_format, lane_replicas={})
+
+    @property
+    def ref(self) -> str:
+        """How a request names exactly this version: NAME@VERSION."""
+        return f"{self.name}@{self.version}"
 
     @property
     def layout_applies(self) -> bool:

@@ -55,12 +55,15 @@ class Scheduler:
     def active_jobs(self) -> int:
         return self._jobs.live
 
-    def job(self, *, model: str, rpc: str, deadline: float | None) -> AbstractAsyncContextManager[JobHandle]:
-        """Admit an optimisation job (ResourceExhausted beyond max_jobs); see scheduler/steps.py."""
+    def job(self, *, model: str, rpc: str, deadline: float | None, served: ServedModel | None = None
+            ) -> AbstractAsyncContextManager[JobHandle]:
+        """Admit an optimisation job (ResourceExhausted beyond max_jobs); see scheduler/steps.py. `served`:
+        the model copy its steps run on (kept through reloads)."""
         if self._state != "running":
             raise Unavailable("server is shutting down; retry on another instance"
                               if self._state != "new" else "scheduler not started")
-        return job_slot(self._jobs, self.submit, self._metrics, model=model, rpc=rpc, deadline=deadline)
+        return job_slot(self._jobs, self.submit, self._metrics, model=model, rpc=rpc, deadline=deadline,
+                        served=served)
 
     async def submit(self, task: Task) -> Any:
         if self._state != "running":

@@ -33,34 +33,14 @@ from typing import Any
 
 import torch
 
+from convlens.server.compute.steps import compute_steps
 from convlens.server.engine.optimize.job import Job, StepReport
-from convlens.server.engine.optimize.runner import run_step
 from convlens.server.errors import DeadlineExceeded, ResourceExhausted
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.task import Compute, Task
 
 Submit = Callable[[Task], Any]  # Scheduler.submit
-
-
-def compute_steps(model: ServedModel, jobs: Sequence[Job]) -> list[Any]:
-    """One step for a batch of jobs; each result is (StepReport, batch size) or that job's error.
-
-    A failure in the batched forward/backward happens before any job's state changed, so the jobs are then
-    retried one by one: a job whose objective fails does not take its companions down with it.
-    """
-    try:
-        return [(r, len(jobs)) for r in run_step(model.module, jobs)]
-    except Exception:
-        if len(jobs) == 1:
-            raise
-    results: list[Any] = []
-    for job in jobs:
-        try:
-            results.append((run_step(model.module, [job])[0], 1))
-        except Exception as exc:
-            results.append(exc)
-    return results
 
 
 class JobRegistry:
@@ -116,8 +96,9 @@ class JobHandle:
     """One admitted job's way to the workers (see the module docstring)."""
 
     def __init__(self, registry: JobRegistry, submit: Submit, metrics: Metrics, *, model: str, rpc: str,
-                 device: str, deadline: float | None) -> None:
+                 device: str, deadline: float | None, served: ServedModel | None = None) -> None:
         self._registry = registry
+        self.served = served  # the model copy every step runs on, even if the model is reloaded meanwhile
         self._submit = submit
         self._metrics = metrics
         self.model, self.rpc, self.deadline = model, rpc, deadline
@@ -134,7 +115,7 @@ class JobHandle:
                                    "optimisation; ask for fewer steps, a smaller size, or a longer deadline")
 
     def _enter(self, key: Hashable) -> Hashable:
-        group = (self.model, self.rpc, key, self._device_label)
+        group = (self.model, self.rpc, key, self._device_label, self.served.copy_id if self.served else None)
         if group != self._group:  # a job's key may change between steps (Dream's octaves change the size)
             self._leave()
             self._registry.join(group)
@@ -151,7 +132,8 @@ class JobHandle:
         self._check_deadline()
         group = self._enter(job.key)
         task = Task(model=self.model, rpc=self.rpc, key=job.key, payload=job, compute=compute_steps,
-                    deadline=self.deadline, device=self._device_label, quorum=self._registry.quorum(group))
+                    deadline=self.deadline, device=self._device_label, quorum=self._registry.quorum(group),
+                    served=self.served)
         report, batch = await self._submit(task)
         self._metrics.steps.labels(model=self.model, rpc=self.rpc).inc()
         self._metrics.step_batch_size.labels(model=self.model, rpc=self.rpc).observe(batch)
@@ -171,14 +153,16 @@ class JobHandle:
         self._check_deadline()
         self._leave()
         return await self._submit(Task(model=self.model, rpc=self.rpc, key=key, payload=payload,
-                                       compute=compute, deadline=self.deadline, device=self._device_label))
+                                       compute=compute, deadline=self.deadline, device=self._device_label,
+                                       served=self.served))
 
 
 @asynccontextmanager
 async def job_slot(registry: JobRegistry, submit: Submit, metrics: Metrics, *, model: str, rpc: str,
-                   deadline: float | None) -> AsyncIterator[JobHandle]:
+                   deadline: float | None, served: ServedModel | None = None) -> AsyncIterator[JobHandle]:
     device = registry.admit(model, rpc)
-    handle = JobHandle(registry, submit, metrics, model=model, rpc=rpc, device=device, deadline=deadline)
+    handle = JobHandle(registry, submit, metrics, model=model, rpc=rpc, device=device, deadline=deadline,
+                       served=served)
     try:
         yield handle
     finally:

@@ -30,10 +30,18 @@ class Task:
     # A task with a quorum is a running job's next step, so max_queue never refuses it.
     device: str | None = None
     quorum: Callable[[], int] | None = None
+    # The copy of the model the task runs on: the one the service looked up (models/repository.py). A reload
+    # or unload while the task waits changes nothing for it, and tasks of two copies never share a batch.
+    # None: whatever copy `model` names when the worker takes it (tests, tools).
+    served: ServedModel | None = None
 
     @property
-    def batch_key(self) -> tuple[str, str, Hashable, str | None]:
-        return (self.model, self.rpc, self.key, self.device)
+    def copy_id(self) -> int | None:
+        return self.served.copy_id if self.served is not None else None
+
+    @property
+    def batch_key(self) -> tuple[str, str, Hashable, str | None, int | None]:
+        return (self.model, self.rpc, self.key, self.device, self.copy_id)
 
     def gone_reason(self, now: float) -> str:
         """Why a task whose caller went away was not computed: "deadline" when its deadline had passed (grpc

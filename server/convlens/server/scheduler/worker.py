@@ -35,6 +35,7 @@ from convlens.server.scheduler.shards import (
     split,
     threads_per_shard,
 )
+from convlens.server.scheduler.task import Task
 
 # (entry, error or None, result): what a lane sends back for one task.
 Outcome = tuple[Entry, BaseException | None, Any]
@@ -167,7 +168,7 @@ class Worker:
         if len(batch) == 1 and free == len(self._lanes) - 1 and (self._alone or not self._ran):
             return True
         try:
-            return not self._models(batch[0].task.model).layout_applies
+            return not self._model_of(batch[0].task).layout_applies
         except Exception:  # a model that went away: the device lane reports it as the compute would
             return True
 
@@ -226,7 +227,7 @@ class Worker:
                 start - entry.enqueued)
         outcomes: list[Outcome]
         try:
-            results = list(task.compute(self._replica(task.model, replicas, fresh), [e.task.payload for e in live]))
+            results = list(task.compute(self._replica(task, replicas, fresh, lane), [e.task.payload for e in live]))
             if len(results) != len(live):
                 raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
                                    f"results for {len(live)} payloads")
@@ -242,11 +243,21 @@ class Worker:
         self._metrics.worker_busy_seconds.labels(device=self._label, lane=lane).inc(elapsed)
         return outcomes
 
-    def _replica(self, name: str, replicas: dict[str, ServedModel], fresh: bool) -> ServedModel:
-        """The lane's replica of `name`, made lazily on the lane's thread (so that a slow copy to a GPU never
-        blocks the loop); `fresh`: a module of its own even when the layout is unchanged (for hooks)."""
-        replica = replicas.get(name)
+    def _model_of(self, task: Task) -> ServedModel:
+        """The copy `task` runs on: the one it was submitted with, else the one its model name serves now."""
+        return task.served if task.served is not None else self._models(task.model)
+
+    def _replica(self, task: Task, replicas: dict[str, ServedModel], fresh: bool, lane: str) -> ServedModel:
+        """The lane's replica of the task's model copy, made lazily on the lane's thread (so that a slow copy
+        to a GPU never blocks the loop); `fresh`: a module of its own even when the layout is unchanged (for
+        hooks). Replicas are kept by the copy itself (`lane_replicas`), so they go when the copy goes (an
+        unloaded or reloaded model); a stand-in without that cache uses the lane's, by name."""
+        model = self._model_of(task)
+        cache = getattr(model, "lane_replicas", None)
+        cache, key = (replicas, task.model) if cache is None else (cache, f"{self._label}/{lane}")
+        replica = cache.get(key)
         if replica is None:
-            replica = replicas[name] = self._models(name).replica(
-                self.device, memory_format=memory_format_for(self.device), fresh=fresh)
+            replica = model.replica(self.device, memory_format=memory_format_for(self.device), fresh=fresh)
+            if replica is not model:  # (the copy itself is not cached on itself: no reference cycle)
+                cache[key] = replica
         return replica

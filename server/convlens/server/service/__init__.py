@@ -15,6 +15,7 @@ from convlens.server.service.context import ServiceContext
 from convlens.server.service.dream import DreamService
 from convlens.server.service.filters import FiltersService
 from convlens.server.service.maximize import MaximizeService
+from convlens.server.service.model_control import ModelControl
 from convlens.server.service.saliency import SaliencyService
 from convlens.server.service.style import StyleService
 from convlens.server.service.top_activations import TopActivationsService
@@ -30,6 +31,7 @@ class Services:
     maximize: MaximizeService
     dream: DreamService
     style: StyleService
+    model_control: ModelControl
 
     @classmethod
     def build(cls, context: ServiceContext) -> Services:
@@ -42,6 +44,10 @@ class Services:
             maximize=MaximizeService(context),
             dream=DreamService(context),
             style=StyleService(context),
+            model_control=ModelControl(
+                context, mode=getattr(context.config, "model_control", "none"),
+                poll_s=getattr(context.config, "repository_poll_s", 5.0), metrics=context.state.get("metrics"),
+                seen=context.state.get("repository_seen")),
         )
 
 

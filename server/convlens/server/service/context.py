@@ -1,10 +1,12 @@
-"""What every RPC's service shares: the model repository and the scheduler."""
+"""What every RPC's service shares: the model repository and the scheduler; the gradient check."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from convlens.server.errors import FailedPrecondition
+from convlens.server.models.model import ServedModel
 from convlens.server.models.repository import ModelRepository
 from convlens.server.scheduler.scheduler import Scheduler
 
@@ -17,3 +19,11 @@ class ServiceContext:
     config: Any = None
     # Long-lived per-server state a service owns (e.g. dataset indexes), keyed by its owner's name.
     state: dict[str, Any] = field(default_factory=dict)
+
+
+def require_gradients(model: ServedModel, technique: str) -> None:
+    """FAILED_PRECONDITION for a model served forward-only (ONNX) when `technique` needs gradients."""
+    if not model.supports_gradients:
+        raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
+                                 f"forward-only here; {technique} needs gradients: a torchvision, TorchScript or "
+                                 "embedded model")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from convlens.server.engine.dream import (
+from convlens.server.compute.dream import GuidePayload, ScorePayload, compute_guides, compute_scores
+from convlens.server.engine.optimize.dream import (
     DreamJob,
     DreamSettings,
     fit_size,
@@ -22,12 +23,17 @@ from convlens.server.engine.dream import (
     resize,
     validate,
 )
-from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.errors import InvalidArgument
 from convlens.server.models.model import ServedModel
-from convlens.server.ops.dream import GuidePayload, ScorePayload, compute_guides, compute_scores
-from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput
-from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview
+from convlens.server.service.streaming import (
+    Progress,
+    StreamingJobService,
+    caller_pixels,
+    check_preview_every,
+    off_loop,
+    picture,
+)
 
 # The default dream layer per model, chosen by looking (docs/quality.md): Lite0's last stride-16 block
 # dreams eyes, noses and fur, the object parts google/deepdream's inception_4c is known for; the stride-8
@@ -84,10 +90,8 @@ class DreamAnswer:
     guided: bool
 
 
-class DreamService:
-    def __init__(self, context: ServiceContext) -> None:
-        self.repository = context.repository
-        self.scheduler = context.scheduler
+class DreamService(StreamingJobService):
+    rpc = "Dream"
 
     def settings(self, model: ServedModel, q: DreamQuery) -> DreamSettings:
         """The request's settings with defaults filled in, validated (InvalidArgument naming the field)."""
@@ -107,16 +111,14 @@ class DreamService:
         return settings
 
     async def __call__(self, query: DreamQuery, deadline: float | None) -> AsyncIterator[Progress | DreamAnswer]:
-        model = self.repository.get(query.model)
-        if not model.supports_gradients:
-            raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
-                                     "forward-only here; Dream needs gradients")
+        model = self.gradient_model(query.model)
         if query.image is None:
             raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
         settings = self.settings(model, query)
+        check_preview_every(query.preview_every)
         image = await asyncio.to_thread(caller_pixels, query.image, "image")
         guide = None if query.guide is None else await asyncio.to_thread(caller_pixels, query.guide, "guide")
-        async with self.scheduler.job(model=model.name, rpc="Dream", deadline=deadline) as handle:
+        async with self.job(model, deadline) as handle:
             objective = l2_objective(settings.channel)
             if guide is not None:
                 side = max(fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size))
@@ -125,15 +127,12 @@ class DreamService:
                 objective = guide_objective(features)
             job = DreamJob(image.to(handle.device), settings, objective, mean=model.preprocess.mean,
                            std=model.preprocess.std, device=handle.device)
-            async for report in handle.steps(job):
-                preview = None
-                if wants_preview(query.preview_every, report.step, report.total_steps):
-                    preview = await asyncio.to_thread(picture, job.picture())
-                yield Progress(report.step, report.total_steps, dict(report.terms), preview)
+            async for event in self.progress(handle, job, query.preview_every, lambda: picture(job.picture())):
+                yield event
             final = job.picture()
             before = resize(job.bases[-1], (int(final.shape[-2]), int(final.shape[-1])))
             scores = await handle.submit(("dream-score", settings.layer, tuple(final.shape)),
                                          ScorePayload(before, final, settings.layer, objective), compute_scores)
-        image_out = await asyncio.to_thread(picture, final)
+        image_out = await off_loop(lambda: picture(final))
         yield DreamAnswer(image_out, objective=scores[1], input_objective=scores[0], settings=job.settings,
                           guided=guide is not None)

@@ -1,6 +1,6 @@
 """MaximizeUnit: an image optimised to excite a class logit or a unit, stepped by the step scheduler.
 
-The call yields a `MaximizeProgress` per step (with a preview every `preview_every` steps if asked), then
+The call yields a `Progress` per step (with a preview every `preview_every` steps if asked), then
 one `MaximizeAnswer`: the image, the objective on it (no random transforms), the model's top-5 on it, and
 every setting used (with `images` > 1: each image's own, and their Gram similarity at the diversity
 layer). Validation happens before the job is admitted, so bad input never takes a job slot.
@@ -16,14 +16,9 @@ from typing import Any
 
 from PIL import Image
 
+from convlens.server.compute.maximize import compute_evaluation
 from convlens.server.engine.layers import LayerResolver
 from convlens.server.engine.optimize.maximize import (
-    MAX_IMAGES,
-    MAX_SIZE,
-    MAX_STEPS,
-    MIN_SIZE,
-    PARAMETERIZATIONS,
-    PRESETS,
     MaximizeJob,
     MaximizeSettings,
 )
@@ -36,9 +31,8 @@ from convlens.server.engine.optimize.objectives import (
 )
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.targets import ClassTarget, Target, validate_target
-from convlens.server.errors import FailedPrecondition, InvalidArgument
-from convlens.server.ops.maximize import compute_evaluation
-from convlens.server.service.context import ServiceContext
+from convlens.server.errors import InvalidArgument
+from convlens.server.service.streaming import Progress, StreamingJobService, check_preview_every, off_loop
 
 RPC = "MaximizeUnit"
 
@@ -50,14 +44,6 @@ class MaximizeQuery:
     preset: str | None = None  # None: lucid
     overrides: dict[str, Any] = field(default_factory=dict)  # MaximizeSettings fields; None = the preset's
     preview_every: int = 0
-
-
-@dataclass
-class MaximizeProgress:
-    step: int
-    total_steps: int
-    terms: dict[str, float]
-    preview: Image.Image | None = None
 
 
 @dataclass
@@ -87,17 +73,6 @@ def objective_for(target: Target) -> Objective:
         ChannelMean(target.layer, target.channel)
 
 
-# (field, lowest, highest) for every numeric knob a caller may set.
-LIMITS: dict[str, tuple[float, float]] = {
-    "steps": (1, MAX_STEPS), "size": (MIN_SIZE, MAX_SIZE), "learning_rate": (1e-6, 100.0),
-    "l2_decay": (0.0, 1.0), "blur_every": (0, MAX_STEPS), "blur_sigma": (0.0, 20.0),
-    "value_percentile": (0.0, 100.0), "contribution_percentile": (0.0, 100.0), "tv_weight": (0.0, 1e6),
-    "pad": (0, 256), "jitter": (0, 256), "scale_jitter": (0.0, 0.9), "rotate_degrees": (0.0, 180.0),
-    "final_jitter": (0, 256), "decay_power": (0.0, 4.0), "seed": (0, 2**63 - 1),
-    "images": (1, MAX_IMAGES), "diversity": (0.0, 1e6),
-}
-
-
 def diversity_layer(settings: MaximizeSettings, target: Target, layers: LayerResolver) -> MaximizeSettings:
     """Settle where the Gram matrices of a several-image job are taken: the caller's layer, else the
     target's. Checked: a layer with channels; diversity needs at least two images."""
@@ -122,59 +97,37 @@ def diversity_layer(settings: MaximizeSettings, target: Target, layers: LayerRes
 
 def resolve_settings(query: MaximizeQuery) -> MaximizeSettings:
     """The preset with the caller's overrides, each checked (INVALID_ARGUMENT naming the field)."""
-    if query.preset is not None and query.preset not in PRESETS:
-        raise InvalidArgument(f"unknown preset {query.preset!r}; one of {', '.join(PRESETS)}", field="preset")
     overrides = dict(query.overrides)
-    for name, value in overrides.items():
-        if value is None or name not in LIMITS:
-            continue
-        low, high = LIMITS[name]
-        if not low <= value <= high:
-            raise InvalidArgument(f"{name} = {value} is out of range; allowed {low:g}..{high:g}", field=name)
-    p = overrides.get("parameterization")
-    if p is not None and p not in PARAMETERIZATIONS:
-        raise InvalidArgument(f"unknown parameterization {p!r}", field="parameterization")
     if overrides.get("seed") is None:
         overrides["seed"] = secrets.randbits(31)  # reported in the settings, so the image is reproducible
-    settings = MaximizeSettings.resolve(query.preset, **overrides)
-    if settings.input_side() < 16:
-        raise InvalidArgument(f"size {settings.size} leaves a {settings.input_side()} px input after padding "
-                              "and jitter; use a larger size or less jitter", field="size")
-    if query.preview_every < 0:
-        raise InvalidArgument("preview_every must be >= 0 (0: no previews)", field="preview_every")
+    settings = MaximizeSettings.checked(query.preset, **overrides)
+    check_preview_every(query.preview_every)
     return settings
 
 
-class MaximizeService:
-    def __init__(self, context: ServiceContext) -> None:
-        self.repository = context.repository
-        self.scheduler = context.scheduler
+class MaximizeService(StreamingJobService):
+    rpc = RPC
+    preview_last = True
 
-    async def __call__(self, query: MaximizeQuery, deadline: float | None
-                       ) -> AsyncIterator[MaximizeProgress | MaximizeAnswer]:
-        model = self.repository.get(query.model)
-        if not model.supports_gradients:
-            raise FailedPrecondition(
-                f"model {model.name!r} is served in the {model.format} format, which runs forward-only here; "
-                "MaximizeUnit needs gradients: a torchvision, TorchScript or embedded model")
+    async def __call__(self, query: MaximizeQuery, deadline: float | None) -> AsyncIterator[Progress | MaximizeAnswer]:
+        model = self.gradient_model(query.model)
         if query.target is None:
             raise InvalidArgument("target is required: a class_index or a unit", field="target")
         validate_target(model.resolver, query.target, num_classes=model.num_classes)
         settings = diversity_layer(resolve_settings(query), query.target, model.resolver)
         objective = objective_for(query.target)
         pre = model.preprocess
-        async with self.scheduler.job(model=model.name, rpc=RPC, deadline=deadline) as handle:
+        async with self.job(model, deadline) as handle:
             job = await asyncio.to_thread(MaximizeJob, settings, objective, mean=pre.mean, std=pre.std,
                                           device=handle.device)
-            async for report in handle.steps(job):
-                preview = None
-                if query.preview_every and (report.step % query.preview_every == 0 or report.done):
-                    preview = Image.fromarray(job.image_uint8())
-                yield MaximizeProgress(report.step, report.total_steps, report.terms, preview)
+            async for event in self.progress(handle, job, query.preview_every,
+                                             lambda: Image.fromarray(job.image_uint8())):
+                yield event
             key = ("evaluate", settings.size, tuple(sorted(job.layers)))
             evaluation = await handle.submit(key, job, compute_evaluation)
-        image = Image.fromarray(job.image_uint8())
-        images = [MaximizeImage(Image.fromarray(job.image_uint8(i)), value, top_k(logits, model.labels, 5))
-                  for i, (value, logits) in enumerate(evaluation.images)]
+        image = await off_loop(lambda: Image.fromarray(job.image_uint8()))
+        images = await off_loop(lambda: [
+            MaximizeImage(Image.fromarray(job.image_uint8(i)), value, top_k(logits, model.labels, 5))
+            for i, (value, logits) in enumerate(evaluation.images)])
         yield MaximizeAnswer(image, evaluation.objective, top_k(evaluation.logits, model.labels, 5), settings,
                              query.target, images, evaluation.gram_similarity)

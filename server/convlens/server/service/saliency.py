@@ -7,17 +7,21 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from convlens.server.compute.saliency import SaliencyPayload, compute_saliency
 from convlens.server.engine.grad_cam import check_cam_layer
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.render import overlay
 from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, validate_options
 from convlens.server.engine.targets import Target, validate_target
-from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.errors import InvalidArgument
 from convlens.server.models.preprocess import Geometry, denormalize
-from convlens.server.ops.saliency import SaliencyPayload, compute_saliency
 from convlens.server.scheduler.task import Task
-from convlens.server.service.context import ServiceContext
+from convlens.server.service.context import ServiceContext, require_gradients
 from convlens.server.service.images import ImageInput, prepare_image
+
+# What a Saliency answer can carry (SaliencyRequest.outputs); the default is every one but the overlay.
+OUTPUTS = ("attribution", "heatmap", "overlay", "predictions")
+DEFAULT_OUTPUTS = frozenset({"attribution", "heatmap", "predictions"})
 
 
 @dataclass
@@ -28,6 +32,11 @@ class SaliencyQuery:
     options: SaliencyOptions
     baseline_image: ImageInput | None = None
     render_overlay: bool = False
+    outputs: frozenset[str] | None = None  # None: DEFAULT_OUTPUTS; render_overlay adds "overlay"
+
+    def wanted(self) -> frozenset[str]:
+        base = DEFAULT_OUTPUTS if self.outputs is None else self.outputs
+        return base | {"overlay"} if self.render_overlay else base
 
 
 @dataclass
@@ -37,6 +46,7 @@ class SaliencyAnswer:
     geometry: Geometry
     overlay: Image.Image | None
     notes: list[str] = field(default_factory=list)
+    outputs: frozenset[str] = DEFAULT_OUTPUTS  # what the answer carries: the codec encodes only these
 
 
 class SaliencyService:
@@ -46,11 +56,7 @@ class SaliencyService:
 
     async def __call__(self, query: SaliencyQuery, deadline: float | None) -> SaliencyAnswer:
         model = self.repository.get(query.model)
-        if not model.supports_gradients:
-            raise FailedPrecondition(
-                f"model {model.name!r} is served in the {model.format} format, which runs forward-only here; "
-                "gradient techniques need a torchvision, TorchScript or embedded model"
-            )
+        require_gradients(model, "Saliency")
         if query.image is None:
             raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
         validate_options(query.options)
@@ -65,13 +71,14 @@ class SaliencyService:
             baseline = (await asyncio.to_thread(prepare_image, model, query.baseline_image, "baseline_image")).tensor
         payload = SaliencyPayload(query.options, image.tensor, query.target, baseline)
         task = Task(model=model.name, rpc="Saliency", key=payload.batch_key, payload=payload,
-                    compute=compute_saliency, deadline=deadline)
+                    compute=compute_saliency, deadline=deadline, served=model)
         result: SaliencyResult = await self.scheduler.submit(task)
+        wanted = query.wanted()
         picture = None
-        if query.render_overlay:
+        if "overlay" in wanted:
             # Pixel attributions are smoothed for the picture (only); a Grad-CAM map already is smooth.
             smooth = 0.0 if query.options.method == "grad_cam" else 2.5
             picture = await asyncio.to_thread(
                 lambda: overlay(denormalize(image.tensor, model.preprocess), result.heatmap.numpy(), smooth=smooth))
-        return SaliencyAnswer(result, top_k(result.logits, model.labels, 5), image.geometry, picture,
-                              list(result.notes))
+        predictions = top_k(result.logits, model.labels, 5) if "predictions" in wanted else []
+        return SaliencyAnswer(result, predictions, image.geometry, picture, list(result.notes), outputs=wanted)

@@ -12,13 +12,19 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from convlens.server.engine.style import StyleJob, StyleSettings, prepare_images, start_image, validate
-from convlens.server.errors import FailedPrecondition, InvalidArgument
+from convlens.server.compute.style import TargetsPayload, compute_targets
+from convlens.server.engine.optimize.style import StyleJob, StyleSettings, prepare_images, start_image, validate
+from convlens.server.errors import InvalidArgument
 from convlens.server.models.model import ServedModel
-from convlens.server.ops.style import TargetsPayload, compute_targets
-from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput
-from convlens.server.service.progress import Progress, caller_pixels, picture, wants_preview
+from convlens.server.service.streaming import (
+    Progress,
+    StreamingJobService,
+    caller_pixels,
+    check_preview_every,
+    off_loop,
+    picture,
+)
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,8 @@ def _or(value: object, default: object) -> object:
     return default if value is None else value
 
 
-class StyleService:
-    def __init__(self, context: ServiceContext) -> None:
-        self.repository = context.repository
-        self.scheduler = context.scheduler
+class StyleService(StreamingJobService):
+    rpc = "StyleTransfer"
 
     def settings(self, model: ServedModel, q: StyleQuery) -> StyleSettings:
         """The request's settings with the model's defaults filled in, validated."""
@@ -132,31 +136,26 @@ class StyleService:
                                   "map; Gram matrices need a convolutional layer", field=field)
 
     async def __call__(self, query: StyleQuery, deadline: float | None) -> AsyncIterator[Progress | StyleAnswer]:
-        model = self.repository.get(query.model)
-        if not model.supports_gradients:
-            raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
-                                     "forward-only here; StyleTransfer needs gradients")
+        model = self.gradient_model(query.model)
         for name, image in (("content", query.content), ("style", query.style)):
             if image is None:
                 raise InvalidArgument(f"{name} is required: encoded PNG/JPEG/WebP bytes or a raw tensor",
                                       field=name)
         settings = self.settings(model, query)
+        check_preview_every(query.preview_every)
         content = await asyncio.to_thread(caller_pixels, query.content, "content")  # type: ignore[arg-type]
         style = await asyncio.to_thread(caller_pixels, query.style, "style")  # type: ignore[arg-type]
         content, style = await asyncio.to_thread(prepare_images, content, style, settings.size)
-        async with self.scheduler.job(model=model.name, rpc="StyleTransfer", deadline=deadline) as handle:
+        async with self.job(model, deadline) as handle:
             targets = await handle.submit(("style-targets", tuple(content.shape), tuple(style.shape)),
                                           TargetsPayload(content, style, settings), compute_targets)
             job = StyleJob(settings, targets, start_image(content, settings).to(handle.device),
                            mean=model.preprocess.mean, std=model.preprocess.std)
             initial = float("nan")
-            async for report in handle.steps(job):
-                if report.step == 1:
-                    initial = report.terms["style"]
-                preview = None
-                if wants_preview(query.preview_every, report.step, report.total_steps):
-                    preview = await asyncio.to_thread(picture, job.picture())
-                yield Progress(report.step, report.total_steps, dict(report.terms), preview)
+            async for event in self.progress(handle, job, query.preview_every, lambda: picture(job.picture())):
+                if event.step == 1:
+                    initial = event.terms["style"]
+                yield event
             final = job.picture()
             losses = dict(job.losses)
-        yield StyleAnswer(await asyncio.to_thread(picture, final), losses, initial, settings)
+        yield StyleAnswer(await off_loop(lambda: picture(final)), losses, initial, settings)

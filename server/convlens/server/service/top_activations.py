@@ -12,30 +12,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from convlens.server.compute.top_activations import ScanPayload, compute_scan
 from convlens.server.datasets.dataset import Dataset
-from convlens.server.datasets.registry import DatasetRegistry
-from convlens.server.engine.activation_scan import concat, empty_index
-from convlens.server.engine.topk_index import (
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, concat
+from convlens.server.engine.topk.index import (
     DEFAULT_K_MAX,
-    DEFAULT_PER_IMAGE,
     ChannelStats,
     Entry,
     ImageId,
     TopKIndex,
     from_candidates,
 )
+from convlens.server.engine.topk.scan import empty_index
 from convlens.server.errors import InvalidArgument
 from convlens.server.indexing.build import layer_shape
 from convlens.server.indexing.manager import SCAN_RPC, IndexManager
-from convlens.server.indexing.store import default_index_dir
 from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import Geometry, plan_geometry, prepare
-from convlens.server.ops.top_activations import ScanPayload, compute_scan
 from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput, to_array
@@ -45,6 +43,9 @@ MAX_CALLER_IMAGES = 64
 CROP_MAX_SIDE = 256  # crops larger than this (late layers see most of the photo) are downscaled
 PICTURE_MAX_SIDE = 640
 Box = tuple[int, int, int, int]
+# What a TopActivations answer can carry (TopActivationsRequest.outputs); crops and images imply the entries.
+OUTPUTS = ("entries", "crops", "images", "stats")
+DEFAULT_OUTPUTS = frozenset({"entries", "stats"})
 
 
 @dataclass
@@ -59,6 +60,15 @@ class TopActivationsQuery:
     images: list[ImageInput] = field(default_factory=list)
     crops: bool = False
     pictures: bool = False
+    outputs: frozenset[str] | None = None  # None: DEFAULT_OUTPUTS; crops / pictures add theirs
+
+    def wanted(self) -> frozenset[str]:
+        wanted = set(DEFAULT_OUTPUTS if self.outputs is None else self.outputs)
+        wanted |= {"crops"} if self.crops else set()
+        wanted |= {"images"} if self.pictures else set()
+        if wanted & {"crops", "images"}:
+            wanted.add("entries")
+        return frozenset(wanted)
 
 
 @dataclass
@@ -83,6 +93,7 @@ class TopActivationsAnswer:
     images_scanned: int
     channels: int
     dataset: str
+    outputs: frozenset[str] = DEFAULT_OUTPUTS  # what the answer carries: the codec encodes only these
 
 
 @dataclass
@@ -100,10 +111,8 @@ class TopActivationsService:
         cfg = context.config
         self.repository = context.repository
         self.scheduler = context.scheduler
-        self.datasets = DatasetRegistry.from_specs(getattr(cfg, "datasets", ()) or ())
-        index_dir = getattr(cfg, "index_dir", None) or default_index_dir()
-        self.manager = IndexManager(self.datasets, self.scheduler, context.state.get("metrics"), index_dir,
-                                    on_demand_images=getattr(cfg, "index_on_demand_images", 2000))
+        self.manager = IndexManager.from_config(cfg, self.scheduler, context.state.get("metrics"))
+        self.datasets = self.manager.datasets
 
     # ------------------------------------------------------------------ TopActivations
 
@@ -113,10 +122,14 @@ class TopActivationsService:
         shape = layer_shape(model, query.layer)
         channels = int(shape[0])
         validate(query, channels)
+        wanted = query.wanted()
+        query = replace(query, crops="crops" in wanted, pictures="images" in wanted)
+        entries_wanted = "entries" in wanted
         if query.images:
             index, originals = await self._rank_images(model, query, deadline)
             dataset_name = ""
-            entries = index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+            entries = (index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+                       if entries_wanted else [])
             items = await asyncio.to_thread(
                 lambda: [self._item(model, spec.receptive_field, e, originals[int(e.image.path[7:-1])],
                                     int(e.image.path[7:-1]), query) for e in entries])
@@ -124,10 +137,12 @@ class TopActivationsService:
             dataset = self.datasets.get(query.dataset)
             index = await self.manager.get(model, dataset, query.layer, deadline)
             dataset_name = dataset.name
-            entries = index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+            entries = (index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
+                       if entries_wanted else [])
             items = await asyncio.to_thread(
                 lambda: [self._dataset_item(model, spec.receptive_field, dataset, e, query) for e in entries])
-        return TopActivationsAnswer(items, index.stats(query.channel), index.count, channels, dataset_name)
+        return TopActivationsAnswer(items, index.stats(query.channel), index.count, channels, dataset_name,
+                                    outputs=wanted)
 
     async def _rank_images(self, model: ServedModel, query: TopActivationsQuery, deadline: float | None
                            ) -> tuple[TopKIndex, list[np.ndarray]]:
@@ -143,7 +158,7 @@ class TopActivationsService:
         index = empty_index(query.layer, model.layer(query.layer).output_shape, k_max=DEFAULT_K_MAX,
                             per_image=DEFAULT_PER_IMAGE)
         tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
-                      deadline=deadline)
+                      deadline=deadline, served=model)
                  for p in (ScanPayload(query.layer, t, DEFAULT_PER_IMAGE) for t in tensors)]
         rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
         return from_candidates(index, ids, concat(rows)), arrays

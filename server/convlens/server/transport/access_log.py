@@ -14,6 +14,8 @@ import sys
 log = logging.getLogger("convlens.access")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Calls that change (or list) what the server serves: each also gets an audit line (who, what, outcome).
+AUDIT_PREFIX = "/convlens.v1.ModelRepositoryService/"
 
 
 class AccessLog:
@@ -28,7 +30,8 @@ class AccessLog:
         return self.logger.isEnabledFor(level)
 
     def record(self, *, method: str, code: str, ms: float, model: str, peer: str, request_id: str,
-               caller: str, error: str = "", responses: int | None = None) -> None:
+               caller: str, error: str = "", responses: int | None = None, protocol: str = "grpc") -> None:
+        """`protocol` other than grpc (the HTTP front) is written as a field; gRPC lines stay as they were."""
         level = logging.DEBUG if method.startswith(HEALTH_PREFIX) else logging.INFO
         if not self.logger.isEnabledFor(level):
             return
@@ -37,6 +40,8 @@ class AccessLog:
                                          "peer": peer, "request_id": request_id, "caller": caller}
             if responses is not None:
                 fields["responses"] = responses
+            if protocol != "grpc":
+                fields["protocol"] = protocol
             if error:
                 fields["error"] = error
             line = json.dumps(fields, separators=(",", ":"))
@@ -45,9 +50,31 @@ class AccessLog:
                     f"caller={caller or '-'}")
             if responses is not None:
                 line += f" responses={responses}"
+            if protocol != "grpc":
+                line += f" protocol={protocol}"
             if error:
                 line += f" error={json.dumps(error)}"
         self.logger.log(level, line)
+
+
+    def audit(self, *, method: str, caller: str, target: str, code: str, peer: str, request_id: str,
+              error: str = "") -> None:
+        """The audit line of a model-control call, beside its access line: what was asked (`target`: the model,
+        NAME@VERSION for one version), by whom (the token's name; "-" when the server takes no tokens) and
+        how it ended (the status code, and the error for a failure)."""
+        action = method.rpartition("/")[2]
+        if self.json:
+            fields: dict[str, object] = {"audit": action, "caller": caller, "target": target, "code": code,
+                                         "peer": peer, "request_id": request_id}
+            if error:
+                fields["error"] = error
+            line = json.dumps(fields, separators=(",", ":"))
+        else:
+            line = (f"audit {action} caller={caller or '-'} target={target or '-'} code={code} peer={peer} "
+                    f"request_id={request_id}")
+            if error:
+                line += f" error={json.dumps(error)}"
+        self.logger.info(line)
 
 
 def configure(fmt: str, level: str) -> None:

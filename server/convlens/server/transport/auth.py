@@ -1,7 +1,10 @@
 """Bearer tokens: who may call, read from a file (re-read when it changes) or CONVLENS_AUTH_TOKENS.
 
 A token file holds one token per line, optionally named (`name:token`); blank lines and `#` comments are
-skipped. A caller sends `authorization: Bearer <token>`. Tokens are compared as SHA-256 digests with
+skipped. `name:token:admin` marks a token admin: only admin tokens may call the model-control RPCs that
+change what the server serves (ADMIN_METHODS; others get PERMISSION_DENIED).
+
+A caller sends `authorization: Bearer <token>`. Tokens are compared as SHA-256 digests with
 `hmac.compare_digest` against every known token, so neither the comparison nor the loop stops early on the
 first differing byte or on a match. Only the token's name ever reaches a log.
 """
@@ -18,12 +21,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from convlens.server.errors import PermissionDenied
+
 log = logging.getLogger("convlens.server.auth")
 
 # Methods that answer without a token unless configured otherwise: probes and tooling must work before
 # a caller holds a token (Kubernetes' gRPC probes cannot send one).
 DEFAULT_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                   "/grpc.reflection.v1.ServerReflection/")
+
+ADMIN_METHODS = ("/convlens.v1.ModelRepositoryService/LoadModel", "/convlens.v1.ModelRepositoryService/UnloadModel")
+ADMIN_SUFFIX = ":admin"
 
 HOW_TO = ("send the metadata 'authorization: Bearer <token>' with a token this server is configured with "
           "(SDK: Client(..., token=...); CLI: --token or CONVLENS_TOKEN)")
@@ -37,10 +45,11 @@ class Unauthenticated(Exception):
 class _Entry:
     name: str
     digest: bytes
+    admin: bool = False
 
 
 def parse_tokens(lines: Iterable[str], source: str) -> list[_Entry]:
-    """`name:token` or `token` per line; an unnamed token is called `<source>#<line>`."""
+    """`name:token[:admin]` or `token` per line; an unnamed token is called `<source>#<line>`."""
     entries = []
     for i, raw in enumerate(lines, 1):
         line = raw.strip()
@@ -49,10 +58,13 @@ def parse_tokens(lines: Iterable[str], source: str) -> list[_Entry]:
         name, sep, token = line.partition(":")
         if not sep:
             name, token = f"{source}#{i}", line
+        admin = sep and token.rstrip().endswith(ADMIN_SUFFIX)
+        if admin:
+            token = token.rstrip()[: -len(ADMIN_SUFFIX)]
         name, token = name.strip(), token.strip()
         if not token:
             raise ValueError(f"{source} line {i}: empty token")
-        entries.append(_Entry(name, hashlib.sha256(token.encode()).digest()))
+        entries.append(_Entry(name, hashlib.sha256(token.encode()).digest(), bool(admin)))
     return entries
 
 
@@ -69,9 +81,11 @@ class TokenAuth:
     """
 
     def __init__(self, *, path: Path | None = None, env_tokens: str | None = None,
-                 exempt: Iterable[str] = DEFAULT_EXEMPT, recheck_s: float = 1.0) -> None:
+                 exempt: Iterable[str] = DEFAULT_EXEMPT, recheck_s: float = 1.0,
+                 admin_methods: Iterable[str] = ADMIN_METHODS) -> None:
         self.path = path
         self.exempt = tuple(exempt)
+        self.admin_methods = tuple(admin_methods)
         self.recheck_s = recheck_s
         self._env = parse_tokens((env_tokens or "").replace(",", "\n").splitlines(), "env")
         self._file: list[_Entry] = []
@@ -87,8 +101,15 @@ class TokenAuth:
     def is_exempt(self, method: str) -> bool:
         return method.startswith(self.exempt)
 
+    def needs_admin(self, method: str) -> bool:
+        return method in self.admin_methods
+
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         """The name of the presented token, or Unauthenticated."""
+        return self.identify(metadata)[0]
+
+    def identify(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, bool]:
+        """(name, is admin) of the presented token, or Unauthenticated."""
         value = None
         for key, v in metadata or ():
             if key == "authorization":
@@ -103,10 +124,10 @@ class TokenAuth:
         found = None
         for entry in self._entries():  # no early exit: the time spent does not depend on which one matches
             if hmac.compare_digest(entry.digest, presented) and found is None:
-                found = entry.name
+                found = entry
         if found is None:
             raise Unauthenticated(f"unknown bearer token: {HOW_TO}")
-        return found
+        return found.name, found.admin
 
     def _entries(self) -> list[_Entry]:
         if self.path is not None and time.monotonic() >= self._next_check:
@@ -137,3 +158,10 @@ class TokenAuth:
                 return
             self._file, self._stamp = entries, stamp
             log.info("token file %s re-read: %d tokens", self.path, len(entries))
+
+
+def require_admin(caller: str, admin: bool) -> None:
+    """PermissionDenied unless the caller's token is marked admin."""
+    if not admin:
+        raise PermissionDenied(f"caller {caller!r} may not change what the server serves: this call needs a "
+                               "token marked admin (`name:token:admin` in the --auth-tokens file)")

@@ -20,8 +20,8 @@ from grpc.aio import AbortError, ServerInterceptor
 
 from convlens.server.errors import Unavailable
 from convlens.server.metrics import Metrics
-from convlens.server.transport.access_log import HEALTH_PREFIX, AccessLog
-from convlens.server.transport.auth import TokenAuth, Unauthenticated
+from convlens.server.transport.access_log import AUDIT_PREFIX, HEALTH_PREFIX, AccessLog
+from convlens.server.transport.auth import TokenAuth, Unauthenticated, require_admin
 from convlens.server.transport.drain import Drain, InFlight
 from convlens.server.transport.status import to_status
 
@@ -52,14 +52,17 @@ def _model(request: Any) -> str:
 class _Method:
     """What the interceptor needs per method, computed once."""
 
-    def __init__(self, full: str, kind: str, metrics: Metrics, auth: TokenAuth | None) -> None:
+    def __init__(self, full: str, kind: str, metrics: Metrics, auth: TokenAuth | None, protocol: str) -> None:
         service, _, method = full.lstrip("/").rpartition("/")
         self.full = full
         self.health = full.startswith(HEALTH_PREFIX)
         self.stream = kind == "server_stream"
         self.needs_token = auth is not None and not auth.is_exempt(full)
-        self.started = metrics.started.labels(kind, service, method)
-        self.seconds = metrics.handling_seconds.labels(kind, service, method)
+        self.needs_admin = auth is not None and auth.needs_admin(full)
+        self.audited = full.startswith(AUDIT_PREFIX)
+        self.protocol = protocol
+        self.started = metrics.started.labels(kind, service, method, protocol)
+        self.seconds = metrics.handling_seconds.labels(kind, service, method, protocol)
         self._handled = metrics.handled
         self._labels = (kind, service, method)
         self._by_code: dict[grpc.StatusCode, Any] = {}
@@ -67,14 +70,14 @@ class _Method:
     def handled(self, code: grpc.StatusCode) -> Any:
         child = self._by_code.get(code)
         if child is None:
-            child = self._by_code[code] = self._handled.labels(*self._labels, code.name)
+            child = self._by_code[code] = self._handled.labels(*self._labels, code.name, self.protocol)
         return child
 
 
 class _Outcome:
     """A call's result as the log and metrics see it."""
 
-    __slots__ = ("code", "error", "caller", "request_id", "model")
+    __slots__ = ("code", "error", "caller", "request_id", "model", "target")
 
     def __init__(self) -> None:
         self.code = _OK
@@ -82,11 +85,25 @@ class _Outcome:
         self.caller = ""
         self.request_id = ""
         self.model = ""
+        self.target = ""
+
+
+def _target(request: Any) -> str:
+    """What a model-control call is about, for its audit line: MODEL or MODEL@VERSION."""
+    model = _model(request)
+    try:
+        return f"{model}@{request.version}" if request.HasField("version") else model
+    except ValueError:  # a request without a version field
+        return model
 
 
 class ServiceInterceptor(ServerInterceptor):
+    """`protocol` labels the metrics and the access log: "grpc" here, "http" for the HTTP front, which wraps
+    the same servicer handlers with its own instance (sharing metrics, tokens, log and drain)."""
+
     def __init__(self, metrics: Metrics, *, auth: TokenAuth | None = None, access_log: AccessLog | None = None,
-                 drain: Drain | None = None) -> None:
+                 drain: Drain | None = None, protocol: str = "grpc") -> None:
+        self.protocol = protocol
         self.metrics = metrics
         self.auth = auth
         self.access_log = access_log or AccessLog()
@@ -105,22 +122,27 @@ class ServiceInterceptor(ServerInterceptor):
                 self._handlers[details.method] = wrapped
         return wrapped  # type: ignore[return-value]
 
+    def wrap(self, handler: grpc.RpcMethodHandler | None, full: str) -> grpc.RpcMethodHandler | None:
+        """`handler` with everything above around it (also how the HTTP front calls the servicers)."""
+        return self._wrap(handler, full)
+
     def _wrap(self, handler: grpc.RpcMethodHandler | None, full: str) -> grpc.RpcMethodHandler | None:
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, _Method(full, "unary", self.metrics, self.auth)),
+                self._unary(handler.unary_unary, _Method(full, "unary", self.metrics, self.auth, self.protocol)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, _Method(full, "server_stream", self.metrics, self.auth)),
+                self._stream(handler.unary_stream,
+                             _Method(full, "server_stream", self.metrics, self.auth, self.protocol)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                self._bidi(handler.stream_stream, _Method(full, "bidi_stream", self.metrics, self.auth)),
+                self._bidi(handler.stream_stream, _Method(full, "bidi_stream", self.metrics, self.auth, self.protocol)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler  # client-streaming: none served
@@ -135,12 +157,16 @@ class ServiceInterceptor(ServerInterceptor):
         out.request_id = _request_id(metadata)
         context.set_trailing_metadata(((REQUEST_ID, out.request_id),))
         out.model = _model(request)
+        if m.audited:
+            out.target = _target(request)
         if self.drain.draining and not m.health:
             self.drain.refused()
             raise Unavailable("server is shutting down (draining); retry on another replica")
         if m.needs_token:
             assert self.auth is not None
-            out.caller = self.auth.check(metadata)
+            out.caller, admin = self.auth.identify(metadata)
+            if m.needs_admin:
+                require_admin(out.caller, admin)
         if m.health:
             if m.stream:
                 self.drain.watch()
@@ -185,7 +211,11 @@ class ServiceInterceptor(ServerInterceptor):
         if self.access_log.enabled_for(m.full):
             self.access_log.record(method=m.full, code=out.code.name, ms=seconds * 1e3, model=out.model,
                                    peer=peer, request_id=out.request_id, caller=out.caller, error=out.error,
-                                   responses=call.responses if m.stream and call is not None else None)
+                                   responses=call.responses if m.stream and call is not None else None,
+                                   protocol=m.protocol)
+        if m.audited:
+            self.access_log.audit(method=m.full, caller=out.caller, target=out.target, code=out.code.name,
+                                  peer=peer, request_id=out.request_id, error=out.error)
 
     # ------------------------------------------------------------------ the call shapes
 

@@ -13,9 +13,12 @@ One module per concept (as Lucent, without its leaked hooks and global device):
 - job.py — the `Job` protocol and `StepLoss` / `StepReport`: implement it to plug a technique in.
 - runner.py — `run_step(module, jobs)`: one batched forward/backward for jobs sharing a key.
 - maximize.py — `MaximizeSettings` (presets lecture / lucid / maco), `MaximizeJob`, `evaluate`.
+- dream.py — DeepDream's `DreamJob` (octaves, normalised ascent, guides); style.py — Gatys'
+  `StyleJob` (Gram targets, Adam or L-BFGS). Every optimisation job lives here, beside the others.
 
-The scheduler side (convlens.server.scheduler.steps) turns each step of each job into a task of the
-batcher; a service only has to build a Job and call `Scheduler.run_job` (see that module).
+The scheduler side (convlens.server.scheduler.steps, computing with convlens.server.compute.steps) turns
+each step of each job into a task of the batcher; a service only has to build a Job and call
+`Scheduler.run_job` (see that module).
 """
 
 from convlens.server.engine.optimize.job import Job, StepLoss, StepReport

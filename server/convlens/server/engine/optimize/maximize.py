@@ -12,7 +12,7 @@ job's generator, so its random transforms are drawn once per step for all of the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -27,39 +27,70 @@ from convlens.server.engine.optimize.natural_spectrum import average_magnitude
 from convlens.server.engine.optimize.objectives import Activations, Objective
 from convlens.server.engine.optimize.optimizers import Adam
 from convlens.server.engine.optimize.param import FourierParam, ImageParam, MacoParam, PixelParam
+from convlens.server.errors import InvalidArgument
 
 PRESETS = ("lecture", "lucid", "maco")
 PARAMETERIZATIONS = ("pixel", "fft", "maco")
 MAX_STEPS = 4096
 MIN_SIZE, MAX_SIZE = 32, 1024
 MAX_IMAGES = 16
+MIN_INPUT_SIDE = 16  # pixels left after padding and jitter
+
+
+def knob(default: Any, low: float, high: float) -> Any:
+    """A numeric setting a caller may override (a MaximizeUnit request field of the same name), in low..high."""
+    return field(default=default, metadata={"range": (low, high)})
 
 
 @dataclass(frozen=True)
 class MaximizeSettings:
-    """Every knob of a MaximizeUnit run. Percentiles are 0..100; sizes and offsets are in pixels."""
+    """Every knob of a MaximizeUnit run. Percentiles are 0..100; sizes and offsets are in pixels.
+
+    The numeric knobs' names and ranges are declared here, once (`knob`); `KNOBS` lists them for the
+    codec (which request fields to read) and `MaximizeSettings.checked` checks them."""
 
     preset: str = "lucid"
     parameterization: str = "fft"  # pixel | fft | maco
-    steps: int = 512
-    size: int = 224
-    learning_rate: float = 0.05  # Adam
-    l2_decay: float = 0.0  # pixel: x <- (1 - l2) x after each step
-    blur_every: int = 0  # pixel: Gaussian blur every n steps (0: never)
-    blur_sigma: float = 0.0
-    value_percentile: float = 0.0  # pixel: zero pixels whose norm is below this percentile
-    contribution_percentile: float = 0.0  # pixel: zero pixels whose |x * grad| is below this percentile
-    tv_weight: float = 0.0  # total-variation penalty on the image, added to the loss
-    pad: int = 12
-    jitter: int = 8
-    scale_jitter: float = 0.1  # zoom in 1 +- scale_jitter
-    rotate_degrees: float = 10.0
-    final_jitter: int = 4
-    decay_power: float = 1.0  # fft: spectrum scaled by 1 / frequency ** decay_power
-    seed: int = 0
-    images: int = 1  # optimised together in one job
-    diversity: float = 0.0  # weight of Lucid's diversity objective over the job's images
-    diversity_layer: str = ""  # where its Gram matrices are taken ("" when no diversity)
+    steps: int = knob(512, 1, MAX_STEPS)
+    size: int = knob(224, MIN_SIZE, MAX_SIZE)
+    learning_rate: float = knob(0.05, 1e-6, 100.0)  # Adam
+    l2_decay: float = knob(0.0, 0.0, 1.0)  # pixel: x <- (1 - l2) x after each step
+    blur_every: int = knob(0, 0, MAX_STEPS)  # pixel: Gaussian blur every n steps (0: never)
+    blur_sigma: float = knob(0.0, 0.0, 20.0)
+    value_percentile: float = knob(0.0, 0.0, 100.0)  # pixel: zero pixels whose norm is below this percentile
+    contribution_percentile: float = knob(0.0, 0.0, 100.0)  # pixel: zero pixels whose |x * grad| is below it
+    tv_weight: float = knob(0.0, 0.0, 1e6)  # total-variation penalty on the image, added to the loss
+    pad: int = knob(12, 0, 256)
+    jitter: int = knob(8, 0, 256)
+    scale_jitter: float = knob(0.1, 0.0, 0.9)  # zoom in 1 +- scale_jitter
+    rotate_degrees: float = knob(10.0, 0.0, 180.0)
+    final_jitter: int = knob(4, 0, 256)
+    decay_power: float = knob(1.0, 0.0, 4.0)  # fft: spectrum scaled by 1 / frequency ** decay_power
+    seed: int = knob(0, 0, 2**63 - 1)
+    images: int = knob(1, 1, MAX_IMAGES)  # optimised together in one job
+    diversity: float = knob(0.0, 0.0, 1e6)  # weight of Lucid's diversity objective over the job's images
+    diversity_layer: str = ""  # where its Gram matrices are taken ("" when the job has one image)
+
+    @staticmethod
+    def checked(preset: str | None = None, **overrides: Any) -> MaximizeSettings:
+        """`resolve`, for a caller's request: INVALID_ARGUMENT naming the field for an unknown preset or
+        parameterization, a knob out of its range, or a size that padding and jitter leave too small."""
+        if preset is not None and preset not in PRESETS:
+            raise InvalidArgument(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}", field="preset")
+        for name, value in overrides.items():
+            if value is None or name not in KNOBS:
+                continue
+            low, high = KNOBS[name]
+            if not low <= value <= high:
+                raise InvalidArgument(f"{name} = {value} is out of range; allowed {low:g}..{high:g}", field=name)
+        p = overrides.get("parameterization")
+        if p is not None and p not in PARAMETERIZATIONS:
+            raise InvalidArgument(f"unknown parameterization {p!r}", field="parameterization")
+        settings = MaximizeSettings.resolve(preset, **overrides)
+        if settings.input_side() < MIN_INPUT_SIDE:
+            raise InvalidArgument(f"size {settings.size} leaves a {settings.input_side()} px input after padding "
+                                  "and jitter; use a larger size or less jitter", field="size")
+        return settings
 
     @staticmethod
     def resolve(preset: str | None = None, **overrides: Any) -> MaximizeSettings:
@@ -84,6 +115,10 @@ class MaximizeSettings:
     def input_side(self) -> int:
         return transforms.output_size(self.transforms(), self.size)
 
+
+# {knob: (lowest, highest)}, read off the fields above.
+KNOBS: dict[str, tuple[float, float]] = {f.name: f.metadata["range"] for f in fields(MaximizeSettings)
+                                         if "range" in f.metadata}
 
 _PRESETS = {
     # Yosinski et al. 2015's most used defaults (L2 1e-4, blur 1.0 every 4 steps), the lecture's "zero out

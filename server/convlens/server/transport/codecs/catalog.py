@@ -12,7 +12,7 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         name=model.name, format=model.format, input_height=pre.height, input_width=pre.width,
         num_classes=model.num_classes, resize=pre.resize, mean=list(pre.mean), std=list(pre.std),
         supports_gradients=model.supports_gradients, parameter_count=model.parameter_count,
-        description=model.description)
+        description=model.description, version=model.version)
 
 
 def receptive_field(rf: ReceptiveField | None) -> pb.ReceptiveField | None:

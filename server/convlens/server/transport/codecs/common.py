@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,18 +16,33 @@ from convlens.server.engine.predictions import Prediction
 from convlens.server.engine.targets import ClassTarget, Target, UnitTarget
 from convlens.server.errors import InvalidArgument
 from convlens.server.models.preprocess import Geometry
-from convlens.server.transport.codecs.vocabulary import enum_names
+from convlens.server.service.streaming import Progress
+from convlens.server.transport.codecs.vocabulary import enum_names, enum_prefix, enum_values
 from convlens.v1 import convlens_pb2 as pb
 from convlens.wire.tensors import to_numpy, to_tensor
 
 REDUCTIONS = enum_names(pb.Reduction, targets.REDUCTIONS, unspecified="mean")
-REDUCTION_VALUES = {name: value for value, name in REDUCTIONS.items() if value}
+REDUCTION_VALUES = enum_values(REDUCTIONS)
 
 
 def enum(table: dict[int, str], value: int, field: str, enum_name: str) -> str:
     if value not in table:
         raise InvalidArgument(f"unknown {enum_name} value {value}", field=field)
     return table[value]
+
+
+def outputs(table: dict[int, str], values: Sequence[int], enum: Any) -> frozenset[str] | None:
+    """A request's `outputs` (a repeated enum) as option names; None when empty (the RPC's default)."""
+    if not values:
+        return None
+    names = set()
+    for i, value in enumerate(values):
+        if value not in table:
+            choices = ", ".join(enum_prefix(enum) + name.upper() for name in table.values())
+            raise InvalidArgument(f"outputs[{i}]: {value} is not a {enum.DESCRIPTOR.name}; name one of {choices}",
+                                  field=f"outputs[{i}]")
+        names.add(table[value])
+    return frozenset(names)
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -121,3 +138,9 @@ def target_message(t: Target) -> pb.Target:
 
 def tensor(array: np.ndarray) -> pb.Tensor:
     return to_tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def progress(event: Progress) -> pb.Progress:
+    """One step of a streaming optimisation (MaximizeUnit, Dream, StyleTransfer)."""
+    return pb.Progress(step=event.step, total_steps=event.total_steps, objectives=event.terms,
+                       preview_png=png(event.preview))

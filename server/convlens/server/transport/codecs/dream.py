@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from convlens.server.service.dream import DreamAnswer, DreamQuery
-from convlens.server.service.progress import Progress
-from convlens.server.transport.codecs.common import optional_image, png
+from convlens.server.service.streaming import Progress
+from convlens.server.transport.codecs.common import optional_image, png, progress
 from convlens.v1 import convlens_pb2 as pb
 
 
@@ -22,14 +22,9 @@ def query(request: pb.DreamRequest) -> DreamQuery:
         jitter=int(request.jitter) if request.HasField("jitter") else None,
         guide=optional_image(request, "guide"),
         seed=int(request.seed),
-        preview_every=max(0, int(request.preview_every)),
+        preview_every=int(request.preview_every),
         max_size=request.max_size or None,
     )
-
-
-def progress(event: Progress) -> pb.Progress:
-    return pb.Progress(step=event.step, total_steps=event.total_steps, objectives=event.terms,
-                       preview_png=png(event.preview))
 
 
 def response(event: Progress | DreamAnswer) -> pb.DreamResponse:

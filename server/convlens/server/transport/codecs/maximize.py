@@ -4,25 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from convlens.server.engine.optimize import maximize
 from convlens.server.engine.optimize.maximize import MaximizeSettings
-from convlens.server.service.maximize import MaximizeAnswer, MaximizeProgress, MaximizeQuery
-from convlens.server.transport.codecs.common import enum, png, prediction, target, target_message
+from convlens.server.service.maximize import MaximizeAnswer, MaximizeQuery
+from convlens.server.service.streaming import Progress
+from convlens.server.transport.codecs.common import enum, png, prediction, progress, target, target_message
+from convlens.server.transport.codecs.vocabulary import enum_names, enum_values
 from convlens.v1 import convlens_pb2 as pb
 
-PRESETS = {pb.MAXIMIZE_PRESET_UNSPECIFIED: "lucid", pb.MAXIMIZE_PRESET_LECTURE: "lecture",
-           pb.MAXIMIZE_PRESET_LUCID: "lucid", pb.MAXIMIZE_PRESET_MACO: "maco"}
-PARAMETERIZATIONS = {pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_FFT: "fft",
-                     pb.PARAMETERIZATION_MACO: "maco"}
-# Optional request fields that override the preset (same names in MaximizeSettings).
-KNOBS = ("steps", "size", "learning_rate", "l2_decay", "blur_every", "blur_sigma", "jitter", "scale_jitter",
-         "rotate_degrees", "seed", "value_percentile", "contribution_percentile", "tv_weight", "pad",
-         "final_jitter", "decay_power", "images", "diversity", "diversity_layer")
-PRESET_ENUMS = {name: value for value, name in PRESETS.items() if value != pb.MAXIMIZE_PRESET_UNSPECIFIED}
-PARAMETERIZATION_ENUMS = {name: value for value, name in PARAMETERIZATIONS.items()}
+PRESETS = enum_names(pb.MaximizePreset, maximize.PRESETS, unspecified="lucid")
+PARAMETERIZATIONS = enum_names(pb.Parameterization, maximize.PARAMETERIZATIONS, unspecified=None)  # unset: preset's
+PRESET_VALUES = enum_values(PRESETS)
+PARAMETERIZATION_VALUES = enum_values(PARAMETERIZATIONS)
 
 
 def query(request: pb.MaximizeUnitRequest) -> MaximizeQuery:
-    overrides: dict[str, Any] = {k: getattr(request, k) for k in KNOBS if request.HasField(k)}
+    overrides: dict[str, Any] = {k: getattr(request, k) for k in maximize.KNOBS if request.HasField(k)}
+    if request.HasField("diversity_layer"):
+        overrides["diversity_layer"] = request.diversity_layer
     if request.parameterization != pb.PARAMETERIZATION_UNSPECIFIED:
         overrides["parameterization"] = enum(PARAMETERIZATIONS, request.parameterization, "parameterization",
                                              "Parameterization")
@@ -37,15 +36,14 @@ def query(request: pb.MaximizeUnitRequest) -> MaximizeQuery:
 
 def settings(s: MaximizeSettings) -> pb.MaximizeSettings:
     values = s.as_dict()
-    values["preset"] = PRESET_ENUMS[s.preset]
-    values["parameterization"] = PARAMETERIZATION_ENUMS[s.parameterization]
+    values["preset"] = PRESET_VALUES[s.preset]
+    values["parameterization"] = PARAMETERIZATION_VALUES[s.parameterization]
     return pb.MaximizeSettings(**values)
 
 
-def response(event: MaximizeProgress | MaximizeAnswer) -> pb.MaximizeUnitResponse:
-    if isinstance(event, MaximizeProgress):
-        return pb.MaximizeUnitResponse(progress=pb.Progress(
-            step=event.step, total_steps=event.total_steps, objectives=event.terms, preview_png=png(event.preview)))
+def response(event: Progress | MaximizeAnswer) -> pb.MaximizeUnitResponse:
+    if isinstance(event, Progress):
+        return pb.MaximizeUnitResponse(progress=progress(event))
     return pb.MaximizeUnitResponse(result=pb.MaximizeUnitResult(
         image_png=png(event.image), objective=event.objective,
         predictions=[prediction(p) for p in event.predictions], settings=settings(event.settings),

@@ -5,11 +5,12 @@ from __future__ import annotations
 from convlens.server.engine import integrated_gradients, saliency, smoothgrad
 from convlens.server.engine.saliency import SaliencyOptions
 from convlens.server.errors import InvalidArgument
-from convlens.server.service.saliency import SaliencyAnswer, SaliencyQuery
+from convlens.server.service.saliency import OUTPUTS, SaliencyAnswer, SaliencyQuery
 from convlens.server.transport.codecs.common import (
     enum,
     geometry,
     optional_image,
+    outputs,
     png,
     prediction,
     target,
@@ -22,6 +23,7 @@ from convlens.v1 import convlens_pb2 as pb
 METHODS = enum_names(pb.SaliencyMethod, saliency.METHODS, unspecified="gradient")
 SMOOTH_BASES = smoothgrad.BASES
 BASELINES = enum_names(pb.Baseline, integrated_gradients.BASELINES, unspecified="black")
+SALIENCY_OUTPUTS = enum_names(pb.SaliencyOutput, OUTPUTS, unspecified=None)
 
 
 def options(request: pb.SaliencyRequest) -> SaliencyOptions:
@@ -52,13 +54,15 @@ def query(request: pb.SaliencyRequest) -> SaliencyQuery:
         options=options(request),
         baseline_image=optional_image(request, "baseline_image"),
         render_overlay=request.render_overlay,
+        outputs=outputs(SALIENCY_OUTPUTS, request.outputs, pb.SaliencyOutput),
     )
 
 
 def response(answer: SaliencyAnswer) -> pb.SaliencyResponse:
-    r = answer.result
+    r, wanted = answer.result, answer.outputs
     return pb.SaliencyResponse(
-        attribution=tensor(r.attribution.numpy()), heatmap=tensor(r.heatmap.numpy()),
+        attribution=tensor(r.attribution.numpy()) if "attribution" in wanted else None,
+        heatmap=tensor(r.heatmap.numpy()) if "heatmap" in wanted else None,
         overlay_png=png(answer.overlay), predictions=[prediction(p) for p in answer.predictions],
         geometry=geometry(answer.geometry), target=target_message(r.target),
         target_value=r.target_value, modified_activations=r.modified_activations, notes=answer.notes,

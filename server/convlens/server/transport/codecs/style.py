@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from convlens.server.engine.style import STYLE_DISTANCES
-from convlens.server.service.progress import Progress
+from convlens.server.engine.optimize import style
+from convlens.server.service.streaming import Progress
 from convlens.server.service.style import StyleAnswer, StyleQuery
-from convlens.server.transport.codecs.common import enum, optional_image, png
-from convlens.server.transport.codecs.dream import progress
-from convlens.server.transport.codecs.vocabulary import enum_names
+from convlens.server.transport.codecs.common import enum, optional_image, png, progress
+from convlens.server.transport.codecs.vocabulary import enum_names, enum_values
 from convlens.v1 import convlens_pb2 as pb
 
-OPTIMIZERS = {pb.OPTIMIZER_UNSPECIFIED: "adam", pb.OPTIMIZER_ADAM: "adam", pb.OPTIMIZER_LBFGS: "lbfgs"}
-SOFTEN = {pb.SOFTEN_NONE: "none", pb.SOFTEN_CHANNELS: "channels", pb.SOFTEN_POSITIONS: "positions",
-          pb.SOFTEN_ALL: "all"}
-GRAMS = {pb.GRAM_NORMALIZATION_UNSPECIFIED: "positions", pb.GRAM_NORMALIZATION_POSITIONS: "positions",
-         pb.GRAM_NORMALIZATION_ELEMENTS: "elements", pb.GRAM_NORMALIZATION_NONE: "none"}
-INITS = {pb.STYLE_INIT_UNSPECIFIED: "content", pb.STYLE_INIT_CONTENT: "content", pb.STYLE_INIT_NOISE: "noise"}
-DISTANCES = enum_names(pb.StyleDistance, STYLE_DISTANCES, unspecified=None)  # UNSPECIFIED: the model's default
+OPTIMIZERS = enum_names(pb.Optimizer, style.OPTIMIZERS, unspecified="adam")
+SOFTEN = enum_names(pb.Soften, style.SOFTEN, unspecified=None)  # UNSPECIFIED: the deprecated bool, else the default
+GRAMS = enum_names(pb.GramNormalization, style.GRAM_NORMALIZATIONS, unspecified="positions")
+INITS = enum_names(pb.StyleInit, style.INITS, unspecified="content")
+DISTANCES = enum_names(pb.StyleDistance, style.STYLE_DISTANCES, unspecified=None)  # UNSPECIFIED: the model's default
+VALUES = {table_name: enum_values(table) for table_name, table in
+          (("optimizer", OPTIMIZERS), ("soften", SOFTEN), ("gram_normalization", GRAMS), ("init", INITS),
+           ("style_distance", DISTANCES))}
 
 
 def _soften(request: pb.StyleTransferRequest) -> str | None:
@@ -47,12 +47,8 @@ def query(request: pb.StyleTransferRequest) -> StyleQuery:
         style_distance=(None if request.style_distance == pb.STYLE_DISTANCE_UNSPECIFIED
                         else enum(DISTANCES, request.style_distance, "style_distance", "StyleDistance")),
         seed=int(request.seed),
-        preview_every=max(0, int(request.preview_every)),
+        preview_every=int(request.preview_every),
     )
-
-
-def _code(table: dict[int, str], name: str) -> int:
-    return min(code for code, value in table.items() if value == name and code != 0)
 
 
 def response(event: Progress | StyleAnswer) -> pb.StyleTransferResponse:
@@ -62,10 +58,10 @@ def response(event: Progress | StyleAnswer) -> pb.StyleTransferResponse:
     settings = pb.StyleTransferSettings(
         style_layers=list(s.style_layers), style_layer_weights=list(s.layer_weights), content_layer=s.content_layer,
         style_weight=s.style_weight, content_weight=s.content_weight, steps=s.steps, size=s.size,
-        optimizer=_code(OPTIMIZERS, s.optimizer), soften=_code(SOFTEN, s.soften), temperature=s.temperature,
-        gram_normalization=_code(GRAMS, s.gram_normalization), init=_code(INITS, s.init),
+        optimizer=VALUES["optimizer"][s.optimizer], soften=VALUES["soften"][s.soften], temperature=s.temperature,
+        gram_normalization=VALUES["gram_normalization"][s.gram_normalization], init=VALUES["init"][s.init],
         learning_rate=s.learning_rate, seed=s.seed, height=event.image.height, width=event.image.width,
-        style_distance=_code(DISTANCES, s.style_distance))
+        style_distance=VALUES["style_distance"][s.style_distance])
     return pb.StyleTransferResponse(result=pb.StyleTransferResult(
         image_png=png(event.image), style_loss=event.losses.get("style", 0.0),
         content_loss=event.losses.get("content", 0.0), total_loss=event.losses.get("total", 0.0),

@@ -8,16 +8,19 @@ from PIL import Image
 
 from convlens.server.errors import InvalidArgument
 from convlens.server.service.top_activations import (
+    OUTPUTS,
     Box,
     DatasetSummary,
     TopActivationsAnswer,
     TopActivationsQuery,
     TopItem,
 )
-from convlens.server.transport.codecs.common import enum, geometry, image_input
+from convlens.server.transport.codecs.common import enum, geometry, image_input, outputs
+from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
 RANKINGS = {pb.RANKING_UNSPECIFIED: "max", pb.RANKING_MAX: "max", pb.RANKING_MEAN: "mean"}
+TOP_OUTPUTS = enum_names(pb.TopActivationsOutput, OUTPUTS, unspecified=None)
 STATES = {"ready": pb.INDEX_STATE_READY, "building": pb.INDEX_STATE_BUILDING, "absent": pb.INDEX_STATE_ABSENT}
 
 
@@ -32,7 +35,8 @@ def query(request: pb.TopActivationsRequest) -> TopActivationsQuery:
         model=request.model, layer=request.layer, channel=request.channel, k=request.k or 9,
         dataset=request.dataset, ranking=enum(RANKINGS, request.ranking, "ranking", "Ranking"),
         max_per_image=request.max_per_image or 1, images=images, crops=request.include_crops,
-        pictures=request.include_images)
+        pictures=request.include_images,
+        outputs=outputs(TOP_OUTPUTS, request.outputs, pb.TopActivationsOutput))
 
 
 def png(image: Image.Image | None) -> bytes:
@@ -57,9 +61,10 @@ def _item(t: TopItem) -> pb.TopActivation:
 
 def response(answer: TopActivationsAnswer) -> pb.TopActivationsResponse:
     s = answer.stats
+    stats = (pb.ChannelStats(images=s.images, mean=s.mean, max=s.max, positive_fraction=s.positive_fraction)
+             if "stats" in answer.outputs else None)
     return pb.TopActivationsResponse(
-        activations=[_item(t) for t in answer.items], images_scanned=answer.images_scanned,
-        stats=pb.ChannelStats(images=s.images, mean=s.mean, max=s.max, positive_fraction=s.positive_fraction),
+        activations=[_item(t) for t in answer.items], images_scanned=answer.images_scanned, stats=stats,
         channels=answer.channels, dataset=answer.dataset)
 
 
