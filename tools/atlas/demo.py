@@ -68,7 +68,7 @@ def main() -> int:
         if not os.access(CHROMIUM, os.X_OK):
             print("no screenshot: Debian's chromium is not installed", file=sys.stderr)
         else:
-            screenshot(Path(args.out) / MODEL / "_blocks.8" / "1.html", args.screenshot)
+            screenshot(Path(args.out) / MODEL / "_blocks.2" / "2.html", args.screenshot)
     return 0
 
 
