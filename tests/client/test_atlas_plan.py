@@ -79,3 +79,50 @@ def test_search_data_is_a_script_with_urls() -> None:
     data = json.loads(text.split("= ", 1)[1].rstrip(";\n"))
     assert data == [{"model": "m", "layer": "_blocks.1", "channel": 3, "url": "m/_blocks.1/3.html",
                      "classes": ["cat"]}]
+
+
+def fake_entry(model: str, layer: str, c: int) -> dict[str, object]:
+    return {"model": model, "layer": layer, "channel": c, "dead": c == 1,
+            "fv": {"file": f"{c}-fv.png", "objective": 1.0, "predictions": ["a"]},
+            "diverse": {"files": [f"{c}-div0.png", f"{c}-div1.png"], "objectives": [1.0, 2.0],
+                        "gram_similarity": 0.2, "weight": 20.0},
+            "top": [{"source": "s.png", "score": 3.0, "y": 0, "x": 0, "box": [0, 0, 1, 1],
+                     "crop": f"{c}-top0.png", "photo": f"{c}-photo0.jpg"}],
+            "dataset": "samples", "stats": {"images": 1, "mean": 0.1, "max": 2.0, "positive_fraction": 0.5},
+            "classes": [{"label": "cat", "count": 1}]}
+
+
+def test_every_link_and_image_of_a_written_site_resolves(tmp_path: Path) -> None:
+    """write_site over two models with --compare: each relative href/src of each page names a file."""
+    import re
+
+    from convlens.client.atlas._build import write_site
+
+    other = details([("conv1", (4, 8, 8)), ("layer1.0", (4, 8, 8)), ("layer2.0", (4, 4, 4)), ("fc", (5,))])
+    other = ModelDetails(ModelInfo("r", "torchvision", (32, 32), 5, 32, (0.5,) * 3, (0.5,) * 3, True, 1, ""),
+                         other.layers, [])
+    options = AtlasOptions("m", layers=("_blocks.1", "_blocks.8"), channels=(0, 1, 2))
+    plans = [plan(LITE, options), plan(other, options, layers=["layer1.0", "layer2.0"])]
+    done = {}
+    for p in plans:
+        for u in p.units:
+            if u.channel == 2 and u.layer == "_blocks.8":
+                continue  # an unfinished unit: not shown, not linked
+            done[u.id] = fake_entry(u.model, u.layer, u.channel)
+            folder = tmp_path / u.image_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("fv.png", "div0.png", "div1.png", "top0.png", "photo0.jpg"):
+                (folder / f"{u.channel}-{name}").write_bytes(b"x")
+    rows = [("_blocks.1", 0.2, "layer1.0", 0.3), ("_blocks.8", 0.8, "layer2.0", 0.6)]
+    write_site(tmp_path, plans, done, rows, {"m": None, "r": None})
+    pages = sorted(tmp_path.rglob("*.html"))
+    assert (tmp_path / "compare.html") in pages and (tmp_path / "m" / "_blocks.8" / "1.html") in pages
+    assert not (tmp_path / "m" / "_blocks.8" / "2.html").exists()
+    checked = 0
+    for page in pages:
+        for ref in re.findall(r'(?:href|src)="([^"]+)"', page.read_text()):
+            assert (page.parent / ref).resolve().is_file(), f"{page.relative_to(tmp_path)} -> {ref}"
+            checked += 1
+    assert checked > 100
+    layer_page = (tmp_path / "m" / "_blocks.1" / "index.html").read_text()
+    assert layer_page.count('class="cell dead"') == 1  # channel 1 is marked dead
