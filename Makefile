@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo gallery test serve proto proto-check lint bench clean
+.PHONY: demo gallery test serve proto proto-check lint bench clean node-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,8 +23,18 @@ demo: $(STAMP)
 gallery: $(STAMP)
 	$(PY) -m tools.demo --gallery --out out/gallery
 
-test: $(STAMP) chromium
+test: $(STAMP) node-deps chromium
 	$(PY) -m pytest -q
+
+# The Node.js contract test's client (tests/contract_node): @grpc/grpc-js and @grpc/proto-loader, pinned by
+# package-lock.json. Installs Node (20+) with apt when it is missing (CI runs as root on Debian).
+NODE_DEPS := tests/contract_node/node_modules/.package-lock.json
+node-deps: $(NODE_DEPS)
+$(NODE_DEPS): tests/contract_node/package.json tests/contract_node/package-lock.json
+	command -v node >/dev/null && command -v npm >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq nodejs npm)
+	cd tests/contract_node && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_DEPS)
 
 serve: $(STAMP)
 	$(VENV)/bin/convlens serve

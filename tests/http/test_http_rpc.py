@@ -176,3 +176,14 @@ async def test_the_any_address_listens_for_ipv4_callers_too(tmp_path: Path) -> N
             assert (await http.get(f"/v1/models/{MODEL}")).json()["ready"] is True
     finally:
         await srv.stop(0.0)
+
+
+async def test_reflection_still_answers_on_the_recording_server(front: Front) -> None:
+    """app.py registers services on a RecordingServer; reflection must still get its asyncio servicer."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{front.server.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name async for reply in call for s in reply.list_services_response.service}
+    assert {"convlens.v1.InspectionService", "convlens.v1.ModelRepositoryService"} <= names

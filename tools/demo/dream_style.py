@@ -26,12 +26,15 @@ def _photo(out: Path, name: str, height: int) -> str:
 def start_dream(c: Client, pool: Executor, out: Path, p: Profile) -> Callable[[], str]:
     """Send the dreams; the returned function waits for them and renders the section."""
     calls: dict[str, Future[Any]] = {}
+    options: dict[str, Any] = {"max_size": p.dream_size}
+    if p.dream_steps is not None:
+        options["steps_per_octave"] = p.dream_steps
     for name, layer in p.dreams:
-        calls[f"dream_{name}_{layer or 'default'}"] = pool.submit(c.dream, photo(name), MODEL, layer,
-                                                                  max_size=p.dream_size, timeout=3600)
+        calls[f"dream_{name}_{layer or 'default'}"] = pool.submit(c.dream, photo(name), MODEL, layer, timeout=3600,
+                                                                  **options)
     if p.guided_dream:
-        calls["dream_guided"] = pool.submit(c.dream, photo("chelsea"), MODEL, guide=photo("flower"),
-                                            max_size=p.dream_size, timeout=3600)
+        calls["dream_guided"] = pool.submit(c.dream, photo("chelsea"), MODEL, guide=photo("flower"), timeout=3600,
+                                            **options)
 
     def render() -> str:
         results = {k: f.result() for k, f in calls.items()}

@@ -105,8 +105,8 @@ def filters_request(model: str, layer: str, *, grid: bool, scaling: str, max_fil
                     max_input_channels: int | None, cell_scale: int | None) -> pb.GetFiltersRequest:
     return pb.GetFiltersRequest(model=model, layer=layer, render_grid=grid,
                                 scaling=_choice(_SCALINGS, scaling, "scaling"),
-                                max_filters=max_filters or 0, max_input_channels=max_input_channels or 0,
-                                cell_scale=cell_scale or 0)
+                                **_given({"max_filters": max_filters, "max_input_channels": max_input_channels,
+                                          "cell_scale": cell_scale}))
 
 
 def top_activations_request(model: str, layer: str, channel: int, *, k: int, dataset: str | None,
@@ -134,14 +134,13 @@ def saliency_request(image: ImageInput, model: str, *, target: Target | None, me
         sg = req.smoothgrad
         if base_method is not None:
             sg.base_method = _choice(SALIENCY_METHODS, base_method, "base method")
-        sg.samples = samples or 0
-        sg.noise_level = noise_level or 0.0
-        sg.seed = seed or 0
+        for name, value in _given({"samples": samples, "noise_level": noise_level, "seed": seed}).items():
+            setattr(sg, name, value)  # presence: an explicit 0 (e.g. noise_level) is sent as such
     if steps is not None or baseline is not None or blur_sigma is not None:
         ig = req.integrated_gradients
         ig.SetInParent()
-        ig.steps = steps or 0
-        ig.blur_sigma = blur_sigma or 0.0
+        for name, value in _given({"steps": steps, "blur_sigma": blur_sigma}).items():
+            setattr(ig, name, value)
         if isinstance(baseline, str) and baseline in _BASELINES:
             ig.baseline = _BASELINES[baseline]
         elif baseline is not None:  # an image: the caller's own starting point
@@ -300,7 +299,7 @@ def datasets(r: pb.ListDatasetsResponse) -> list[DatasetInfo]:
 
 def progress(p: pb.Progress) -> Progress:
     return Progress(step=p.step, total=p.total_steps, objectives=dict(p.objectives),
-                    preview=png_to_pil(p.preview_png))
+                    preview=png_to_pil(p.preview_png), octave=p.octave if p.HasField("octave") else None)
 
 
 def _image(data: bytes) -> Image.Image:

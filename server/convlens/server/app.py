@@ -17,7 +17,6 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from convlens.server.config import ServerConfig, from_args
@@ -33,6 +32,7 @@ from convlens.server.transport.connections import keepalive_options, server_cred
 from convlens.server.transport.drain import Drain
 from convlens.server.transport.http.registry import RecordingServer
 from convlens.server.transport.interceptor import ServiceInterceptor
+from convlens.server.transport.reflection import enable_reflection
 from convlens.server.transport.repository_servicer import ModelRepositoryServicer
 from convlens.server.transport.servicer import InspectionServicer
 from convlens.v1 import convlens_pb2 as pb
@@ -101,9 +101,8 @@ class ConvLensServer:
         pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(services), server)
         pb_grpc.add_ModelRepositoryServiceServicer_to_server(ModelRepositoryServicer(services.model_control), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, REPOSITORY_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        enable_reflection(server, (SERVICE_NAME, REPOSITORY_SERVICE_NAME,
+                                   health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         address = f"{cfg.host}:{cfg.port}"
         self.port = (server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
                      if cfg.tls_cert is not None and cfg.tls_key is not None else server.add_insecure_port(address))

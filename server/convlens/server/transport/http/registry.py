@@ -77,3 +77,8 @@ class RecordingServer:
                 found.append(Method(path, method, message_factory.GetMessageClass(method.input_type),
                                     message_factory.GetMessageClass(method.output_type), handler))
         return found
+
+
+# It is a grpc.aio.Server to those who ask: grpc_reflection registers its asyncio servicer only on a server for
+# which isinstance(server, grpc.aio.Server) holds (otherwise the sync one, which fails on an aio server).
+grpc.aio.Server.register(RecordingServer)
