@@ -23,7 +23,7 @@ class AtlasOptions:
     jobs: int = 4
     top_k: int = 6
     diverse_images: int = 4
-    diversity: float = 20.0  # the diversity objective's weight (Lucid's 1e2 washed units out at 128 steps)
+    diversity: float = 20.0  # the diversity objective's weight (Lucid's scale; docs/atlas.md)
     seed: int = 0
     compare: str | None = None  # a second model: its layers at the same relative depth, side by side
     timeout: float = 900.0  # seconds per call
