@@ -23,7 +23,7 @@ demo: $(STAMP)
 gallery: $(STAMP)
 	$(PY) -m tools.demo --gallery --out out/gallery
 
-test: $(STAMP) node-deps
+test: $(STAMP) node-deps chromium
 	$(PY) -m pytest -q
 
 # The Node.js contract test's client (tests/contract_node): @grpc/grpc-js and @grpc/proto-loader, pinned by
@@ -72,3 +72,16 @@ fuzz: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m tools.reliability.soak --minutes $${SOAK_MINUTES:-30}
+
+# Issue 16: the unit atlas. `make atlas` builds a small one of the embedded Lite0 (4 channels of three
+# layers) in out/atlas/ and screenshots a unit page; `make chromium` (run by `make test`) installs Debian's
+# chromium for the atlas browser test: as root through apt-get, else it says so and that test is skipped.
+.PHONY: atlas chromium
+atlas: $(STAMP) chromium
+	$(PY) -m tools.atlas.demo --out out/atlas --screenshot out/atlas/unit.png
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "chromium: Debian's package could not be installed here (needs root and apt); the atlas browser test will be skipped"

@@ -42,6 +42,7 @@ examples:
       --metrics-url http://localhost:9464/metrics
   convlens top efficientnet_lite0 _blocks.4 7 -k 9 --dataset samples -o unit.png
   convlens datasets
+  convlens atlas efficientnet_lite0 -o atlas/ --layers _blocks.2,_blocks.8 --channels 0-7 --jobs 4
   convlens index build efficientnet_lite0 photos _blocks.10 --dataset photos=/data/photos --shard 0/4
   convlens serve --help
   convlens serve --http-port 8080     # also HTTP/JSON + KServe v1
@@ -121,7 +122,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="default: random (printed, so the image can be reproduced)")
     s.add_argument("--lr", type=float, dest="learning_rate", help="Adam's learning rate")
     s.add_argument("--parameterization", choices=["fft", "pixel", "maco"])
+    s.add_argument("--images", type=int, help="optimise N images in one job (-o img.png writes img-1.png ...)")
+    s.add_argument("--diversity", type=float, help="weight of Lucid's diversity objective (with --images >= 2)")
+    s.add_argument("--diversity-layer", help="layer of its Gram matrices (default: the unit's layer)")
     s.add_argument("--deadline", type=float, default=600.0, help="seconds the whole run may take (default 600)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("atlas", help="build a static unit atlas (model, layer, unit pages) through the SDK")
+    s.add_argument("model", help="a served model, e.g. efficientnet_lite0")
+    s.add_argument("-o", "--output", required=True, metavar="DIR", help="the site's folder (resumable)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--layers", help="comma-separated layer names (default: every 4th block)")
+    where.add_argument("--every-nth-block", type=int, default=4, metavar="N", help="every Nth block (default 4)")
+    s.add_argument("--channels", default="0-15", help="e.g. 0-15 or 0,3,7 (default 0-15)")
+    s.add_argument("--dataset", default="samples", help="dataset for the top examples (default samples)")
+    s.add_argument("--steps", type=int, default=128, help="optimisation steps per visualisation (default 128)")
+    s.add_argument("--size", type=int, default=128, help="visualisation side in pixels (default 128)")
+    s.add_argument("--jobs", type=int, default=4, help="units computed in parallel (default 4)")
+    s.add_argument("--top", type=int, default=6, dest="top_k", help="top dataset regions per unit (default 6)")
+    s.add_argument("--diverse", type=int, default=4, dest="diverse_images",
+                   help="images in the diverse set, one job (default 4; 0 or 1: none)")
+    s.add_argument("--diversity", type=float, default=20.0, help="weight of the diversity objective")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--compare", metavar="MODEL2", help="a second model, layers matched by relative depth")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("dream", help="DeepDream an image at a layer (streams progress)")
@@ -440,7 +463,8 @@ def _saliency(client: Client, args: argparse.Namespace) -> int:
 def _maximize(client: Client, args: argparse.Namespace) -> int:
     target: Target = _parse_unit(args.unit, args.reduction) if args.unit else args.target
     bar = None if args.quiet else _ProgressBar(sys.stderr)
-    options = {k: getattr(args, k) for k in ("steps", "size", "seed", "learning_rate", "parameterization")
+    options = {k: getattr(args, k) for k in ("steps", "size", "seed", "learning_rate", "parameterization",
+                                             "images", "diversity", "diversity_layer")
                if getattr(args, k) is not None}
     r = client.maximize_unit(args.model, target, preset=args.preset, on_progress=bar,
                              timeout=max(args.timeout, args.deadline), **options)
@@ -451,7 +475,16 @@ def _maximize(client: Client, args: argparse.Namespace) -> int:
         print(f"  {p.class_index:>5}  {p.probability:7.2%}  logit {p.logit:8.3f}  {p.label}")
     if r.settings:
         print("settings: " + " ".join(f"{k}={v}" for k, v in r.settings.items()))
-    if args.output:
+    if len(r.images) > 1:
+        print(f"{len(r.images)} images, mean pairwise Gram similarity {r.gram_similarity:.3f}; objectives "
+              + " ".join(f"{i.objective:.4g}" for i in r.images))
+    if args.output and len(r.images) > 1:
+        stem, dot, ext = args.output.rpartition(".")
+        for n, item in enumerate(r.images, 1):
+            path = f"{stem}-{n}.{ext}" if dot else f"{args.output}-{n}.png"
+            item.image.save(path)
+            print(f"wrote {path}")
+    elif args.output:
         r.image.save(args.output)
         print(f"wrote {args.output}")
     return 0
@@ -559,7 +592,31 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-_COMMANDS = {"health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency,
+def _atlas(client: Client, args: argparse.Namespace) -> int:
+    from .atlas import AtlasOptions, build_atlas, parse_channels
+
+    try:
+        options = AtlasOptions(
+            model=args.model, layers=tuple(x.strip() for x in args.layers.split(",") if x.strip()) if args.layers
+            else (), every_nth_block=args.every_nth_block, channels=parse_channels(args.channels),
+            dataset=args.dataset, steps=args.steps, size=args.size, jobs=args.jobs, top_k=args.top_k,
+            diverse_images=args.diverse_images, diversity=args.diversity, seed=args.seed, compare=args.compare,
+            timeout=max(args.timeout, 900.0))
+        report = build_atlas(client, args.output, options, progress=None if args.quiet else sys.stderr)
+    except ValueError as e:
+        print(f"convlens atlas: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nstopped; finished units are kept in {args.output}: run the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(f"{report.units} units ({report.computed} computed, {report.reused} already done) in "
+          f"{report.seconds:.0f} s; open {Path(args.output) / 'index.html'}")
+    return 0
+
+
+_COMMANDS = {"atlas": _atlas,
+             "health": _health, "models": _models, "layers": _layers, "filters": _filters, "saliency": _saliency,
              "maximize": _maximize, "top": _top, "datasets": _datasets, "dream": _dream, "style": _style,
              "repository": _repository}
 

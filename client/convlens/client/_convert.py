@@ -25,6 +25,7 @@ from ._types import (
     Geometry,
     ImageInput,
     LayerInfo,
+    MaximizeImage,
     MaximizeResult,
     ModelDetails,
     ModelInfo,
@@ -313,7 +314,9 @@ def maximize_result(r: pb.MaximizeUnitResult) -> MaximizeResult:
     names: dict[str, Mapping[str, int]] = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
     for key, table in names.items():  # enum numbers as the names the options take
         settings[key] = next((name for name, code in table.items() if code == settings[key]), settings[key])
-    return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions), settings)
+    images = [MaximizeImage(_image(i.image_png), i.objective, predictions(i.predictions)) for i in r.images]
+    return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions), settings, images,
+                          r.gram_similarity)
 
 
 def _fields(message: Any, enums: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -247,6 +247,15 @@ class Progress:
 
 
 @dataclass(frozen=True, eq=False)
+class MaximizeImage:
+    """One image of a MaximizeUnit job that optimised several (the `images` option)."""
+
+    image: Image.Image
+    objective: float  # the target's value on this image (no random transforms)
+    predictions: list[Prediction]  # the model's top-5 on it
+
+
+@dataclass(frozen=True, eq=False)
 class MaximizeResult:
     image: Image.Image
     objective: float  # the target's value on the image (no random transforms)
@@ -254,6 +263,10 @@ class MaximizeResult:
     # Every setting used, defaults resolved (preset, parameterization, steps, size, seed, ...): pass them
     # back as options to reproduce the image.
     settings: dict[str, Any] | None = None
+    # With the `images` option above 1: every image of the job (the first is `image`), and their mean
+    # pairwise Gram-matrix cosine similarity at the diversity layer (what `diversity` lowers).
+    images: list[MaximizeImage] = field(default_factory=list)
+    gram_similarity: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -300,6 +313,9 @@ class MaximizeOptions(TypedDict, total=False):
     pad: int
     final_jitter: int
     decay_power: float
+    images: int  # optimised together in one job, 1..16
+    diversity: float  # weight of Lucid's diversity objective (needs images >= 2)
+    diversity_layer: str  # where its Gram matrices are taken; default the target's layer
 
 
 class DreamOptions(TypedDict, total=False):

@@ -1790,6 +1790,9 @@ class MaximizeUnitRequest(_message.Message):
     PAD_FIELD_NUMBER: _builtins.int
     FINAL_JITTER_FIELD_NUMBER: _builtins.int
     DECAY_POWER_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    DIVERSITY_FIELD_NUMBER: _builtins.int
+    DIVERSITY_LAYER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     parameterization: Global___Parameterization.ValueType
     """Unset: the preset's."""
@@ -1829,6 +1832,15 @@ class MaximizeUnitRequest(_message.Message):
     """A second, last random translation (pixels)."""
     decay_power: _builtins.float
     """FFT parameterisation: the spectrum is scaled by 1 / frequency^decay_power."""
+    images: _builtins.int
+    """Images optimised together in this one job, 1..16 (default 1); the result lists them all."""
+    diversity: _builtins.float
+    """Weight of Lucid's diversity objective (default 0: none): the job maximises the sum of its images'
+    objectives minus this weight times the sum over image pairs of the cosine similarity of their Gram
+    matrices at `diversity_layer`. Needs images >= 2.
+    """
+    diversity_layer: _builtins.str
+    """The layer of that Gram matrix; unset: the target's layer (required for a class target)."""
     @_builtins.property
     def target(self) -> Global___Target:
         """Required: a class logit or a unit (a position, or a channel's mean or max)."""
@@ -1857,10 +1869,13 @@ class MaximizeUnitRequest(_message.Message):
         pad: _builtins.int | None = ...,
         final_jitter: _builtins.int | None = ...,
         decay_power: _builtins.float | None = ...,
+        images: _builtins.int | None = ...,
+        diversity: _builtins.float | None = ...,
+        diversity_layer: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every", "_blur_sigma", b"_blur_sigma", "_contribution_percentile", b"_contribution_percentile", "_decay_power", b"_decay_power", "_final_jitter", b"_final_jitter", "_jitter", b"_jitter", "_l2_decay", b"_l2_decay", "_learning_rate", b"_learning_rate", "_pad", b"_pad", "_rotate_degrees", b"_rotate_degrees", "_scale_jitter", b"_scale_jitter", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "_value_percentile", b"_value_percentile", "blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "final_jitter", b"final_jitter", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "pad", b"pad", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "target", b"target", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every", "_blur_sigma", b"_blur_sigma", "_contribution_percentile", b"_contribution_percentile", "_decay_power", b"_decay_power", "_diversity", b"_diversity", "_diversity_layer", b"_diversity_layer", "_final_jitter", b"_final_jitter", "_images", b"_images", "_jitter", b"_jitter", "_l2_decay", b"_l2_decay", "_learning_rate", b"_learning_rate", "_pad", b"_pad", "_rotate_degrees", b"_rotate_degrees", "_scale_jitter", b"_scale_jitter", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "_value_percentile", b"_value_percentile", "blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "diversity", b"diversity", "diversity_layer", b"diversity_layer", "final_jitter", b"final_jitter", "images", b"images", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "pad", b"pad", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "target", b"target", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every", "_blur_sigma", b"_blur_sigma", "_contribution_percentile", b"_contribution_percentile", "_decay_power", b"_decay_power", "_final_jitter", b"_final_jitter", "_jitter", b"_jitter", "_l2_decay", b"_l2_decay", "_learning_rate", b"_learning_rate", "_pad", b"_pad", "_rotate_degrees", b"_rotate_degrees", "_scale_jitter", b"_scale_jitter", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "_value_percentile", b"_value_percentile", "blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "final_jitter", b"final_jitter", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "model", b"model", "pad", b"pad", "parameterization", b"parameterization", "preset", b"preset", "preview_every", b"preview_every", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "target", b"target", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every", "_blur_sigma", b"_blur_sigma", "_contribution_percentile", b"_contribution_percentile", "_decay_power", b"_decay_power", "_diversity", b"_diversity", "_diversity_layer", b"_diversity_layer", "_final_jitter", b"_final_jitter", "_images", b"_images", "_jitter", b"_jitter", "_l2_decay", b"_l2_decay", "_learning_rate", b"_learning_rate", "_pad", b"_pad", "_rotate_degrees", b"_rotate_degrees", "_scale_jitter", b"_scale_jitter", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "_value_percentile", b"_value_percentile", "blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "diversity", b"diversity", "diversity_layer", b"diversity_layer", "final_jitter", b"final_jitter", "images", b"images", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "model", b"model", "pad", b"pad", "parameterization", b"parameterization", "preset", b"preset", "preview_every", b"preview_every", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "target", b"target", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__blur_every: _TypeAlias = _typing.Literal["blur_every"]  # noqa: Y015
     _WhichOneofArgType__blur_every: _TypeAlias = _typing.Literal["_blur_every", b"_blur_every"]  # noqa: Y015
@@ -1870,8 +1885,14 @@ class MaximizeUnitRequest(_message.Message):
     _WhichOneofArgType__contribution_percentile: _TypeAlias = _typing.Literal["_contribution_percentile", b"_contribution_percentile"]  # noqa: Y015
     _WhichOneofReturnType__decay_power: _TypeAlias = _typing.Literal["decay_power"]  # noqa: Y015
     _WhichOneofArgType__decay_power: _TypeAlias = _typing.Literal["_decay_power", b"_decay_power"]  # noqa: Y015
+    _WhichOneofReturnType__diversity: _TypeAlias = _typing.Literal["diversity"]  # noqa: Y015
+    _WhichOneofArgType__diversity: _TypeAlias = _typing.Literal["_diversity", b"_diversity"]  # noqa: Y015
+    _WhichOneofReturnType__diversity_layer: _TypeAlias = _typing.Literal["diversity_layer"]  # noqa: Y015
+    _WhichOneofArgType__diversity_layer: _TypeAlias = _typing.Literal["_diversity_layer", b"_diversity_layer"]  # noqa: Y015
     _WhichOneofReturnType__final_jitter: _TypeAlias = _typing.Literal["final_jitter"]  # noqa: Y015
     _WhichOneofArgType__final_jitter: _TypeAlias = _typing.Literal["_final_jitter", b"_final_jitter"]  # noqa: Y015
+    _WhichOneofReturnType__images: _TypeAlias = _typing.Literal["images"]  # noqa: Y015
+    _WhichOneofArgType__images: _TypeAlias = _typing.Literal["_images", b"_images"]  # noqa: Y015
     _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
     _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
     _WhichOneofReturnType__l2_decay: _TypeAlias = _typing.Literal["l2_decay"]  # noqa: Y015
@@ -1903,7 +1924,13 @@ class MaximizeUnitRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__decay_power) -> _WhichOneofReturnType__decay_power | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__diversity) -> _WhichOneofReturnType__diversity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__diversity_layer) -> _WhichOneofReturnType__diversity_layer | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__final_jitter) -> _WhichOneofReturnType__final_jitter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__images) -> _WhichOneofReturnType__images | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter) -> _WhichOneofReturnType__jitter | None: ...
     @_typing.overload
@@ -1955,6 +1982,9 @@ class MaximizeSettings(_message.Message):
     FINAL_JITTER_FIELD_NUMBER: _builtins.int
     DECAY_POWER_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    DIVERSITY_FIELD_NUMBER: _builtins.int
+    DIVERSITY_LAYER_FIELD_NUMBER: _builtins.int
     preset: Global___MaximizePreset.ValueType
     parameterization: Global___Parameterization.ValueType
     steps: _builtins.int
@@ -1973,6 +2003,9 @@ class MaximizeSettings(_message.Message):
     final_jitter: _builtins.int
     decay_power: _builtins.float
     seed: _builtins.int
+    images: _builtins.int
+    diversity: _builtins.float
+    diversity_layer: _builtins.str
     def __init__(
         self,
         *,
@@ -1994,10 +2027,13 @@ class MaximizeSettings(_message.Message):
         final_jitter: _builtins.int = ...,
         decay_power: _builtins.float = ...,
         seed: _builtins.int = ...,
+        images: _builtins.int = ...,
+        diversity: _builtins.float = ...,
+        diversity_layer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "final_jitter", b"final_jitter", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "pad", b"pad", "parameterization", b"parameterization", "preset", b"preset", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blur_every", b"blur_every", "blur_sigma", b"blur_sigma", "contribution_percentile", b"contribution_percentile", "decay_power", b"decay_power", "diversity", b"diversity", "diversity_layer", b"diversity_layer", "final_jitter", b"final_jitter", "images", b"images", "jitter", b"jitter", "l2_decay", b"l2_decay", "learning_rate", b"learning_rate", "pad", b"pad", "parameterization", b"parameterization", "preset", b"preset", "rotate_degrees", b"rotate_degrees", "scale_jitter", b"scale_jitter", "seed", b"seed", "size", b"size", "steps", b"steps", "tv_weight", b"tv_weight", "value_percentile", b"value_percentile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2014,9 +2050,15 @@ class MaximizeUnitResult(_message.Message):
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    GRAM_SIMILARITY_FIELD_NUMBER: _builtins.int
     image_png: _builtins.bytes
     objective: _builtins.float
     """The target's value on the final image (no random transforms)."""
+    gram_similarity: _builtins.float
+    """Mean over the job's image pairs of the cosine similarity of their Gram matrices at the diversity
+    layer, on the final images (what the diversity objective lowers); 0 with fewer than 2 images.
+    """
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
         """The model's top-5 classes on the final image."""
@@ -2029,6 +2071,10 @@ class MaximizeUnitResult(_message.Message):
     def target(self) -> Global___Target:
         """The target that was maximised."""
 
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaximizeImage]:
+        """Every image of the job (the first is image_png), when it had more than one."""
+
     def __init__(
         self,
         *,
@@ -2037,10 +2083,12 @@ class MaximizeUnitResult(_message.Message):
         predictions: _abc.Iterable[Global___Prediction] | None = ...,
         settings: Global___MaximizeSettings | None = ...,
         target: Global___Target | None = ...,
+        images: _abc.Iterable[Global___MaximizeImage] | None = ...,
+        gram_similarity: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_png", b"image_png", "objective", b"objective", "predictions", b"predictions", "settings", b"settings", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gram_similarity", b"gram_similarity", "image_png", b"image_png", "images", b"images", "objective", b"objective", "predictions", b"predictions", "settings", b"settings", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2777,3 +2825,37 @@ class UnloadModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
+
+@_typing.final
+class MaximizeImage(_message.Message):
+    """---------------------------------------------------------------- maximize: several images per job
+
+    MaximizeImage is one image of a MaximizeUnit job that optimised several (`images` > 1).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_PNG_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    image_png: _builtins.bytes
+    objective: _builtins.float
+    """The target's value on this image (no random transforms)."""
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
+        """The model's top-5 classes on this image."""
+
+    def __init__(
+        self,
+        *,
+        image_png: _builtins.bytes = ...,
+        objective: _builtins.float = ...,
+        predictions: _abc.Iterable[Global___Prediction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_png", b"image_png", "objective", b"objective", "predictions", b"predictions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaximizeImage: _TypeAlias = MaximizeImage  # noqa: Y015

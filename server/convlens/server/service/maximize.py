@@ -2,7 +2,8 @@
 
 The call yields a `Progress` per step (with a preview every `preview_every` steps if asked), then
 one `MaximizeAnswer`: the image, the objective on it (no random transforms), the model's top-5 on it, and
-every setting used. Validation happens before the job is admitted, so bad input never takes a job slot.
+every setting used (with `images` > 1: each image's own, and their Gram similarity at the diversity
+layer). Validation happens before the job is admitted, so bad input never takes a job slot.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
 
 from convlens.server.compute.maximize import compute_evaluation
+from convlens.server.engine.layers import LayerResolver
 from convlens.server.engine.optimize.maximize import (
     MaximizeJob,
     MaximizeSettings,
@@ -45,12 +47,21 @@ class MaximizeQuery:
 
 
 @dataclass
+class MaximizeImage:
+    image: Image.Image
+    objective: float
+    predictions: list[Prediction]
+
+
+@dataclass
 class MaximizeAnswer:
     image: Image.Image
     objective: float
     predictions: list[Prediction]
     settings: MaximizeSettings
     target: Target
+    images: list[MaximizeImage] = field(default_factory=list)  # all of them, when the job had several
+    gram_similarity: float = 0.0
 
 
 def objective_for(target: Target) -> Objective:
@@ -60,6 +71,28 @@ def objective_for(target: Target) -> Objective:
         return UnitActivation(target.layer, target.channel, target.y, target.x)
     return ChannelMax(target.layer, target.channel) if target.reduction == "max" else \
         ChannelMean(target.layer, target.channel)
+
+
+def diversity_layer(settings: MaximizeSettings, target: Target, layers: LayerResolver) -> MaximizeSettings:
+    """Settle where the Gram matrices of a several-image job are taken: the caller's layer, else the
+    target's. Checked: a layer with channels; diversity needs at least two images."""
+    if settings.diversity > 0 and settings.images < 2:
+        raise InvalidArgument(f"diversity = {settings.diversity:g} needs images >= 2 (got {settings.images}): "
+                              "it compares the job's images with each other", field="images")
+    if settings.images < 2:
+        return replace(settings, diversity_layer="")
+    layer = settings.diversity_layer or ("" if isinstance(target, ClassTarget) else target.layer)
+    if not layer:
+        if settings.diversity > 0:
+            raise InvalidArgument("a class target has no layer: set diversity_layer for the diversity "
+                                  "objective", field="diversity_layer")
+        return settings
+    shape = layers.output_shape(layer, field="diversity_layer")
+    if shape is not None and len(shape) != 3:
+        raise InvalidArgument(f"diversity_layer {layer!r} outputs {tuple(shape)} per image; the diversity "
+                              "objective needs a layer with channels and positions (C, H, W)",
+                              field="diversity_layer")
+    return replace(settings, diversity_layer=layer)
 
 
 def resolve_settings(query: MaximizeQuery) -> MaximizeSettings:
@@ -82,7 +115,7 @@ class MaximizeService(StreamingJobService):
         if query.target is None:
             raise InvalidArgument("target is required: a class_index or a unit", field="target")
         validate_target(model.resolver, query.target, num_classes=model.num_classes)
-        settings = resolve_settings(query)
+        settings = diversity_layer(resolve_settings(query), query.target, model.resolver)
         objective = objective_for(query.target)
         pre = model.preprocess
         async with self.job(model, deadline) as handle:
@@ -94,5 +127,8 @@ class MaximizeService(StreamingJobService):
             key = ("evaluate", settings.size, tuple(sorted(job.layers)))
             evaluation = await handle.submit(key, job, compute_evaluation)
         image = await off_loop(lambda: Image.fromarray(job.image_uint8()))
+        images = await off_loop(lambda: [
+            MaximizeImage(Image.fromarray(job.image_uint8(i)), value, top_k(logits, model.labels, 5))
+            for i, (value, logits) in enumerate(evaluation.images)])
         yield MaximizeAnswer(image, evaluation.objective, top_k(evaluation.logits, model.labels, 5), settings,
-                             query.target)
+                             query.target, images, evaluation.gram_similarity)

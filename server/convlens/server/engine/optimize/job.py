@@ -13,9 +13,11 @@ same `key`. The contract, so that a job's result never depends on its companions
 - `params`: the leaf tensors the optimiser updates (gradients are taken with torch.autograd.grad, so the
   model's own parameters never accumulate .grad).
 - `optimizer`: an `optimizers.Optimizer`; `Adam` jobs of one batch are updated together, stacked.
-- `make_input()`: this step's model input, [1, 3, H, W], already normalised for the model, a
-  differentiable function of `params`; draw any randomness from the job's own generator.
-- `loss(acts, row)`: a `StepLoss` — the scalar to MINIMISE for this job's `row` of the batch, plus named
+- `make_input()`: this step's model input, [n, 3, H, W] (n >= 1 images; most jobs have one), already
+  normalised for the model, a differentiable function of `params`; draw any randomness from the job's own
+  generator.
+- `loss(acts, row)`: a `StepLoss` — the scalar to MINIMISE for this job's rows `row .. row + n - 1` of the
+  batch, plus named
   terms for progress events. The runner sums the jobs' losses (a sum, not a mean: each job's gradient
   is its own) and backpropagates once.
 - `after_step(grads, loss)`: called after the optimiser step with this job's gradients (regularisers,

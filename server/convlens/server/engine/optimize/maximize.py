@@ -3,6 +3,10 @@
 `MaximizeSettings.resolve(preset, **overrides)` gives every knob's value (the settings actually used, so a
 caller can reproduce a picture); `MaximizeJob(settings, objective, ...)` is the job the step runner and
 the scheduler drive; `evaluate(module, jobs)` scores the final images (no transforms) in one batch.
+
+A job may optimise several images at once (`images`, its rows of the batch), optionally with Lucid's
+diversity objective over them (`diversity` weight, `diversity_layer`, see diversity.py): they share the
+job's generator, so its random transforms are drawn once per step for all of them, as Lucid does.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 from convlens.server.engine.hooks import capture_outputs, eval_mode
 from convlens.server.engine.optimize import regularizers
 from convlens.server.engine.optimize import transforms as image_transforms
+from convlens.server.engine.optimize.diversity import gram_similarity
 from convlens.server.engine.optimize.job import StepLoss, StepReport
 from convlens.server.engine.optimize.natural_spectrum import average_magnitude
 from convlens.server.engine.optimize.objectives import Activations, Objective
@@ -29,6 +34,7 @@ PRESETS = ("lecture", "lucid", "maco")
 PARAMETERIZATIONS = ("pixel", "fft", "maco")
 MAX_STEPS = 4096
 MIN_SIZE, MAX_SIZE = 32, 1024
+MAX_IMAGES = 16
 MIN_INPUT_SIDE = 16  # pixels left after padding and jitter
 
 
@@ -62,6 +68,9 @@ class MaximizeSettings:
     final_jitter: int = knob(4, 0, 256)
     decay_power: float = knob(1.0, 0.0, 4.0)  # fft: spectrum scaled by 1 / frequency ** decay_power
     seed: int = knob(0, 0, 2**63 - 1)
+    images: int = knob(1, 1, MAX_IMAGES)  # optimised together in one job
+    diversity: float = knob(0.0, 0.0, 1e6)  # weight of Lucid's diversity objective over the job's images
+    diversity_layer: str = ""  # where its Gram matrices are taken ("" when the job has one image)
 
     @staticmethod
     def checked(preset: str | None = None, violations: Violations | None = None,
@@ -130,12 +139,13 @@ _PRESETS = {
 
 
 def make_param(settings: MaximizeSettings, generator: torch.Generator, device: torch.device) -> ImageParam:
+    n = settings.images
     if settings.parameterization == "pixel":
-        return PixelParam(settings.size, generator, device)
+        return PixelParam(settings.size, generator, device, count=n)
     if settings.parameterization == "fft":
-        return FourierParam(settings.size, generator, device, decay_power=settings.decay_power)
+        return FourierParam(settings.size, generator, device, decay_power=settings.decay_power, count=n)
     if settings.parameterization == "maco":
-        return MacoParam(average_magnitude(settings.size), generator, device)
+        return MacoParam(average_magnitude(settings.size), generator, device, count=n)
     raise ValueError(f"unknown parameterization {settings.parameterization!r}")
 
 
@@ -153,10 +163,14 @@ class MaximizeJob:
         self._transforms = settings.transforms()
         self._mean = torch.tensor(list(mean), device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(list(std), device=device).view(1, 3, 1, 1)
-        self.layers = objective.layers
+        self.layers = objective.layers | ({settings.diversity_layer} if self._diverse else set())
         self.key = ("maximize", settings.input_side(), tuple(sorted(self.layers)))
         self.step = 0
         self._image: torch.Tensor | None = None
+
+    @property
+    def _diverse(self) -> bool:
+        return self.settings.diversity > 0 and self.settings.images > 1
 
     @property
     def done(self) -> bool:
@@ -170,11 +184,19 @@ class MaximizeJob:
         return self.normalise(image_transforms.apply(self._transforms, self._image, self.generator))
 
     def loss(self, acts: Activations, row: int) -> StepLoss:
+        """Rows row .. row + images - 1 are this job's: the sum of their objectives (each image's gradient
+        its own), minus the diversity weight times their summed pairwise Gram similarity."""
+        n = self.settings.images
         terms = self.objective.terms(acts, row)
         if len(terms) == 1:  # one part: its value is "objective" itself, sent once (not under two keys)
             terms = {}
-        value = self.objective(acts, row)
+        value = self.objective(acts, row) if n == 1 else \
+            torch.stack([self.objective(acts, row + i) for i in range(n)]).sum()
         total = -value
+        if self._diverse:
+            similarity = gram_similarity(acts.outputs[self.settings.diversity_layer][row:row + n])
+            terms = {**terms, "gram_similarity": similarity}
+            total = total + self.settings.diversity * similarity * n * (n - 1)
         if self.settings.tv_weight > 0 and self._image is not None:
             tv = regularizers.total_variation(self._image)
             terms = {**terms, "tv": tv}
@@ -196,28 +218,46 @@ class MaximizeJob:
         return StepReport(self.step, s.steps, {k: float(v) for k, v in loss.terms.items()}, self.done)
 
     @torch.no_grad()
-    def image(self) -> torch.Tensor:
-        """The current image [3, H, W] in [0, 1], on the CPU."""
-        image: torch.Tensor = self.param.image()[0].detach().clamp(0, 1).cpu()
+    def image(self, index: int = 0) -> torch.Tensor:
+        """The current image `index` [3, H, W] in [0, 1], on the CPU."""
+        image: torch.Tensor = self.param.image()[index].detach().clamp(0, 1).cpu()
         return image
 
-    def image_uint8(self) -> np.ndarray:
+    def image_uint8(self, index: int = 0) -> np.ndarray:
         """[H, W, 3] uint8, for PNGs."""
-        return (self.image().permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+        return (self.image(index).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
 @dataclass(frozen=True)
 class Evaluation:
     objective: float  # the objective on the final image, untransformed
     logits: torch.Tensor  # [K] on the CPU
+    # The job's other images, when it has several: (objective, logits) each, the first being the above.
+    images: tuple[tuple[float, torch.Tensor], ...] = ()
+    gram_similarity: float = 0.0  # mean pairwise, at the diversity layer (0 with one image or no layer)
 
 
 @torch.no_grad()
 def evaluate(module: nn.Module, jobs: Sequence[MaximizeJob]) -> list[Evaluation]:
     """Score the jobs' current images (no transforms) in one forward; jobs must share the image size."""
-    layers = sorted(frozenset().union(*(job.layers for job in jobs)))
+    layers = sorted(frozenset().union(*(job.layers for job in jobs),
+                                      *({job.settings.diversity_layer} for job in jobs if _measures(job))))
     with eval_mode(module), capture_outputs(module, layers) as captured:
         batch = torch.cat([job.normalise(job.param.image()) for job in jobs])
         logits = module(batch)
     acts = Activations(logits, dict(captured.outputs))
-    return [Evaluation(float(job.objective(acts, row)), logits[row].cpu()) for row, job in enumerate(jobs)]
+    out, row = [], 0
+    for job in jobs:
+        n = job.settings.images
+        each = tuple((float(job.objective(acts, row + i)), logits[row + i].cpu()) for i in range(n))
+        similarity = 0.0
+        if _measures(job):
+            similarity = float(gram_similarity(acts.outputs[job.settings.diversity_layer][row:row + n]))
+        out.append(Evaluation(each[0][0], each[0][1], each if n > 1 else (), similarity))
+        row += n
+    return out
+
+
+def _measures(job: MaximizeJob) -> bool:
+    """Whether the job's final images get a Gram similarity (several images and a layer to take it at)."""
+    return job.settings.images > 1 and bool(job.settings.diversity_layer)

@@ -1,6 +1,6 @@
 """Image parameterisations: what the optimiser changes, and how it becomes an RGB image in [0, 1].
 
-Every parameterisation holds one image ([1, 3, H, W]) on one device, exposes its leaf tensors as
+Every parameterisation holds `count` images ([count, 3, H, W], default 1) on one device, exposes its leaf tensors as
 `params` (what gradients and optimiser state are for) and renders with `image()`, differentiably.
 
 - `PixelParam`: the pixels themselves, stored centred (image - 0.5) so L2 decay pulls toward grey and
@@ -31,7 +31,7 @@ class ImageParam(Protocol):
     params: list[torch.Tensor]  # leaf tensors with requires_grad
 
     def image(self) -> torch.Tensor:
-        """[1, 3, H, W] in [0, 1], differentiable with respect to `params`."""
+        """[count, 3, H, W] in [0, 1], differentiable with respect to `params`."""
         ...
 
     def project(self) -> None:
@@ -60,8 +60,8 @@ def rfft2_frequencies(h: int, w: int) -> torch.Tensor:
 
 class PixelParam:
     def __init__(self, size: int, generator: torch.Generator, device: torch.device, *,
-                 init_std: float = 0.01) -> None:
-        noise = torch.randn(1, 3, size, size, generator=generator) * init_std
+                 init_std: float = 0.01, count: int = 1) -> None:
+        noise = torch.randn(count, 3, size, size, generator=generator) * init_std
         self.pixels = noise.to(device).requires_grad_(True)
         self.params = [self.pixels]
 
@@ -79,11 +79,11 @@ class FourierParam:
     MAGIC = 4.0
 
     def __init__(self, size: int, generator: torch.Generator, device: torch.device, *,
-                 init_std: float = 0.01, decay_power: float = 1.0) -> None:
+                 init_std: float = 0.01, decay_power: float = 1.0, count: int = 1) -> None:
         self.size = size
         freqs = rfft2_frequencies(size, size)
         self.scale = (1.0 / torch.clamp(freqs, min=1.0 / size) ** decay_power)[None, None, :, :, None].to(device)
-        spectrum = torch.randn(1, 3, *freqs.shape, 2, generator=generator) * init_std
+        spectrum = torch.randn(count, 3, *freqs.shape, 2, generator=generator) * init_std
         self.spectrum = spectrum.to(device).requires_grad_(True)
         self.params = [self.spectrum]
 
@@ -103,17 +103,22 @@ class MacoParam:
     """
 
     def __init__(self, magnitude: torch.Tensor, generator: torch.Generator, device: torch.device, *,
-                 init_std: float = 1.0) -> None:
+                 init_std: float = 1.0, count: int = 1) -> None:
         self.size = magnitude.shape[-2]
         self.magnitude = magnitude.to(device)[None]
-        phase = torch.randn(1, *magnitude.shape, generator=generator) * init_std
+        phase = torch.randn(count, *magnitude.shape, generator=generator) * init_std
         self.phase = phase.to(device).requires_grad_(True)
         self.params = [self.phase]
 
     def image(self) -> torch.Tensor:
-        spectrum = torch.polar(self.magnitude, self.phase)
+        spectrum = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
         t = torch.fft.irfftn(spectrum, s=(self.size, self.size), norm="ortho")
-        t = (t - t.mean()) / (t.std() + 1e-5)  # the magnitude fixes the shape of the spectrum, not its scale
+        # The magnitude fixes the shape of the spectrum, not its scale: standardise each image.
+        if t.shape[0] == 1:
+            t = (t - t.mean()) / (t.std() + 1e-5)
+        else:
+            dims = (1, 2, 3)
+            t = (t - t.mean(dim=dims, keepdim=True)) / (t.std(dim=dims, keepdim=True) + 1e-5)
         return torch.sigmoid(recorrelate(t))
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Stack the jobs' inputs, capture the layers they read (hooks removed in `finally`), sum the per-job
 losses, one backward (torch.autograd.grad: the model's parameters get no .grad), then each job updates its
-own state: Adam jobs together on stacked tensors, others one by one. The model runs in eval mode, so no
+own state: Adam jobs together on stacked tensors, others one by one. A job's input may hold several images
+(rows); `loss(acts, row)` gets the first of its rows. The model runs in eval mode, so no
 sample's output depends on another's and each job's gradient is exactly what it would be alone.
 """
 
@@ -30,11 +31,11 @@ def run_step(module: nn.Module, jobs: Sequence[Job]) -> list[StepReport]:
     layers = frozenset().union(*(job.layers for job in jobs))
     with eval_mode(module), torch.enable_grad():
         inputs = [job.make_input() for job in jobs]
-        shapes = {tuple(x.shape) for x in inputs}
+        shapes = {tuple(x.shape[1:]) for x in inputs}
         if len(shapes) != 1:
             raise ValueError(f"jobs of one batch made inputs of different shapes {sorted(shapes)}; "
                              "their keys must pin the input shape")
-        losses, grads = _forward_backward(module, jobs, torch.cat(inputs), layers)
+        losses, grads = _forward_backward(module, jobs, torch.cat(inputs), layers, [len(x) for x in inputs])
     adams = {i: opt for i, job in enumerate(jobs) if isinstance(opt := job.optimizer, Adam)}
     Adam.step_many(list(adams.values()), [jobs[i].params for i in adams], [grads[i] for i in adams])
     for i, job in enumerate(jobs):
@@ -43,12 +44,13 @@ def run_step(module: nn.Module, jobs: Sequence[Job]) -> list[StepReport]:
     return [job.after_step(grads[i], losses[i]) for i, job in enumerate(jobs)]
 
 
-def _forward_backward(module: nn.Module, jobs: Sequence[Job], batch: torch.Tensor, layers: frozenset[str]
-                      ) -> tuple[list[StepLoss], list[list[torch.Tensor]]]:
+def _forward_backward(module: nn.Module, jobs: Sequence[Job], batch: torch.Tensor, layers: frozenset[str],
+                      rows: Sequence[int]) -> tuple[list[StepLoss], list[list[torch.Tensor]]]:
     with capture_outputs(module, sorted(layers)) as captured:
         logits = module(batch)
     acts = Activations(logits, dict(captured.outputs))
-    losses = [job.loss(acts, row) for row, job in enumerate(jobs)]
+    firsts = [sum(rows[:i]) for i in range(len(jobs))]
+    losses = [job.loss(acts, first) for first, job in zip(firsts, jobs, strict=True)]
     params = [p for job in jobs for p in job.params]
     raw = torch.autograd.grad(torch.stack([loss.total for loss in losses]).sum(), params, allow_unused=True)
     flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw, strict=True)]
@@ -71,7 +73,8 @@ def _closure_step(module: nn.Module, job: Job) -> StepReport:
 
     def closure() -> torch.Tensor:
         with eval_mode(module), torch.enable_grad():
-            losses, grads = _forward_backward(module, [job], job.make_input(), job.layers)
+            x = job.make_input()
+            losses, grads = _forward_backward(module, [job], x, job.layers, [len(x)])
         for p, g in zip(job.params, grads[0], strict=True):
             p.grad = g.contiguous()  # torch's L-BFGS flattens with .view(-1): a channels_last model's grads fail
         if not first:

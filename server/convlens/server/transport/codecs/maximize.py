@@ -20,6 +20,8 @@ PARAMETERIZATION_VALUES = enum_values(PARAMETERIZATIONS)
 
 def query(request: pb.MaximizeUnitRequest) -> MaximizeQuery:
     overrides: dict[str, Any] = {k: getattr(request, k) for k in maximize.KNOBS if request.HasField(k)}
+    if request.HasField("diversity_layer"):
+        overrides["diversity_layer"] = request.diversity_layer
     if request.parameterization != pb.PARAMETERIZATION_UNSPECIFIED:
         overrides["parameterization"] = enum(PARAMETERIZATIONS, request.parameterization, "parameterization",
                                              "Parameterization")
@@ -45,4 +47,6 @@ def response(event: Progress | MaximizeAnswer) -> pb.MaximizeUnitResponse:
     return pb.MaximizeUnitResponse(result=pb.MaximizeUnitResult(
         image_png=png(event.image), objective=event.objective,
         predictions=[prediction(p) for p in event.predictions], settings=settings(event.settings),
-        target=target_message(event.target)))
+        target=target_message(event.target), gram_similarity=event.gram_similarity,
+        images=[pb.MaximizeImage(image_png=png(i.image), objective=i.objective,
+                                 predictions=[prediction(p) for p in i.predictions]) for i in event.images]))
