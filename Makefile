@@ -4,13 +4,15 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo gallery test serve proto proto-check lint bench clean
+.PHONY: demo gallery test serve proto proto-check lint bench clean node-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[server,dev,ray]'
+# CUDA machine (nvidia-smi answers): onnxruntime-gpu in place of the CPU onnxruntime (same module name)
+	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) uninstall -q -y onnxruntime && $(PIP) install -q -e '.[gpu]'; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -21,8 +23,18 @@ demo: $(STAMP)
 gallery: $(STAMP)
 	$(PY) -m tools.demo --gallery --out out/gallery
 
-test: $(STAMP)
+test: $(STAMP) node-deps
 	$(PY) -m pytest -q
+
+# The Node.js contract test's client (tests/contract_node): @grpc/grpc-js and @grpc/proto-loader, pinned by
+# package-lock.json. Installs Node (20+) with apt when it is missing (CI runs as root on Debian).
+NODE_DEPS := tests/contract_node/node_modules/.package-lock.json
+node-deps: $(NODE_DEPS)
+$(NODE_DEPS): tests/contract_node/package.json tests/contract_node/package-lock.json
+	command -v node >/dev/null && command -v npm >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq nodejs npm)
+	cd tests/contract_node && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_DEPS)
 
 serve: $(STAMP)
 	$(VENV)/bin/convlens serve
@@ -35,6 +47,7 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check client server tests tools
+	$(PY) -m mypy --strict client/convlens/client
 	npx --yes @bufbuild/buf@1 lint proto
 
 bench: $(STAMP)

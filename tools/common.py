@@ -8,6 +8,7 @@ embedded EfficientNet-Lite0 and the photos that ship inside scikit-image and sci
 
 from __future__ import annotations
 
+import argparse
 import html
 import os
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from convlens.server.datasets.dataset import sample_photo
@@ -76,6 +78,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = 
     """A Markdown table's lines (cells already formatted as text, or anything `str` shows well)."""
     return ["| " + " | ".join(header) + " |", "| " + " | ".join(align for _ in header) + " |",
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every bench that records a report takes: where the report goes, and the device."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("docs/performance.md"), help="the Markdown file to record into")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    return p
 
 
 def record(path: Path, text: str, marker: str, section: str | None = None) -> None:

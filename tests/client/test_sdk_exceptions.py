@@ -74,6 +74,16 @@ def test_field_violations_are_decoded() -> None:
     assert str(err) == "INVALID_ARGUMENT: bad\n  image: empty\n  k: < 0"
 
 
+def test_error_info_reason_is_exposed() -> None:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="MODEL_NOT_FOUND", domain="convlens.dev"))
+    status = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model 'x'", details=[info])
+    err = _map_rpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "no model 'x'",
+                                      (("grpc-status-details-bin", status.SerializeToString()),)))
+    assert isinstance(err, cl.NotFoundError) and err.reason == "MODEL_NOT_FOUND"
+    assert _map_rpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "plain")).reason == ""
+
+
 def test_a_broken_details_trailer_never_hides_the_error() -> None:
     mismatched = _rich(grpc.StatusCode.NOT_FOUND, "other message", [("model", "x")])
     mismatched._details = "the real message"

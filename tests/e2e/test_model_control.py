@@ -4,7 +4,9 @@ folders): explicit mode's load / reload / unload while the server serves, versio
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,9 +26,9 @@ from tests.models.tiny_folders import copy_in, image, logit, variant_of, write_f
 PIXELS = image(0)
 
 
-def config(root: Path) -> ServerConfig:
+def config(root: Path, **changes: object) -> ServerConfig:
     return ServerConfig(host="127.0.0.1", port=0, metrics=False, embedded=False, device="cpu", grace_seconds=0.0,
-                        model_repo=root, model_control="explicit")
+                        model_repo=root, model_control="explicit", **changes)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -43,6 +45,13 @@ def loaded_gauge(srv: ConvLensServer, model: str) -> float | None:
     return srv.metrics.registry.get_sample_value("convlens_model_loaded", {"model": model, "format": "torchscript"})
 
 
+def http_post(port: int, method: str, body: dict[str, object]) -> object:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/convlens.v1.ModelRepositoryService/{method}",
+                                     data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
 async def answer(c: AsyncClient, model: str) -> tuple[int, float]:
     """(the variant whose labels came back, the class-0 logit): both from one copy, or the test fails."""
     s = await c.saliency(PIXELS, model, target=0, method="gradient", overlay=False)
@@ -54,9 +63,14 @@ async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path) ->
     write_folder(root / "alpha", 1)
     (root / "broken").mkdir()
     (root / "broken" / "model.toml").write_text('format = "torchscript"\nfile = "missing.pt"\n')
-    srv = ConvLensServer(config(root))
+    srv = ConvLensServer(config(root, http_port=0))
     async with started(srv) as c:
         index = {(e.name, e.version): e for e in await c.repository_index()}
+        # The HTTP front serves the same service from the contract (POST /<package>.<Service>/<Method>).
+        over_http = await asyncio.to_thread(http_post, srv.http_port, "RepositoryIndex", {"readyOnly": True})
+        assert over_http == {"models": [{"name": "alpha", "version": 1, "state": "MODEL_STATE_READY",
+                                         "source": "repository", "defaultVersion": True}],
+                             "modelControl": "explicit"}
         assert index[("alpha", 1)].state == "READY" and index[("alpha", 1)].default
         assert index[("broken", 1)].state == "UNAVAILABLE"
         assert "'missing.pt' not found" in index[("broken", 1)].reason

@@ -136,3 +136,17 @@ def test_admin_tokens() -> None:
     require_admin("ops", True)
     with pytest.raises(PermissionDenied, match="marked admin"):
         require_admin("ci", False)
+
+
+def test_model_control_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from convlens.server.config import from_args
+
+    assert from_args([]).model_control == "none"
+    with pytest.raises(SystemExit):
+        from_args(["--model-control", "explicit"])  # nothing to load from
+    monkeypatch.setenv("CONVLENS_MODEL_CONTROL", "poll")
+    monkeypatch.setenv("CONVLENS_REPOSITORY_POLL_S", "0.5")
+    cfg = from_args(["--model-repo", str(tmp_path)])
+    assert (cfg.model_control, cfg.repository_poll_s) == ("poll", 0.5)
+    with pytest.raises(SystemExit):
+        from_args(["--model-repo", str(tmp_path), "--repository-poll-s", "0"])

@@ -216,3 +216,5 @@ def test_every_dashboard_alert_and_adapter_query_parses_and_uses_exported_metric
                    "convlens_scheduler_queue_wait_seconds_sum", "convlens_scheduler_compute_seconds_sum",
                    "convlens_active_jobs", "convlens_index_builds_total"):
         assert needed in used, needed
+    # calls over HTTP (transport/http/) count in the same series with protocol="http": a panel splits them
+    assert any("by (protocol" in expr for _, expr in queries()), "no query splits the RPC rate by protocol"

@@ -213,6 +213,7 @@ async def test_the_sdk_reads_a_stream_to_its_status_so_the_server_counts_it_fini
         await asyncio.to_thread(sync_calls)
         labels = {"grpc_type": "server_stream", "grpc_service": "convlens.v1.InspectionService",
                   "grpc_method": "MaximizeUnit"}
+        labels["protocol"] = "grpc"
         handled = {code: srv.metrics.registry.get_sample_value("grpc_server_handled_total",
                                                                {**labels, "grpc_code": code})
                    for code in ("OK", "CANCELLED")}

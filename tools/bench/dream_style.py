@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from convlens.client import AsyncClient
 from convlens.server.config import parse_policy
 from convlens.server.launcher import ServerProcess
-from tools.common import MODEL, load_average, photo, record, utc_now
+from tools.common import MODEL, bench_parser, load_average, photo, record, table, utc_now
 
 MARKER = "<!-- bench_dream_style: runs are inserted below this line -->"
 
@@ -69,21 +68,20 @@ def report(results: dict[str, list[tuple[float, float]]], args: argparse.Namespa
              f"Device {args.device} ({torch.get_num_threads()} torch threads here), server batching policy "
              f"{batch}; images {args.size} px; Dream {args.octaves} octaves x {args.dream_steps} steps, "
              f"StyleTransfer {args.style_steps} Adam steps; {args.rounds} paired rounds "
-             "(`python -m tools.bench.dream_style`).", "",
-             "| RPC | one after another (s, median) | at once (s, median) | wall ratio per round | median ratio |",
-             "| --- | --- | --- | --- | --- |"]
+             "(`python -m tools.bench.dream_style`).", ""]
+    rows = []
     for rpc, pairs in results.items():
         ratios = [c / s for s, c in pairs]
-        lines.append(f"| {rpc} | {statistics.median(s for s, _ in pairs):.1f} | "
-                     f"{statistics.median(c for _, c in pairs):.1f} | {', '.join(f'{r:.2f}' for r in ratios)} | "
-                     f"**{statistics.median(ratios):.2f}** |")
+        rows.append((rpc, f"{statistics.median(s for s, _ in pairs):.1f}",
+                     f"{statistics.median(c for _, c in pairs):.1f}", ", ".join(f"{r:.2f}" for r in ratios),
+                     f"**{statistics.median(ratios):.2f}**"))
+    lines += table(["RPC", "one after another (s, median)", "at once (s, median)", "wall ratio per round",
+                    "median ratio"], rows)
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("docs/performance.md"))
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p = bench_parser(__doc__)
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--octaves", type=int, default=2)

@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -32,7 +31,7 @@ from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
 from convlens.server.scheduler.shards import side_by_side, split, threads_per_shard
-from tools.common import MODEL, load_average, record, utc_now
+from tools.common import MODEL, bench_parser, load_average, record, utc_now
 
 MARKER = "<!-- bench_maximize -->"
 CLASSES = (130, 144, 351, 736, 302, 63, 436, 100, 1, 967)
@@ -151,9 +150,7 @@ def report(rows: list[tuple[float, float, float]], args: argparse.Namespace, bat
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("docs/performance.md"))
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p = bench_parser(__doc__)
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--size", type=int, default=128)

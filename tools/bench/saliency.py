@@ -10,12 +10,10 @@ side-by-side measurements compare.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -25,7 +23,7 @@ from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
 from tools.bench.raw import LAYOUTS, RawPoint, in_layouts, measure, measure_one
-from tools.common import MODEL, load_average, record, utc_now
+from tools.common import MODEL, bench_parser, load_average, record, utc_now
 
 
 def sweep(server: ServerProcess, levels: tuple[int, ...], seconds: float) -> list[LevelResult]:
@@ -121,9 +119,7 @@ MARKER = "<!-- make bench inserts its runs below this line, newest first -->"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=12.0, help="per concurrency level and round")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--raw-batches", default="1,2,4,8,16,32")

@@ -18,15 +18,23 @@ from tools.common import MODEL, figure, photo
 from tools.demo.profile import Profile
 
 
+def _photo(out: Path, name: str, height: int) -> str:
+    """The input photo `name` as a figure beside a result."""
+    return figure(out, f"photo_{name}.png", Image.fromarray(photo(name)), name, height)
+
+
 def start_dream(c: Client, pool: Executor, out: Path, p: Profile) -> Callable[[], str]:
     """Send the dreams; the returned function waits for them and renders the section."""
     calls: dict[str, Future[Any]] = {}
+    options: dict[str, Any] = {"max_size": p.dream_size}
+    if p.dream_steps is not None:
+        options["steps_per_octave"] = p.dream_steps
     for name, layer in p.dreams:
-        calls[f"dream_{name}_{layer or 'default'}"] = pool.submit(c.dream, photo(name), MODEL, layer,
-                                                                  max_size=p.dream_size, timeout=3600)
+        calls[f"dream_{name}_{layer or 'default'}"] = pool.submit(c.dream, photo(name), MODEL, layer, timeout=3600,
+                                                                  **options)
     if p.guided_dream:
-        calls["dream_guided"] = pool.submit(c.dream, photo("chelsea"), MODEL, guide=photo("flower"),
-                                            max_size=p.dream_size, timeout=3600)
+        calls["dream_guided"] = pool.submit(c.dream, photo("chelsea"), MODEL, guide=photo("flower"), timeout=3600,
+                                            **options)
 
     def render() -> str:
         results = {k: f.result() for k, f in calls.items()}
@@ -35,14 +43,11 @@ def start_dream(c: Client, pool: Executor, out: Path, p: Profile) -> Callable[[]
             key = f"dream_{name}_{layer or 'default'}"
             r = results[key]
             gain = r.objective / r.input_objective if r.input_objective else float("nan")
-            Image.fromarray(photo(name)).save(out / f"photo_{name}.png")
-            dreams.append(f"<figure><img src='photo_{name}.png' height=192><figcaption>{name}</figcaption>"
-                          "</figure>" + figure(out, f"{key}.png", r.image,
-                                               f"dreamt at {r.settings['layer']}: objective x{gain:.1f}"))
+            dreams.append(_photo(out, name, 192) + figure(out, f"{key}.png", r.image,
+                                                          f"dreamt at {r.settings['layer']}: objective x{gain:.1f}"))
         if p.guided_dream:
             g = results["dream_guided"]
-            Image.fromarray(photo("flower")).save(out / "guide_flower.png")
-            dreams.append("<figure><img src='guide_flower.png' height=192><figcaption>guide</figcaption></figure>")
+            dreams.append(_photo(out, "flower", 192))
             dreams.append(figure(out, "dream_guided.png", g.image,
                                  f"chelsea guided by the flower, {g.settings['layer']}"))
         first = next(iter(results.values()))
@@ -73,11 +78,7 @@ def start_style(c: Client, pool: Executor, out: Path, p: Profile) -> Callable[[]
             key = f"style_{content}_{style}"
             r = results[key]
             drop = 1 - r.style_loss / r.initial_style_loss if r.initial_style_loss else float("nan")
-            for name in (content, style):
-                Image.fromarray(photo(name)).save(out / f"photo_{name}.png")
-            styles.append(f"<figure><img src='photo_{content}.png' height=128><figcaption>{content}</figcaption>"
-                          f"</figure><figure><img src='photo_{style}.png' height=128><figcaption>{style}"
-                          "</figcaption></figure>"
+            styles.append(_photo(out, content, 128) + _photo(out, style, 128)
                           + figure(out, f"{key}.png", r.image, f"{content} in {style}'s style "
                                    f"(style loss -{drop:.0%})", 256))
         soft = [figure(out, f"soften_{s}.png", results[f"soften_{s}"].image, f"soften = {s}") for s in softens]

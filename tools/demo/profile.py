@@ -35,6 +35,7 @@ class Profile:
     channels: tuple[tuple[str, tuple[int, ...]], ...]  # (block, channels) visualised with `lucid`
     maximize_steps: int
     maximize_size: int
+    dream_steps: int | None = None  # steps per octave; None: the model's default
 
 
 GALLERY = Profile(

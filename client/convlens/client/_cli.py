@@ -44,6 +44,8 @@ examples:
   convlens datasets
   convlens index build efficientnet_lite0 photos _blocks.10 --dataset photos=/data/photos --shard 0/4
   convlens serve --help
+  convlens serve --http-port 8080     # also HTTP/JSON + KServe v1
+  convlens kserve-explainer --model_name cat-classifier --predictor_host p.ns --http_port 8080
 """
 
 
@@ -186,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the server (needs `pip install 'convlens[server]'`); "
                                  "arguments after `serve` go to it unparsed", add_help=False)
+    sub.add_parser("kserve-explainer", help="run the server as a KServe custom explainer (--model_name, "
+                                            "--predictor_host, --http_port as KServe passes them; then serve "
+                                            "flags): `convlens kserve-explainer --help`", add_help=False)
 
     s = sub.add_parser("loadtest", help="concurrency sweep: throughput, latency, server queue/compute split")
     s.add_argument("--rpc", choices=["saliency", "get_filters", "list_models"], default="saliency")
@@ -223,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(argv[i + 1:])  # everything after `serve` belongs to the server's own parser
     if i is not None and argv[i] == "index":
         return _index(argv[i + 1:])
+    if i is not None and argv[i] == "kserve-explainer":
+        return _server_command("convlens.server.kserve_explainer", "kserve-explainer", argv[i + 1:])
     args = _parser().parse_args(argv)
     tls = _tls(args)
     try:
@@ -435,7 +442,7 @@ def _maximize(client: Client, args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("steps", "size", "seed", "learning_rate", "parameterization")
                if getattr(args, k) is not None}
     r = client.maximize_unit(args.model, target, preset=args.preset, on_progress=bar,
-                             timeout=max(args.timeout, args.deadline), **options)  # type: ignore[arg-type]
+                             timeout=max(args.timeout, args.deadline), **options)
     if bar is not None:
         bar.finish()
     print(f"{_describe(target)}: objective {r.objective:.4g}")

@@ -40,7 +40,7 @@ from ._types import (
     Unit,
 )
 
-SALIENCY_METHODS: dict[str, int] = {
+SALIENCY_METHODS: dict[str, pb.SaliencyMethod.ValueType] = {
     "gradient": pb.SALIENCY_METHOD_GRADIENT,
     "guided_backprop": pb.SALIENCY_METHOD_GUIDED_BACKPROP,
     "deconvnet": pb.SALIENCY_METHOD_DECONVNET,
@@ -70,8 +70,10 @@ _GRAMS = {"positions": pb.GRAM_NORMALIZATION_POSITIONS, "elements": pb.GRAM_NORM
 _INITS = {"content": pb.STYLE_INIT_CONTENT, "noise": pb.STYLE_INIT_NOISE}
 _DISTANCES = {"mse": pb.STYLE_DISTANCE_MSE, "relative": pb.STYLE_DISTANCE_RELATIVE}
 
+_Code = TypeVar("_Code", bound=int)  # an enum's number, typed as that enum's values
 
-def _choice(table: Mapping[str, int], value: str, what: str) -> int:
+
+def _choice(table: Mapping[str, _Code], value: str, what: str) -> _Code:
     try:
         return table[value]
     except (KeyError, TypeError):
@@ -102,8 +104,8 @@ def filters_request(model: str, layer: str, *, grid: bool, scaling: str, max_fil
                     max_input_channels: int | None, cell_scale: int | None) -> pb.GetFiltersRequest:
     return pb.GetFiltersRequest(model=model, layer=layer, render_grid=grid,
                                 scaling=_choice(_SCALINGS, scaling, "scaling"),
-                                max_filters=max_filters or 0, max_input_channels=max_input_channels or 0,
-                                cell_scale=cell_scale or 0)
+                                **_given({"max_filters": max_filters, "max_input_channels": max_input_channels,
+                                          "cell_scale": cell_scale}))
 
 
 def top_activations_request(model: str, layer: str, channel: int, *, k: int, dataset: str | None,
@@ -131,14 +133,13 @@ def saliency_request(image: ImageInput, model: str, *, target: Target | None, me
         sg = req.smoothgrad
         if base_method is not None:
             sg.base_method = _choice(SALIENCY_METHODS, base_method, "base method")
-        sg.samples = samples or 0
-        sg.noise_level = noise_level or 0.0
-        sg.seed = seed or 0
+        for name, value in _given({"samples": samples, "noise_level": noise_level, "seed": seed}).items():
+            setattr(sg, name, value)  # presence: an explicit 0 (e.g. noise_level) is sent as such
     if steps is not None or baseline is not None or blur_sigma is not None:
         ig = req.integrated_gradients
         ig.SetInParent()
-        ig.steps = steps or 0
-        ig.blur_sigma = blur_sigma or 0.0
+        for name, value in _given({"steps": steps, "blur_sigma": blur_sigma}).items():
+            setattr(ig, name, value)
         if isinstance(baseline, str) and baseline in _BASELINES:
             ig.baseline = _BASELINES[baseline]
         elif baseline is not None:  # an image: the caller's own starting point
@@ -297,7 +298,7 @@ def datasets(r: pb.ListDatasetsResponse) -> list[DatasetInfo]:
 
 def progress(p: pb.Progress) -> Progress:
     return Progress(step=p.step, total=p.total_steps, objectives=dict(p.objectives),
-                    preview=png_to_pil(p.preview_png))
+                    preview=png_to_pil(p.preview_png), octave=p.octave if p.HasField("octave") else None)
 
 
 def _image(data: bytes) -> Image.Image:
@@ -309,7 +310,7 @@ def _image(data: bytes) -> Image.Image:
 
 def maximize_result(r: pb.MaximizeUnitResult) -> MaximizeResult:
     settings: dict[str, Any] = {f.name: getattr(r.settings, f.name) for f in r.settings.DESCRIPTOR.fields}
-    names = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
+    names: dict[str, Mapping[str, int]] = {"preset": _PRESETS, "parameterization": _PARAMETERIZATIONS}
     for key, table in names.items():  # enum numbers as the names the options take
         settings[key] = next((name for name, code in table.items() if code == settings[key]), settings[key])
     return MaximizeResult(_image(r.image_png), r.objective, predictions(r.predictions), settings)
@@ -336,8 +337,8 @@ def dream_result(r: pb.DreamResult) -> DreamResult:
 
 
 def style_result(r: pb.StyleTransferResult) -> StyleTransferResult:
-    enums = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS, "init": _INITS,
-             "style_distance": _DISTANCES}
+    enums: dict[str, Mapping[str, int]] = {"optimizer": _OPTIMIZERS, "soften": _SOFTEN, "gram_normalization": _GRAMS,
+                                           "init": _INITS, "style_distance": _DISTANCES}
     return StyleTransferResult(_image(r.image_png), r.style_loss, r.content_loss, r.total_loss,
                                r.initial_style_loss, _fields(r.settings, enums))
 

@@ -1,6 +1,6 @@
 """The SDK's one exception tree, and the one function that maps gRPC errors into it.
 
-    ConvLensError                      .code (grpc.StatusCode), .message, .field_violations
+    ConvLensError                      .code (grpc.StatusCode), .message, .field_violations, .reason
      ├── InvalidArgumentError          INVALID_ARGUMENT   a request field is wrong (see field_violations)
      ├── NotFoundError                 NOT_FOUND          unknown model, layer or dataset
      ├── FailedPreconditionError       FAILED_PRECONDITION e.g. gradients on a forward-only ONNX model
@@ -21,7 +21,7 @@ call is made; only what the server (or the channel) answered becomes a ConvLensE
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -56,11 +56,14 @@ class ConvLensError(Exception):
     """Base of every error the server (or the channel to it) reported."""
 
     def __init__(self, message: str, *, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
-                 field_violations: list[FieldViolation] | None = None) -> None:
+                 field_violations: list[FieldViolation] | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field_violations: list[FieldViolation] = list(field_violations or [])
+        # google.rpc.ErrorInfo.reason: a stable machine-readable cause ("MODEL_NOT_FOUND", "QUEUE_FULL", ...);
+        # "" when the server sent none.
+        self.reason = reason
 
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}"
@@ -135,22 +138,31 @@ _BY_CODE: dict[grpc.StatusCode, type[ConvLensError]] = {
 }
 
 
-def _field_violations(err: grpc.RpcError) -> list[FieldViolation]:
-    # Rich details ride in the grpc-status-details-bin trailer. A malformed or mismatched trailer must
-    # never hide the real error, so any decoding problem just means "no violations".
+def _rich_details(err: grpc.RpcError) -> tuple[list[FieldViolation], str]:
+    """(field violations, ErrorInfo reason) from the status details.
+
+    Rich details ride in the grpc-status-details-bin trailer. A malformed or mismatched trailer must
+    never hide the real error, so any decoding problem just means "no details"."""
     try:
-        status = rpc_status.from_call(err)  # a failed call's RpcError is also its Call
+        # from_call reads trailing_metadata(), code() and details(): a failed sync call's RpcError is its Call,
+        # and grpc.aio's AioRpcError has the same three methods (it is no grpc.Call, hence the cast).
+        status = rpc_status.from_call(cast(grpc.Call, err))
     except Exception:
-        return []
+        return [], ""
     if status is None:
-        return []
+        return [], ""
     out: list[FieldViolation] = []
+    reason = ""
     for detail in status.details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             out.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
-    return out
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+    return out, reason
 
 
 def _map_rpc_error(err: grpc.RpcError) -> ConvLensError:
@@ -163,4 +175,5 @@ def _map_rpc_error(err: grpc.RpcError) -> ConvLensError:
     details_fn = getattr(err, "details", None)
     message = (details_fn() if callable(details_fn) else None) or ""
     cls = _BY_CODE.get(code, UnknownError)
-    return cls(message, code=code, field_violations=_field_violations(err))
+    violations, reason = _rich_details(err)
+    return cls(message, code=code, field_violations=violations, reason=reason)

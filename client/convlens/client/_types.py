@@ -243,6 +243,7 @@ class Progress:
     total: int
     objectives: dict[str, float]
     preview: Image.Image | None
+    octave: int | None = None  # Dream: the octave the step ran in (0-based, smallest first)
 
 
 @dataclass(frozen=True, eq=False)

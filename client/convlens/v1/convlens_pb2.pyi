@@ -6,7 +6,33 @@ ConvLens v1: inspect what a convolutional network has learned.
 Conventions:
 - Images travel as encoded bytes (PNG/JPEG/WebP) or as a raw Tensor, never as repeated floats.
 - A raw image Tensor is [H, W], [H, W, 1] or [H, W, 3], uint8 or float32 on the 0..255 scale.
-- Errors are gRPC status codes with google.rpc details (BadRequest field violations for bad fields).
+- Defaults, one rule for every RPC: a number with a default is an `optional` field. Unset, the server
+  uses the default (and the streaming RPCs echo every resolved value in their result's settings); set,
+  the value is used as sent, 0 included: an explicit 0 is honoured where it is valid (e.g. jitter,
+  noise_level, seed) and refused with INVALID_ARGUMENT naming the field where it is not (e.g. steps).
+  Enums use their UNSPECIFIED value for "the default"; strings use "" (e.g. layer: the model's default).
+- Errors are gRPC status codes with google.rpc details in the grpc-status-details-bin trailer:
+  * every error status carries a google.rpc.ErrorInfo, domain "convlens.dev", with a stable `reason`:
+    INVALID_ARGUMENT (bad fields), MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, LAYER_NOT_FOUND,
+    DATASET_NOT_FOUND (NOT_FOUND),
+    LAYER_WITHOUT_OUTPUT (a layer that produced no tensor), GRADIENTS_UNSUPPORTED, INDEX_BUILDING,
+    INDEX_BUILD_FAILED, MODEL_CONTROL_OFF, NO_MODEL_REPOSITORY (FAILED_PRECONDITION), QUEUE_FULL, TOO_MANY_JOBS (RESOURCE_EXHAUSTED),
+    DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (e.g. shutting down), UNIMPLEMENTED, INTERNAL.
+    Match on the reason, not on the message text (which may change).
+  * INVALID_ARGUMENT and the NOT_FOUND of a named field also carry a google.rpc.BadRequest with one
+    field violation per bad field (field = the request's proto field path, e.g. "target.unit.layer",
+    "images[2]"). Every violation found before any compute is reported together in one answer: a
+    request with two bad fields gets two violations.
+  * Every RPC may answer UNAUTHENTICATED (with --auth-tokens: missing or unknown bearer token; no details),
+    DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE and RESOURCE_EXHAUSTED (QUEUE_FULL; the streaming RPCs also
+    TOO_MANY_JOBS); the RPC comments below list the rest.
+- Metadata: a caller's `x-request-id` (printable, at most 128 characters) is echoed in the trailing
+  metadata of every answer, success or error; without one the server makes one up and sends it. The
+  access log carries the same id.
+- 64-bit integers (int64: parameter counts, image counts, seeds, tensor shapes) follow proto3's JSON
+  mapping, which writes them as strings so that JavaScript's doubles lose no digits: in Node with
+  @grpc/proto-loader pass `longs: String` or `longs: Number` (shapes and counts fit a double exactly).
+  Tensor.shape stays int64 (numpy's and torch's shape type) for wire compatibility with existing callers.
 - Every request's `model` field names a served model as NAME (its highest served version) or
   NAME@VERSION (that version: a folder MODEL/VERSION/ of the model repository). See ModelRepositoryService.
 """
@@ -526,7 +552,11 @@ class Tensor(_message.Message):
     dtype: Global___Dtype.ValueType
     data: _builtins.bytes
     @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Dimensions, outermost first. int64 (numpy's and torch's shape type): JSON and JavaScript callers see
+        strings unless they ask for numbers (see the header); every dimension here fits a double exactly.
+        """
+
     def __init__(
         self,
         *,
@@ -821,13 +851,22 @@ class Progress(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     OBJECTIVES_FIELD_NUMBER: _builtins.int
     PREVIEW_PNG_FIELD_NUMBER: _builtins.int
+    OCTAVE_FIELD_NUMBER: _builtins.int
     step: _builtins.int
+    """Steps done, 1-based."""
     total_steps: _builtins.int
     preview_png: _builtins.bytes
     """Optional PNG preview of the current image."""
+    octave: _builtins.int
+    """Dream: the octave this step ran in, 0-based, smallest first (the settings say how many were used)."""
     @_builtins.property
     def objectives(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Named objective values, e.g. {"objective": 12.3} or {"style": 1.2, "content": 0.4}."""
+        """Objective values at this step (before its update), each key once; only objective values live here:
+        - MaximizeUnit: "objective" (the value maximised); "tv" (the total-variation penalty, when
+          tv_weight > 0); for a composite objective also one key per part, named after it (e.g. "logit[3]").
+        - Dream: "objective" (the mean squared activation, of the channel, or the guide match).
+        - StyleTransfer: "style", "content" (unweighted losses) and "total" (the weighted sum).
+        """
 
     def __init__(
         self,
@@ -836,12 +875,15 @@ class Progress(_message.Message):
         total_steps: _builtins.int = ...,
         objectives: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         preview_png: _builtins.bytes = ...,
+        octave: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_octave", b"_octave", "octave", b"octave"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["objectives", b"objectives", "preview_png", b"preview_png", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_octave", b"_octave", "objectives", b"objectives", "octave", b"octave", "preview_png", b"preview_png", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__octave: _TypeAlias = _typing.Literal["octave"]  # noqa: Y015
+    _WhichOneofArgType__octave: _TypeAlias = _typing.Literal["_octave", b"_octave"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__octave) -> _WhichOneofReturnType__octave | None: ...
 
 Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
@@ -1063,10 +1105,12 @@ class GetFiltersRequest(_message.Message):
     render_grid: _builtins.bool
     scaling: Global___FilterScaling.ValueType
     max_filters: _builtins.int
-    """Grid limits (defaults 64 filters, 16 input channels); the weights tensor is always complete."""
+    """Grid limits (defaults 64 filters, 1..1024; 16 input channels, 1..256); the weights tensor is always
+    complete.
+    """
     max_input_channels: _builtins.int
     cell_scale: _builtins.int
-    """Pixels per kernel element in the grid (default: enough for ~32 px per filter)."""
+    """Pixels per kernel element in the grid, 1..64 (default: enough for ~32 px per filter)."""
     def __init__(
         self,
         *,
@@ -1074,15 +1118,26 @@ class GetFiltersRequest(_message.Message):
         layer: _builtins.str = ...,
         render_grid: _builtins.bool = ...,
         scaling: Global___FilterScaling.ValueType = ...,
-        max_filters: _builtins.int = ...,
-        max_input_channels: _builtins.int = ...,
-        cell_scale: _builtins.int = ...,
+        max_filters: _builtins.int | None = ...,
+        max_input_channels: _builtins.int | None = ...,
+        cell_scale: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cell_scale", b"_cell_scale", "_max_filters", b"_max_filters", "_max_input_channels", b"_max_input_channels", "cell_scale", b"cell_scale", "max_filters", b"max_filters", "max_input_channels", b"max_input_channels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell_scale", b"cell_scale", "layer", b"layer", "max_filters", b"max_filters", "max_input_channels", b"max_input_channels", "model", b"model", "render_grid", b"render_grid", "scaling", b"scaling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cell_scale", b"_cell_scale", "_max_filters", b"_max_filters", "_max_input_channels", b"_max_input_channels", "cell_scale", b"cell_scale", "layer", b"layer", "max_filters", b"max_filters", "max_input_channels", b"max_input_channels", "model", b"model", "render_grid", b"render_grid", "scaling", b"scaling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__cell_scale: _TypeAlias = _typing.Literal["cell_scale"]  # noqa: Y015
+    _WhichOneofArgType__cell_scale: _TypeAlias = _typing.Literal["_cell_scale", b"_cell_scale"]  # noqa: Y015
+    _WhichOneofReturnType__max_filters: _TypeAlias = _typing.Literal["max_filters"]  # noqa: Y015
+    _WhichOneofArgType__max_filters: _TypeAlias = _typing.Literal["_max_filters", b"_max_filters"]  # noqa: Y015
+    _WhichOneofReturnType__max_input_channels: _TypeAlias = _typing.Literal["max_input_channels"]  # noqa: Y015
+    _WhichOneofArgType__max_input_channels: _TypeAlias = _typing.Literal["_max_input_channels", b"_max_input_channels"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cell_scale) -> _WhichOneofReturnType__cell_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_filters) -> _WhichOneofReturnType__max_filters | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_input_channels) -> _WhichOneofReturnType__max_input_channels | None: ...
 
 Global___GetFiltersRequest: _TypeAlias = GetFiltersRequest  # noqa: Y015
 
@@ -1163,7 +1218,7 @@ class TopActivationsRequest(_message.Message):
     channel: _builtins.int
     """Channel of the layer (a class index for the logits layer)."""
     k: _builtins.int
-    """Default 9; at most the index's k_max (64)."""
+    """Default 9; 1..the index's k_max (64)."""
     dataset: _builtins.str
     """Dataset name (ListDatasets); default "samples" (photos shipped inside scikit-image and scikit-learn)."""
     include_crops: _builtins.bool
@@ -1173,7 +1228,7 @@ class TopActivationsRequest(_message.Message):
     ranking: Global___Ranking.ValueType
     """Default RANKING_MAX."""
     max_per_image: _builtins.int
-    """Distinct regions one image may contribute (RANKING_MAX only); default 1, at most 4."""
+    """Distinct regions one image may contribute (RANKING_MAX only); default 1, 1..4."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
         """The caller's own images, ranked directly instead of a dataset (at most 64)."""
@@ -1191,20 +1246,27 @@ class TopActivationsRequest(_message.Message):
         model: _builtins.str = ...,
         layer: _builtins.str = ...,
         channel: _builtins.int = ...,
-        k: _builtins.int = ...,
+        k: _builtins.int | None = ...,
         dataset: _builtins.str = ...,
         images: _abc.Iterable[Global___Image] | None = ...,
         include_crops: _builtins.bool = ...,
         include_images: _builtins.bool = ...,
         ranking: Global___Ranking.ValueType = ...,
-        max_per_image: _builtins.int = ...,
+        max_per_image: _builtins.int | None = ...,
         outputs: _abc.Iterable[Global___TopActivationsOutput.ValueType] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_max_per_image", b"_max_per_image", "k", b"k", "max_per_image", b"max_per_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "max_per_image", b"max_per_image", "model", b"model", "outputs", b"outputs", "ranking", b"ranking"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_k", b"_k", "_max_per_image", b"_max_per_image", "channel", b"channel", "dataset", b"dataset", "images", b"images", "include_crops", b"include_crops", "include_images", b"include_images", "k", b"k", "layer", b"layer", "max_per_image", b"max_per_image", "model", b"model", "outputs", b"outputs", "ranking", b"ranking"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__k: _TypeAlias = _typing.Literal["k"]  # noqa: Y015
+    _WhichOneofArgType__k: _TypeAlias = _typing.Literal["_k", b"_k"]  # noqa: Y015
+    _WhichOneofReturnType__max_per_image: _TypeAlias = _typing.Literal["max_per_image"]  # noqa: Y015
+    _WhichOneofArgType__max_per_image: _TypeAlias = _typing.Literal["_max_per_image", b"_max_per_image"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__k) -> _WhichOneofReturnType__k | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_per_image) -> _WhichOneofReturnType__max_per_image | None: ...
 
 Global___TopActivationsRequest: _TypeAlias = TopActivationsRequest  # noqa: Y015
 
@@ -1480,22 +1542,33 @@ class SmoothGradOptions(_message.Message):
     samples: _builtins.int
     """Default 16."""
     noise_level: _builtins.float
-    """Noise stdev as a fraction of the pixel range (0..255); default 0.15."""
+    """Noise stdev as a fraction of the pixel range (0..255), 0..1 (0: no noise); default 0.15."""
     seed: _builtins.int
-    """Seed for the noise; same seed, same result."""
+    """Seed for the noise; same seed, same result. Default 0."""
     def __init__(
         self,
         *,
         base_method: Global___SaliencyMethod.ValueType = ...,
-        samples: _builtins.int = ...,
-        noise_level: _builtins.float = ...,
-        seed: _builtins.int = ...,
+        samples: _builtins.int | None = ...,
+        noise_level: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_noise_level", b"_noise_level", "_samples", b"_samples", "_seed", b"_seed", "noise_level", b"noise_level", "samples", b"samples", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_method", b"base_method", "noise_level", b"noise_level", "samples", b"samples", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_noise_level", b"_noise_level", "_samples", b"_samples", "_seed", b"_seed", "base_method", b"base_method", "noise_level", b"noise_level", "samples", b"samples", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__noise_level: _TypeAlias = _typing.Literal["noise_level"]  # noqa: Y015
+    _WhichOneofArgType__noise_level: _TypeAlias = _typing.Literal["_noise_level", b"_noise_level"]  # noqa: Y015
+    _WhichOneofReturnType__samples: _TypeAlias = _typing.Literal["samples"]  # noqa: Y015
+    _WhichOneofArgType__samples: _TypeAlias = _typing.Literal["_samples", b"_samples"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__noise_level) -> _WhichOneofReturnType__noise_level | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__samples) -> _WhichOneofReturnType__samples | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___SmoothGradOptions: _TypeAlias = SmoothGradOptions  # noqa: Y015
 
@@ -1516,15 +1589,22 @@ class IntegratedGradientsOptions(_message.Message):
     def __init__(
         self,
         *,
-        steps: _builtins.int = ...,
+        steps: _builtins.int | None = ...,
         baseline: Global___Baseline.ValueType = ...,
-        blur_sigma: _builtins.float = ...,
+        blur_sigma: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blur_sigma", b"_blur_sigma", "_steps", b"_steps", "blur_sigma", b"blur_sigma", "steps", b"steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "blur_sigma", b"blur_sigma", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blur_sigma", b"_blur_sigma", "_steps", b"_steps", "baseline", b"baseline", "blur_sigma", b"blur_sigma", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__blur_sigma: _TypeAlias = _typing.Literal["blur_sigma"]  # noqa: Y015
+    _WhichOneofArgType__blur_sigma: _TypeAlias = _typing.Literal["_blur_sigma", b"_blur_sigma"]  # noqa: Y015
+    _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
+    _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__blur_sigma) -> _WhichOneofReturnType__blur_sigma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
 
 Global___IntegratedGradientsOptions: _TypeAlias = IntegratedGradientsOptions  # noqa: Y015
 
@@ -2031,14 +2111,16 @@ class DreamRequest(_message.Message):
     """Size ratio between octaves, above 1 and at most 4; default 1.4."""
     steps_per_octave: _builtins.int
     """Ascent steps per octave, 1..200; default 10 (google/deepdream's), or the model's where 10 are too
-    few (EfficientNet-Lite0: 20, see docs/quality.md).
+    few (EfficientNet-Lite0: 30, see docs/quality.md).
     """
     step_size: _builtins.float
-    """Step x += step_size / mean(|g|) * g on the 0..255 scale; default 1.5."""
+    """Step x += step_size / mean(|g|) * g on the 0..255 scale, above 0 and at most 255; default 1.5."""
     jitter: _builtins.int
     """Largest random roll of the image before each step, in pixels (0..256); default 32."""
     seed: _builtins.int
-    """Seed of the jitter; the same seed and request give the same image."""
+    """Seed of the jitter; the same seed and request give the same image. Unset: a random seed (reported in
+    the result's settings).
+    """
     preview_every: _builtins.int
     """Send a PNG preview every n steps; 0 for none."""
     max_size: _builtins.int
@@ -2060,28 +2142,52 @@ class DreamRequest(_message.Message):
         image: Global___Image | None = ...,
         layer: _builtins.str = ...,
         channel: _builtins.int | None = ...,
-        octaves: _builtins.int = ...,
-        octave_scale: _builtins.float = ...,
-        steps_per_octave: _builtins.int = ...,
-        step_size: _builtins.float = ...,
+        octaves: _builtins.int | None = ...,
+        octave_scale: _builtins.float | None = ...,
+        steps_per_octave: _builtins.int | None = ...,
+        step_size: _builtins.float | None = ...,
         jitter: _builtins.int | None = ...,
         guide: Global___Image | None = ...,
-        seed: _builtins.int = ...,
+        seed: _builtins.int | None = ...,
         preview_every: _builtins.int = ...,
-        max_size: _builtins.int = ...,
+        max_size: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "_jitter", b"_jitter", "channel", b"channel", "guide", b"guide", "image", b"image", "jitter", b"jitter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "_jitter", b"_jitter", "_max_size", b"_max_size", "_octave_scale", b"_octave_scale", "_octaves", b"_octaves", "_seed", b"_seed", "_step_size", b"_step_size", "_steps_per_octave", b"_steps_per_octave", "channel", b"channel", "guide", b"guide", "image", b"image", "jitter", b"jitter", "max_size", b"max_size", "octave_scale", b"octave_scale", "octaves", b"octaves", "seed", b"seed", "step_size", b"step_size", "steps_per_octave", b"steps_per_octave"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "_jitter", b"_jitter", "channel", b"channel", "guide", b"guide", "image", b"image", "jitter", b"jitter", "layer", b"layer", "max_size", b"max_size", "model", b"model", "octave_scale", b"octave_scale", "octaves", b"octaves", "preview_every", b"preview_every", "seed", b"seed", "step_size", b"step_size", "steps_per_octave", b"steps_per_octave"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_channel", b"_channel", "_jitter", b"_jitter", "_max_size", b"_max_size", "_octave_scale", b"_octave_scale", "_octaves", b"_octaves", "_seed", b"_seed", "_step_size", b"_step_size", "_steps_per_octave", b"_steps_per_octave", "channel", b"channel", "guide", b"guide", "image", b"image", "jitter", b"jitter", "layer", b"layer", "max_size", b"max_size", "model", b"model", "octave_scale", b"octave_scale", "octaves", b"octaves", "preview_every", b"preview_every", "seed", b"seed", "step_size", b"step_size", "steps_per_octave", b"steps_per_octave"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__channel: _TypeAlias = _typing.Literal["channel"]  # noqa: Y015
     _WhichOneofArgType__channel: _TypeAlias = _typing.Literal["_channel", b"_channel"]  # noqa: Y015
     _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
     _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
+    _WhichOneofReturnType__max_size: _TypeAlias = _typing.Literal["max_size"]  # noqa: Y015
+    _WhichOneofArgType__max_size: _TypeAlias = _typing.Literal["_max_size", b"_max_size"]  # noqa: Y015
+    _WhichOneofReturnType__octave_scale: _TypeAlias = _typing.Literal["octave_scale"]  # noqa: Y015
+    _WhichOneofArgType__octave_scale: _TypeAlias = _typing.Literal["_octave_scale", b"_octave_scale"]  # noqa: Y015
+    _WhichOneofReturnType__octaves: _TypeAlias = _typing.Literal["octaves"]  # noqa: Y015
+    _WhichOneofArgType__octaves: _TypeAlias = _typing.Literal["_octaves", b"_octaves"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__step_size: _TypeAlias = _typing.Literal["step_size"]  # noqa: Y015
+    _WhichOneofArgType__step_size: _TypeAlias = _typing.Literal["_step_size", b"_step_size"]  # noqa: Y015
+    _WhichOneofReturnType__steps_per_octave: _TypeAlias = _typing.Literal["steps_per_octave"]  # noqa: Y015
+    _WhichOneofArgType__steps_per_octave: _TypeAlias = _typing.Literal["_steps_per_octave", b"_steps_per_octave"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__channel) -> _WhichOneofReturnType__channel | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter) -> _WhichOneofReturnType__jitter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_size) -> _WhichOneofReturnType__max_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__octave_scale) -> _WhichOneofReturnType__octave_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__octaves) -> _WhichOneofReturnType__octaves | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_size) -> _WhichOneofReturnType__step_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps_per_octave) -> _WhichOneofReturnType__steps_per_octave | None: ...
 
 Global___DreamRequest: _TypeAlias = DreamRequest  # noqa: Y015
 
@@ -2249,7 +2355,9 @@ class StyleTransferRequest(_message.Message):
     soften: _builtins.bool
     """Deprecated by `soften_mode`: true means SOFTEN_CHANNELS when soften_mode is unset."""
     seed: _builtins.int
-    """Seed of the noise start; the same seed and request give the same image."""
+    """Seed of the noise start; the same seed and request give the same image. Unset: a random seed (reported
+    in the result's settings).
+    """
     preview_every: _builtins.int
     """Send a PNG preview every n steps; 0 for none."""
     soften_mode: Global___Soften.ValueType
@@ -2290,11 +2398,11 @@ class StyleTransferRequest(_message.Message):
         content_layer: _builtins.str = ...,
         style_weight: _builtins.float | None = ...,
         content_weight: _builtins.float | None = ...,
-        steps: _builtins.int = ...,
-        size: _builtins.int = ...,
+        steps: _builtins.int | None = ...,
+        size: _builtins.int | None = ...,
         optimizer: Global___Optimizer.ValueType = ...,
         soften: _builtins.bool = ...,
-        seed: _builtins.int = ...,
+        seed: _builtins.int | None = ...,
         preview_every: _builtins.int = ...,
         style_layer_weights: _abc.Iterable[_builtins.float] | None = ...,
         soften_mode: Global___Soften.ValueType = ...,
@@ -2304,14 +2412,20 @@ class StyleTransferRequest(_message.Message):
         learning_rate: _builtins.float | None = ...,
         style_distance: Global___StyleDistance.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_weight", b"content_weight", "learning_rate", b"learning_rate", "style", b"style", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_weight", b"content_weight", "learning_rate", b"learning_rate", "seed", b"seed", "size", b"size", "steps", b"steps", "style", b"style", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "init", b"init", "learning_rate", b"learning_rate", "model", b"model", "optimizer", b"optimizer", "preview_every", b"preview_every", "seed", b"seed", "size", b"size", "soften", b"soften", "soften_mode", b"soften_mode", "steps", b"steps", "style", b"style", "style_distance", b"style_distance", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight", "_learning_rate", b"_learning_rate", "_seed", b"_seed", "_size", b"_size", "_steps", b"_steps", "_style_weight", b"_style_weight", "_temperature", b"_temperature", "content", b"content", "content_layer", b"content_layer", "content_weight", b"content_weight", "gram_normalization", b"gram_normalization", "init", b"init", "learning_rate", b"learning_rate", "model", b"model", "optimizer", b"optimizer", "preview_every", b"preview_every", "seed", b"seed", "size", b"size", "soften", b"soften", "soften_mode", b"soften_mode", "steps", b"steps", "style", b"style", "style_distance", b"style_distance", "style_layer_weights", b"style_layer_weights", "style_layers", b"style_layers", "style_weight", b"style_weight", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__content_weight: _TypeAlias = _typing.Literal["content_weight"]  # noqa: Y015
     _WhichOneofArgType__content_weight: _TypeAlias = _typing.Literal["_content_weight", b"_content_weight"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
+    _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
     _WhichOneofReturnType__style_weight: _TypeAlias = _typing.Literal["style_weight"]  # noqa: Y015
     _WhichOneofArgType__style_weight: _TypeAlias = _typing.Literal["_style_weight", b"_style_weight"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
@@ -2320,6 +2434,12 @@ class StyleTransferRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__content_weight) -> _WhichOneofReturnType__content_weight | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__style_weight) -> _WhichOneofReturnType__style_weight | None: ...
     @_typing.overload

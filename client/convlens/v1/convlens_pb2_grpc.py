@@ -87,7 +87,7 @@ class InspectionServiceServicer:
     """
 
     def ListModels(self, request, context):
-        """ListModels lists the models this server serves.
+        """ListModels lists the models this server serves. Errors: none of its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +95,7 @@ class InspectionServiceServicer:
 
     def GetModel(self, request, context):
         """GetModel describes one model: its preprocessing, labels and layer catalog.
+        Errors: NOT_FOUND MODEL_NOT_FOUND (BadRequest: model).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +103,7 @@ class InspectionServiceServicer:
 
     def GetFilters(self, request, context):
         """GetFilters returns a convolution layer's weights, optionally rendered as a grid image.
+        Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND (BadRequest: layer), INVALID_ARGUMENT (BadRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,13 +111,16 @@ class InspectionServiceServicer:
 
     def TopActivations(self, request, context):
         """TopActivations returns the probe images (and regions) that most excite a unit.
+        Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, DATASET_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad
+        field), FAILED_PRECONDITION INDEX_BUILDING (the dataset's index is still being built; retry later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDatasets(self, request, context):
-        """ListDatasets lists the datasets TopActivations ranks on, with their indexes.
+        """ListDatasets lists the datasets TopActivations ranks on, with their indexes. It answers from what the
+        server already knows (no scan, no decoding). Errors: none of its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,27 +128,33 @@ class InspectionServiceServicer:
 
     def Saliency(self, request, context):
         """Saliency attributes a unit or class logit to the input pixels.
+        Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad field),
+        FAILED_PRECONDITION GRADIENTS_UNSUPPORTED (a forward-only ONNX model).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def MaximizeUnit(self, request, context):
-        """MaximizeUnit synthesises an image that excites a unit or class logit.
+        """MaximizeUnit synthesises an image that excites a unit or class logit: progress events, then one result.
+        Errors (before the first event): MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every
+        bad field), GRADIENTS_UNSUPPORTED, TOO_MANY_JOBS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Dream(self, request, context):
-        """Dream amplifies what a layer sees in an image (DeepDream with octaves).
+        """Dream amplifies what a layer sees in an image (DeepDream with octaves): progress events, then one result.
+        Errors: as MaximizeUnit's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StyleTransfer(self, request, context):
-        """StyleTransfer carries a style image's texture onto a content image (Gatys et al.).
+        """StyleTransfer carries a style image's texture onto a content image (Gatys et al.): progress events,
+        then one result. Errors: as MaximizeUnit's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

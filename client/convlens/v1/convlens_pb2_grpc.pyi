@@ -6,7 +6,33 @@ ConvLens v1: inspect what a convolutional network has learned.
 Conventions:
 - Images travel as encoded bytes (PNG/JPEG/WebP) or as a raw Tensor, never as repeated floats.
 - A raw image Tensor is [H, W], [H, W, 1] or [H, W, 3], uint8 or float32 on the 0..255 scale.
-- Errors are gRPC status codes with google.rpc details (BadRequest field violations for bad fields).
+- Defaults, one rule for every RPC: a number with a default is an `optional` field. Unset, the server
+  uses the default (and the streaming RPCs echo every resolved value in their result's settings); set,
+  the value is used as sent, 0 included: an explicit 0 is honoured where it is valid (e.g. jitter,
+  noise_level, seed) and refused with INVALID_ARGUMENT naming the field where it is not (e.g. steps).
+  Enums use their UNSPECIFIED value for "the default"; strings use "" (e.g. layer: the model's default).
+- Errors are gRPC status codes with google.rpc details in the grpc-status-details-bin trailer:
+  * every error status carries a google.rpc.ErrorInfo, domain "convlens.dev", with a stable `reason`:
+    INVALID_ARGUMENT (bad fields), MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, LAYER_NOT_FOUND,
+    DATASET_NOT_FOUND (NOT_FOUND),
+    LAYER_WITHOUT_OUTPUT (a layer that produced no tensor), GRADIENTS_UNSUPPORTED, INDEX_BUILDING,
+    INDEX_BUILD_FAILED, MODEL_CONTROL_OFF, NO_MODEL_REPOSITORY (FAILED_PRECONDITION), QUEUE_FULL, TOO_MANY_JOBS (RESOURCE_EXHAUSTED),
+    DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (e.g. shutting down), UNIMPLEMENTED, INTERNAL.
+    Match on the reason, not on the message text (which may change).
+  * INVALID_ARGUMENT and the NOT_FOUND of a named field also carry a google.rpc.BadRequest with one
+    field violation per bad field (field = the request's proto field path, e.g. "target.unit.layer",
+    "images[2]"). Every violation found before any compute is reported together in one answer: a
+    request with two bad fields gets two violations.
+  * Every RPC may answer UNAUTHENTICATED (with --auth-tokens: missing or unknown bearer token; no details),
+    DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE and RESOURCE_EXHAUSTED (QUEUE_FULL; the streaming RPCs also
+    TOO_MANY_JOBS); the RPC comments below list the rest.
+- Metadata: a caller's `x-request-id` (printable, at most 128 characters) is echoed in the trailing
+  metadata of every answer, success or error; without one the server makes one up and sends it. The
+  access log carries the same id.
+- 64-bit integers (int64: parameter counts, image counts, seeds, tensor shapes) follow proto3's JSON
+  mapping, which writes them as strings so that JavaScript's doubles lose no digits: in Node with
+  @grpc/proto-loader pass `longs: String` or `longs: Number` (shapes and counts fit a double exactly).
+  Tensor.shape stays int64 (numpy's and torch's shape type) for wire compatibility with existing callers.
 - Every request's `model` field names a served model as NAME (its highest served version) or
   NAME@VERSION (that version: a folder MODEL/VERSION/ of the model repository). See ModelRepositoryService.
 """
@@ -42,23 +68,42 @@ class InspectionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InspectionServiceAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.ListModelsRequest, _convlens_pb2.ListModelsResponse]
-    """ListModels lists the models this server serves."""
+    """ListModels lists the models this server serves. Errors: none of its own."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.GetModelRequest, _convlens_pb2.GetModelResponse]
-    """GetModel describes one model: its preprocessing, labels and layer catalog."""
+    """GetModel describes one model: its preprocessing, labels and layer catalog.
+    Errors: NOT_FOUND MODEL_NOT_FOUND (BadRequest: model).
+    """
     GetFilters: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.GetFiltersRequest, _convlens_pb2.GetFiltersResponse]
-    """GetFilters returns a convolution layer's weights, optionally rendered as a grid image."""
+    """GetFilters returns a convolution layer's weights, optionally rendered as a grid image.
+    Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND (BadRequest: layer), INVALID_ARGUMENT (BadRequest).
+    """
     TopActivations: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.TopActivationsRequest, _convlens_pb2.TopActivationsResponse]
-    """TopActivations returns the probe images (and regions) that most excite a unit."""
+    """TopActivations returns the probe images (and regions) that most excite a unit.
+    Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, DATASET_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad
+    field), FAILED_PRECONDITION INDEX_BUILDING (the dataset's index is still being built; retry later).
+    """
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.ListDatasetsRequest, _convlens_pb2.ListDatasetsResponse]
-    """ListDatasets lists the datasets TopActivations ranks on, with their indexes."""
+    """ListDatasets lists the datasets TopActivations ranks on, with their indexes. It answers from what the
+    server already knows (no scan, no decoding). Errors: none of its own.
+    """
     Saliency: _grpc.UnaryUnaryMultiCallable[_convlens_pb2.SaliencyRequest, _convlens_pb2.SaliencyResponse]
-    """Saliency attributes a unit or class logit to the input pixels."""
+    """Saliency attributes a unit or class logit to the input pixels.
+    Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad field),
+    FAILED_PRECONDITION GRADIENTS_UNSUPPORTED (a forward-only ONNX model).
+    """
     MaximizeUnit: _grpc.UnaryStreamMultiCallable[_convlens_pb2.MaximizeUnitRequest, _convlens_pb2.MaximizeUnitResponse]
-    """MaximizeUnit synthesises an image that excites a unit or class logit."""
+    """MaximizeUnit synthesises an image that excites a unit or class logit: progress events, then one result.
+    Errors (before the first event): MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every
+    bad field), GRADIENTS_UNSUPPORTED, TOO_MANY_JOBS.
+    """
     Dream: _grpc.UnaryStreamMultiCallable[_convlens_pb2.DreamRequest, _convlens_pb2.DreamResponse]
-    """Dream amplifies what a layer sees in an image (DeepDream with octaves)."""
+    """Dream amplifies what a layer sees in an image (DeepDream with octaves): progress events, then one result.
+    Errors: as MaximizeUnit's.
+    """
     StyleTransfer: _grpc.UnaryStreamMultiCallable[_convlens_pb2.StyleTransferRequest, _convlens_pb2.StyleTransferResponse]
-    """StyleTransfer carries a style image's texture onto a content image (Gatys et al.)."""
+    """StyleTransfer carries a style image's texture onto a content image (Gatys et al.): progress events,
+    then one result. Errors: as MaximizeUnit's.
+    """
 
 @_typing.type_check_only
 class InspectionServiceAsyncStub(InspectionServiceStub):
@@ -66,23 +111,42 @@ class InspectionServiceAsyncStub(InspectionServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_convlens_pb2.ListModelsRequest, _convlens_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """ListModels lists the models this server serves."""
+    """ListModels lists the models this server serves. Errors: none of its own."""
     GetModel: _aio.UnaryUnaryMultiCallable[_convlens_pb2.GetModelRequest, _convlens_pb2.GetModelResponse]  # type: ignore[assignment]
-    """GetModel describes one model: its preprocessing, labels and layer catalog."""
+    """GetModel describes one model: its preprocessing, labels and layer catalog.
+    Errors: NOT_FOUND MODEL_NOT_FOUND (BadRequest: model).
+    """
     GetFilters: _aio.UnaryUnaryMultiCallable[_convlens_pb2.GetFiltersRequest, _convlens_pb2.GetFiltersResponse]  # type: ignore[assignment]
-    """GetFilters returns a convolution layer's weights, optionally rendered as a grid image."""
+    """GetFilters returns a convolution layer's weights, optionally rendered as a grid image.
+    Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND (BadRequest: layer), INVALID_ARGUMENT (BadRequest).
+    """
     TopActivations: _aio.UnaryUnaryMultiCallable[_convlens_pb2.TopActivationsRequest, _convlens_pb2.TopActivationsResponse]  # type: ignore[assignment]
-    """TopActivations returns the probe images (and regions) that most excite a unit."""
+    """TopActivations returns the probe images (and regions) that most excite a unit.
+    Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, DATASET_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad
+    field), FAILED_PRECONDITION INDEX_BUILDING (the dataset's index is still being built; retry later).
+    """
     ListDatasets: _aio.UnaryUnaryMultiCallable[_convlens_pb2.ListDatasetsRequest, _convlens_pb2.ListDatasetsResponse]  # type: ignore[assignment]
-    """ListDatasets lists the datasets TopActivations ranks on, with their indexes."""
+    """ListDatasets lists the datasets TopActivations ranks on, with their indexes. It answers from what the
+    server already knows (no scan, no decoding). Errors: none of its own.
+    """
     Saliency: _aio.UnaryUnaryMultiCallable[_convlens_pb2.SaliencyRequest, _convlens_pb2.SaliencyResponse]  # type: ignore[assignment]
-    """Saliency attributes a unit or class logit to the input pixels."""
+    """Saliency attributes a unit or class logit to the input pixels.
+    Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad field),
+    FAILED_PRECONDITION GRADIENTS_UNSUPPORTED (a forward-only ONNX model).
+    """
     MaximizeUnit: _aio.UnaryStreamMultiCallable[_convlens_pb2.MaximizeUnitRequest, _convlens_pb2.MaximizeUnitResponse]  # type: ignore[assignment]
-    """MaximizeUnit synthesises an image that excites a unit or class logit."""
+    """MaximizeUnit synthesises an image that excites a unit or class logit: progress events, then one result.
+    Errors (before the first event): MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every
+    bad field), GRADIENTS_UNSUPPORTED, TOO_MANY_JOBS.
+    """
     Dream: _aio.UnaryStreamMultiCallable[_convlens_pb2.DreamRequest, _convlens_pb2.DreamResponse]  # type: ignore[assignment]
-    """Dream amplifies what a layer sees in an image (DeepDream with octaves)."""
+    """Dream amplifies what a layer sees in an image (DeepDream with octaves): progress events, then one result.
+    Errors: as MaximizeUnit's.
+    """
     StyleTransfer: _aio.UnaryStreamMultiCallable[_convlens_pb2.StyleTransferRequest, _convlens_pb2.StyleTransferResponse]  # type: ignore[assignment]
-    """StyleTransfer carries a style image's texture onto a content image (Gatys et al.)."""
+    """StyleTransfer carries a style image's texture onto a content image (Gatys et al.): progress events,
+    then one result. Errors: as MaximizeUnit's.
+    """
 
 class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
     """InspectionService answers questions about the convolutional networks it serves."""
@@ -93,7 +157,7 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_convlens_pb2.ListModelsResponse, _abc.Awaitable[_convlens_pb2.ListModelsResponse]]:
-        """ListModels lists the models this server serves."""
+        """ListModels lists the models this server serves. Errors: none of its own."""
 
     @_abc_1.abstractmethod
     def GetModel(
@@ -101,7 +165,9 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_convlens_pb2.GetModelResponse, _abc.Awaitable[_convlens_pb2.GetModelResponse]]:
-        """GetModel describes one model: its preprocessing, labels and layer catalog."""
+        """GetModel describes one model: its preprocessing, labels and layer catalog.
+        Errors: NOT_FOUND MODEL_NOT_FOUND (BadRequest: model).
+        """
 
     @_abc_1.abstractmethod
     def GetFilters(
@@ -109,7 +175,9 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.GetFiltersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_convlens_pb2.GetFiltersResponse, _abc.Awaitable[_convlens_pb2.GetFiltersResponse]]:
-        """GetFilters returns a convolution layer's weights, optionally rendered as a grid image."""
+        """GetFilters returns a convolution layer's weights, optionally rendered as a grid image.
+        Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND (BadRequest: layer), INVALID_ARGUMENT (BadRequest).
+        """
 
     @_abc_1.abstractmethod
     def TopActivations(
@@ -117,7 +185,10 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.TopActivationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_convlens_pb2.TopActivationsResponse, _abc.Awaitable[_convlens_pb2.TopActivationsResponse]]:
-        """TopActivations returns the probe images (and regions) that most excite a unit."""
+        """TopActivations returns the probe images (and regions) that most excite a unit.
+        Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, DATASET_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad
+        field), FAILED_PRECONDITION INDEX_BUILDING (the dataset's index is still being built; retry later).
+        """
 
     @_abc_1.abstractmethod
     def ListDatasets(
@@ -125,7 +196,9 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.ListDatasetsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_convlens_pb2.ListDatasetsResponse, _abc.Awaitable[_convlens_pb2.ListDatasetsResponse]]:
-        """ListDatasets lists the datasets TopActivations ranks on, with their indexes."""
+        """ListDatasets lists the datasets TopActivations ranks on, with their indexes. It answers from what the
+        server already knows (no scan, no decoding). Errors: none of its own.
+        """
 
     @_abc_1.abstractmethod
     def Saliency(
@@ -133,7 +206,10 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.SaliencyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_convlens_pb2.SaliencyResponse, _abc.Awaitable[_convlens_pb2.SaliencyResponse]]:
-        """Saliency attributes a unit or class logit to the input pixels."""
+        """Saliency attributes a unit or class logit to the input pixels.
+        Errors: MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every bad field),
+        FAILED_PRECONDITION GRADIENTS_UNSUPPORTED (a forward-only ONNX model).
+        """
 
     @_abc_1.abstractmethod
     def MaximizeUnit(
@@ -141,7 +217,10 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.MaximizeUnitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_convlens_pb2.MaximizeUnitResponse], _abc.AsyncIterator[_convlens_pb2.MaximizeUnitResponse]]:
-        """MaximizeUnit synthesises an image that excites a unit or class logit."""
+        """MaximizeUnit synthesises an image that excites a unit or class logit: progress events, then one result.
+        Errors (before the first event): MODEL_NOT_FOUND, LAYER_NOT_FOUND, INVALID_ARGUMENT (BadRequest: every
+        bad field), GRADIENTS_UNSUPPORTED, TOO_MANY_JOBS.
+        """
 
     @_abc_1.abstractmethod
     def Dream(
@@ -149,7 +228,9 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.DreamRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_convlens_pb2.DreamResponse], _abc.AsyncIterator[_convlens_pb2.DreamResponse]]:
-        """Dream amplifies what a layer sees in an image (DeepDream with octaves)."""
+        """Dream amplifies what a layer sees in an image (DeepDream with octaves): progress events, then one result.
+        Errors: as MaximizeUnit's.
+        """
 
     @_abc_1.abstractmethod
     def StyleTransfer(
@@ -157,7 +238,9 @@ class InspectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _convlens_pb2.StyleTransferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_convlens_pb2.StyleTransferResponse], _abc.AsyncIterator[_convlens_pb2.StyleTransferResponse]]:
-        """StyleTransfer carries a style image's texture onto a content image (Gatys et al.)."""
+        """StyleTransfer carries a style image's texture onto a content image (Gatys et al.): progress events,
+        then one result. Errors: as MaximizeUnit's.
+        """
 
 def add_InspectionServiceServicer_to_server(servicer: InspectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from convlens.v1 import convlens_pb2 as pb
 
-_TO_NUMPY: dict[int, np.dtype] = {
+_TO_NUMPY: dict[pb.Dtype.ValueType, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
@@ -14,7 +14,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_INT32: np.dtype("<i4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
 }
-_FROM_NUMPY: dict[np.dtype, int] = {v.newbyteorder("="): k for k, v in _TO_NUMPY.items()}
+_FROM_NUMPY: dict[np.dtype, pb.Dtype.ValueType] = {v.newbyteorder("="): k for k, v in _TO_NUMPY.items()}
 
 
 class TensorError(ValueError):

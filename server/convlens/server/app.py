@@ -11,12 +11,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from convlens.server.config import ServerConfig, from_args
@@ -30,11 +30,16 @@ from convlens.server.transport import access_log
 from convlens.server.transport.auth import TokenAuth
 from convlens.server.transport.connections import keepalive_options, server_credentials
 from convlens.server.transport.drain import Drain
+from convlens.server.transport.http.registry import RecordingServer
 from convlens.server.transport.interceptor import ServiceInterceptor
+from convlens.server.transport.reflection import enable_reflection
 from convlens.server.transport.repository_servicer import ModelRepositoryServicer
 from convlens.server.transport.servicer import InspectionServicer
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from convlens.server.transport.http.server import HttpFront
 
 log = logging.getLogger("convlens.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InspectionService"].full_name
@@ -55,6 +60,8 @@ class ConvLensServer:
         self._scheduler: Scheduler | None = None
         self._metrics_http = None
         self.drain = Drain()
+        self.http_port = 0
+        self._http: HttpFront | None = None
         self.model_control: ModelControl | None = None
 
     async def start(self) -> int:
@@ -84,26 +91,27 @@ class ConvLensServer:
             auth = TokenAuth(path=cfg.auth_tokens_file, env_tokens=cfg.auth_tokens, exempt=cfg.auth_exempt)
         interceptor = ServiceInterceptor(self.metrics, auth=auth, access_log=access_log.AccessLog(cfg.log_format),
                                          drain=self.drain)
-        server = grpc.aio.server(
+        server = RecordingServer(grpc.aio.server(  # records what is added, for the HTTP front
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0), *keepalive_options(cfg.max_connection_age_s)])
+                     ("grpc.so_reuseport", 0), *keepalive_options(cfg.max_connection_age_s)]))
         services = Services.build(ServiceContext(repo, self._scheduler, cfg, state=state))
         self.model_control = services.model_control
         await self.model_control.start()
         pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(services), server)
         pb_grpc.add_ModelRepositoryServiceServicer_to_server(ModelRepositoryServicer(services.model_control), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, REPOSITORY_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        enable_reflection(server, (SERVICE_NAME, REPOSITORY_SERVICE_NAME,
+                                   health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         address = f"{cfg.host}:{cfg.port}"
         self.port = (server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
                      if cfg.tls_cert is not None and cfg.tls_key is not None else server.add_insecure_port(address))
         if self.port == 0:
             raise SystemExit(f"cannot bind {cfg.host}:{cfg.port}")
         await server.start()
-        self._server = server
+        self._server = server  # type: ignore[assignment]
+        if cfg.http_port is not None:
+            await self._start_http(server, auth, interceptor.access_log)
         if cfg.metrics:
             httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
             self._metrics_http, self.metrics_port = httpd, httpd.server_port
@@ -116,6 +124,20 @@ class ConvLensServer:
         if auth is not None:
             log.info("bearer tokens required (exempt: %s)", ", ".join(cfg.auth_exempt) or "nothing")
         return self.port
+
+    async def _start_http(self, server: RecordingServer, auth: TokenAuth | None, log: access_log.AccessLog) -> None:
+        """The same handlers over HTTP/JSON and KServe v1, in this loop (transport/http/)."""
+        from convlens.server.transport.http.server import HttpFront, HttpSettings, build_app
+
+        cfg = self.config
+        assert self.repository is not None and cfg.http_port is not None
+        interceptor = ServiceInterceptor(self.metrics, auth=auth, access_log=log, drain=self.drain, protocol="http")
+        app = build_app(server.methods(), interceptor, self.repository.names, lambda: not self.drain.draining,
+                        kserve_aliases(cfg.kserve_aliases, self.repository.names()))
+        self._http = HttpFront(app, HttpSettings(
+            host=cfg.http_host or cfg.host, port=cfg.http_port, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+            tls_client_ca=cfg.tls_client_ca))
+        self.http_port = await self._http.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING and new calls refused at once; calls in flight get `grace` seconds.
@@ -132,6 +154,8 @@ class ConvLensServer:
             await self.model_control.stop()  # no poll loads a model into a draining server
         if self._server is not None:
             await self.drain.shut_down(self._server, grace)
+        if self._http is not None:
+            await self._http.stop()
         if self._scheduler is not None:
             await self._scheduler.stop(max(end - time.monotonic(), 0.1))
         if self._metrics_http is not None:
@@ -143,6 +167,20 @@ class ConvLensServer:
         await self._server.wait_for_termination()
 
 
+def kserve_aliases(pairs: Sequence[tuple[str, str]], served: Sequence[str]) -> dict[str, str]:
+    """KServe name -> served model; an empty model means: the same name if served, else the only or first."""
+    out = {}
+    for alias, model in pairs:
+        if not model:
+            model = alias if alias in served or not served else sorted(served)[0]
+        if model not in served:  # with --model-control it may be loaded later; until then: NOT_FOUND
+            log.warning("KServe model %r: %r is not served (yet); served: %s", alias, model,
+                        ", ".join(served) or "nothing")
+        out[alias] = model
+        log.info("KServe model %r is explained by %r", alias, model)
+    return out
+
+
 async def serve(config: ServerConfig) -> None:
     server = ConvLensServer(config)
     await server.start()
@@ -150,7 +188,8 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    print(f"convlens: serving on port {server.port}, metrics on port {server.metrics_port}", flush=True)
+    print(f"convlens: serving on port {server.port}, metrics on port {server.metrics_port}"
+          + (f", HTTP on port {server.http_port}" if server.http_port else ""), flush=True)
     await stopping.wait()
     log.info("draining: health NOT_SERVING, new calls refused, %d in flight get %g s",
              server.drain.in_flight, config.grace_seconds)
@@ -161,7 +200,10 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = from_args(argv)
+    return run(from_args(argv))
+
+
+def run(config: ServerConfig) -> int:
     access_log.configure(config.log_format, config.log_level)
     # Only the workers run OpenMP teams (scheduler/shards.py: with more team threads than cores, every team
     # stops spinning and a lone call ran at 0.6x). So the process runs torch on one thread from here on —

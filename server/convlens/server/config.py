@@ -55,6 +55,10 @@ class ServerConfig:
     datasets: tuple[tuple[str, Path], ...] = ()
     index_dir: Path | None = None  # None: the per-user cache directory
     index_on_demand_images: int = 2000  # datasets up to this size are scanned within a call's deadline
+    # The HTTP front (issue 14, transport/http/): off unless a port is given; 0 picks a free one.
+    http_port: int | None = None
+    http_host: str | None = None  # None: the gRPC --host
+    kserve_aliases: tuple[tuple[str, str], ...] = ()  # KServe model names answered by a served model
     # Model control (issue 14; service/model_control.py): none | explicit | poll, and the poll period.
     model_control: str = "none"
     repository_poll_s: float = 5.0
@@ -152,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
                         "follow the folders (new/changed versions loaded, removed ones unloaded) (default none)")
     p.add_argument("--repository-poll-s", type=float, default=float(_env("REPOSITORY_POLL_S", "5") or 5),
                    metavar="SECONDS", help="how often --model-control poll looks at the folders (default 5)")
+    p.add_argument("--http-port", type=int, default=_optional_int(_env("HTTP_PORT")), metavar="PORT",
+                   help="also serve HTTP on this port: every RPC as POST /convlens.v1.InspectionService/<Method> "
+                        "with proto3 JSON (streams as server-sent events) and KServe's v1 /v1/models/NAME[:explain]; "
+                        "same tokens, TLS, metrics and batches as gRPC (default: off; 0 picks a free port)")
+    p.add_argument("--http-host", default=_env("HTTP_HOST"), help="bind address of the HTTP port (default: --host)")
     return p
 
 
@@ -161,6 +170,10 @@ def _model_control(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict
     if args.repository_poll_s <= 0:
         p.error("--repository-poll-s must be > 0")
     return {"model_control": args.model_control, "repository_poll_s": args.repository_poll_s}
+
+
+def _optional_int(text: str | None) -> int | None:
+    return int(text) if text else None
 
 
 def _datasets(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, object]:
@@ -202,7 +215,8 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         model_repo=Path(args.model_repo) if args.model_repo else None, embedded=not args.no_embedded,
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue, max_jobs=args.max_jobs,
         threads=args.threads, grace_seconds=args.grace, policies=policies, log_level=args.log_level,
-        **_operations(p, args), **_datasets(p, args), **_model_control(p, args))
+        http_port=args.http_port, http_host=args.http_host, **_operations(p, args), **_datasets(p, args),
+        **_model_control(p, args))
 
 
 def _operations(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Domain errors of the server side. No grpc here: transport/status.py maps them to status codes.
 
+Each error carries a stable `reason` (UPPER_SNAKE_CASE, sent as google.rpc.ErrorInfo.reason beside the status
+code): the class's default, or a more precise one where it is raised (MODEL_NOT_FOUND, QUEUE_FULL, ...).
+`Violations` gathers every bad field of a request so one answer names them all.
+
     ConvLensError
      ├── InvalidArgument      (bad field; carries field violations)
      ├── NotFound             (unknown model / layer / dataset)
@@ -26,26 +30,37 @@ class FieldViolation:
 class ConvLensError(Exception):
     """Base of every error the server reports to a caller on purpose."""
 
-    def __init__(self, message: str, *, violations: list[FieldViolation] | None = None) -> None:
+    reason = "ERROR"  # each subclass names its own default
+
+    def __init__(self, message: str, *, violations: list[FieldViolation] | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.violations = list(violations or [])
+        if reason is not None:
+            self.reason = reason
 
 
 class InvalidArgument(ConvLensError):
     """A request field is wrong. `field` names it (proto field path, e.g. "target.unit.layer")."""
 
+    reason = "INVALID_ARGUMENT"
+
     def __init__(self, message: str, *, field: str | None = None,
-                 violations: list[FieldViolation] | None = None) -> None:
+                 violations: list[FieldViolation] | None = None, reason: str | None = None) -> None:
         vs = list(violations or [])
         if field is not None:
             vs.insert(0, FieldViolation(field, message))
-        super().__init__(message, violations=vs)
+        super().__init__(message, violations=vs, reason=reason)
 
 
 class NotFound(ConvLensError):
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message, violations=[FieldViolation(field, message)] if field else None)
+    """An unknown name: the reason says which kind (MODEL_NOT_FOUND, LAYER_NOT_FOUND, DATASET_NOT_FOUND)."""
+
+    reason = "NOT_FOUND"
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message, violations=[FieldViolation(field, message)] if field else None, reason=reason)
 
 
 class PermissionDenied(ConvLensError):
@@ -53,24 +68,69 @@ class PermissionDenied(ConvLensError):
 
 
 class FailedPrecondition(ConvLensError):
-    pass
+    reason = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(ConvLensError):
-    pass
+    reason = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceeded(ConvLensError):
-    pass
+    reason = "DEADLINE_EXCEEDED"
 
 
 class Cancelled(ConvLensError):
-    pass
+    reason = "CANCELLED"
 
 
 class Unavailable(ConvLensError):
-    pass
+    reason = "UNAVAILABLE"
 
 
 class Unimplemented(ConvLensError):
-    pass
+    reason = "UNIMPLEMENTED"
+
+
+class Violations:
+    """Every bad field of one request, gathered so the caller hears of all of them at once.
+
+        v = Violations()
+        v.check(1 <= steps <= 2000, "steps", f"steps = {steps} is out of range (1..2000)")
+        v.add("size", "...")
+        v.raise_if_any()   # InvalidArgument: the first message (+ "and N more"), every field in violations
+
+    `collect(fn)` runs a check that raises InvalidArgument and records its violations instead.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+        self._messages: list[str] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+        self._messages.append(description)
+
+    def check(self, ok: bool, field: str, description: str) -> bool:
+        if not ok:
+            self.add(field, description)
+        return ok
+
+    def collect(self, fn: object, *args: object, **kwargs: object) -> object:
+        """fn(*args, **kwargs); an InvalidArgument it raises is recorded (None returned) instead of raised."""
+        try:
+            return fn(*args, **kwargs)  # type: ignore[operator]
+        except InvalidArgument as exc:
+            self.items.extend(exc.violations or [FieldViolation("", exc.message)])
+            self._messages.append(exc.message)
+            return None
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        message = self._messages[0]
+        if len(self.items) > 1:
+            message += f" (and {len(self.items) - 1} more: see the field violations)"
+        raise InvalidArgument(message, violations=self.items)

@@ -14,14 +14,15 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        # gRPC server metrics, named as go-grpc-prometheus / py-grpc-prometheus name them.
+        # gRPC server metrics, named as go-grpc-prometheus / py-grpc-prometheus name them, plus `protocol`:
+        # grpc, or http for the same RPCs called through the HTTP/JSON front (transport/http/).
         self.started = Counter("grpc_server_started_total", "RPCs started on the server.",
-                               ["grpc_type", "grpc_service", "grpc_method"], registry=r)
+                               ["grpc_type", "grpc_service", "grpc_method", "protocol"], registry=r)
         self.handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
-                               ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=r)
+                               ["grpc_type", "grpc_service", "grpc_method", "grpc_code", "protocol"], registry=r)
         self.handling_seconds = Histogram("grpc_server_handling_seconds",
                                           "Time from RPC start to its last response.",
-                                          ["grpc_type", "grpc_service", "grpc_method"],
+                                          ["grpc_type", "grpc_service", "grpc_method", "protocol"],
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.model_loaded = Gauge("convlens_model_loaded", "1 for each model the server serves.",
                                   ["model", "format"], registry=r)

@@ -44,7 +44,7 @@ class DatasetRegistry:
         d = self._datasets.get(name or DEFAULT_DATASET)
         if d is None:
             raise NotFound(f"no dataset {name!r}; datasets: {', '.join(self._datasets) or 'none'} "
-                           "(add one with --dataset NAME=DIR)", field="dataset")
+                           "(add one with --dataset NAME=DIR)", field="dataset", reason="DATASET_NOT_FOUND")
         return d
 
     def names(self) -> list[str]:

@@ -66,5 +66,6 @@ def layer_features(
             pass
     missing = [name for name in wanted if name not in captured]
     if missing:
-        raise NotFound(f"layer(s) {', '.join(missing)} produced no tensor output", field=field)
+        raise NotFound(f"layer(s) {', '.join(missing)} produced no tensor output", field=field,
+                       reason="LAYER_WITHOUT_OUTPUT")
     return captured

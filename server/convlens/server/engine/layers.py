@@ -30,7 +30,7 @@ def not_found(name: str, field: str, model_name: str | None = None, *, hint: str
     model = model_name or "MODEL"
     whose = f"model {model_name!r} has" if model_name else "the model has"
     return NotFound(f"no layer {name!r}: {whose} no such module; list its layers with GetModel "
-                    f"(`convlens layers {model}`){hint}", field=field)
+                    f"(`convlens layers {model}`){hint}", field=field, reason="LAYER_NOT_FOUND")
 
 
 def not_a_map(name: str, shape: tuple[int, ...] | None, field: str, *, hint: str = "") -> InvalidArgument:

@@ -27,7 +27,7 @@ from convlens.server.engine.layers import LayerResolver, resolver_for
 from convlens.server.engine.relu_rules import RULES
 from convlens.server.engine.smoothgrad import BASES, smoothgrad
 from convlens.server.engine.targets import Target
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import InvalidArgument, Violations
 
 __all__ = [
     "METHODS", "InputSpace", "SaliencyOptions", "SaliencyResult", "default_cam_layer", "saliency",
@@ -78,38 +78,28 @@ class SaliencyResult:
 
 
 def validate_options(options: SaliencyOptions) -> None:
-    """Raise InvalidArgument naming the proto field of the first bad option."""
-    if options.method not in METHODS:
-        raise InvalidArgument(f"unknown method {options.method!r}; use one of {', '.join(METHODS)}",
-                              field="method")
+    """Raise InvalidArgument naming every bad option's proto field."""
+    v = Violations()
+    v.check(options.method in METHODS, "method", f"unknown method {options.method!r}; use one of {', '.join(METHODS)}")
     if options.method == "smoothgrad":
-        if options.smooth_base not in BASES:
-            raise InvalidArgument(
-                f"SmoothGrad cannot average {options.smooth_base!r}; use one of {', '.join(BASES)}",
-                field="smoothgrad.base_method")
-        if not 1 <= options.smooth_samples <= MAX_SAMPLES:
-            raise InvalidArgument(
-                f"smoothgrad.samples = {options.smooth_samples} is out of range (1..{MAX_SAMPLES})",
-                field="smoothgrad.samples")
-        if not 0.0 <= options.smooth_noise <= 1.0:  # also refuses NaN
-            raise InvalidArgument(
+        v.check(options.smooth_base in BASES, "smoothgrad.base_method",
+                f"SmoothGrad cannot average {options.smooth_base!r}; use one of {', '.join(BASES)}")
+        v.check(1 <= options.smooth_samples <= MAX_SAMPLES, "smoothgrad.samples",
+                f"smoothgrad.samples = {options.smooth_samples} is out of range (1..{MAX_SAMPLES})")
+        v.check(0.0 <= options.smooth_noise <= 1.0, "smoothgrad.noise_level",  # also refuses NaN
                 f"smoothgrad.noise_level = {options.smooth_noise} is out of range: a fraction of the "
-                "pixel range, 0..1 (0.1-0.2 is typical)", field="smoothgrad.noise_level")
+                "pixel range, 0..1 (0.1-0.2 is typical)")
     if options.method == "integrated_gradients" or (
         options.method == "smoothgrad" and options.smooth_base == "integrated_gradients"
     ):
-        if not 1 <= options.ig_steps <= MAX_STEPS:
-            raise InvalidArgument(
-                f"integrated_gradients.steps = {options.ig_steps} is out of range (1..{MAX_STEPS})",
-                field="integrated_gradients.steps")
-        if options.ig_baseline not in BASELINES:
-            raise InvalidArgument(
-                f"unknown baseline {options.ig_baseline!r}; use one of {', '.join(BASELINES)}",
-                field="integrated_gradients.baseline")
-        if options.ig_baseline == "blurred" and not 0.0 < options.ig_blur_sigma <= 1000.0:
-            raise InvalidArgument(
-                f"integrated_gradients.blur_sigma = {options.ig_blur_sigma} is out of range: "
-                "model-input pixels, > 0 and <= 1000", field="integrated_gradients.blur_sigma")
+        v.check(1 <= options.ig_steps <= MAX_STEPS, "integrated_gradients.steps",
+                f"integrated_gradients.steps = {options.ig_steps} is out of range (1..{MAX_STEPS})")
+        v.check(options.ig_baseline in BASELINES, "integrated_gradients.baseline",
+                f"unknown baseline {options.ig_baseline!r}; use one of {', '.join(BASELINES)}")
+        v.check(options.ig_baseline != "blurred" or 0.0 < options.ig_blur_sigma <= 1000.0,
+                "integrated_gradients.blur_sigma", f"integrated_gradients.blur_sigma = {options.ig_blur_sigma} "
+                "is out of range: model-input pixels, > 0 and <= 1000")
+    v.raise_if_any()
 
 
 def saliency(

@@ -136,7 +136,7 @@ class IndexManager:
         return FailedPrecondition(
             f"the index of {k.model} / {k.dataset} / {k.layer} is being built: {build.progress()}; {why}. "
             f"Retry later, or build it ahead: `convlens index build {k.model} {k.dataset} {k.layer} "
-            f"--index-dir {self.index_dir}` (add --shard I/N or --ray to spread it)")
+            f"--index-dir {self.index_dir}` (add --shard I/N or --ray to spread it)", reason="INDEX_BUILDING")
 
     def _remember(self, key: IndexKey, index: TopKIndex) -> None:
         self._ready[key] = index
@@ -196,7 +196,7 @@ class IndexManager:
             if isinstance(exc, ConvLensError | asyncio.CancelledError):
                 raise
             raise FailedPrecondition(f"building the index of {'/'.join(labels)} failed: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+                                     f"{type(exc).__name__}: {exc}", reason="INDEX_BUILD_FAILED") from exc
         finally:
             self._builds.pop(build.key, None)
 

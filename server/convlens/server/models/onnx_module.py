@@ -152,7 +152,8 @@ class OnnxModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
-            raise FailedPrecondition("ONNX models run in onnxruntime, forward only: no gradients")
+            raise FailedPrecondition("ONNX models run in onnxruntime, forward only: no gradients",
+                                     reason="GRADIENTS_UNSUPPORTED")
         hooked = [c for c in self.convs.values() if c._forward_hooks or c._forward_pre_hooks]
         wanted = [self.output_name] + [c.output_name for c in hooked]
         batch = x.detach().to("cpu", torch.float32).numpy()

@@ -164,14 +164,15 @@ class ModelRepository:
         versions = self._versions.get(name)
         if not versions:
             raise NotFound(f"no model {name!r}; served models: {', '.join(self.names()) or 'none'}",
-                           field="model")
+                           field="model", reason="MODEL_NOT_FOUND")
         if version is None:
             return versions[max(versions)]
         try:
             return versions[version]
         except KeyError:
             raise NotFound(f"model {name!r} has no version {version} served; served versions: "
-                           f"{', '.join(map(str, versions))}", field="model") from None
+                           f"{', '.join(map(str, versions))}", field="model",
+                           reason="MODEL_VERSION_NOT_FOUND") from None
 
     def versions(self, name: str) -> dict[int, ServedModel]:
         return dict(self._versions.get(name, {}))

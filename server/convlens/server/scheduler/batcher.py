@@ -64,7 +64,7 @@ class Batcher:
         if self._depth >= self.max_queue and task.quorum is None:  # a running job's next step is never refused
             self._reject(task, "queue_full")
             raise ResourceExhausted(f"server busy: {self._depth} tasks queued (max_queue={self.max_queue}); "
-                                    "retry with backoff")
+                                    "retry with backoff", reason="QUEUE_FULL")
         self._models.setdefault(task.model, {}).setdefault(task.batch_key, []).append(entry)
         self._depth += 1
         self._changed()

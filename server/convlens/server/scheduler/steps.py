@@ -66,7 +66,7 @@ class JobRegistry:
         if self.live >= self.max_jobs:
             self._metrics.rejections.labels(model=model, rpc=rpc, reason="max_jobs").inc()
             raise ResourceExhausted(f"server busy: {self.live} optimisation jobs running (max_jobs="
-                                    f"{self.max_jobs}); retry with backoff")
+                                    f"{self.max_jobs}); retry with backoff", reason="TOO_MANY_JOBS")
         device = min(self._devices, key=lambda d: (self._per_device[d], self._devices.index(d)))
         self._per_device[device] += 1
         self._per_rpc[rpc] += 1

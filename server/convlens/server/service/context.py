@@ -26,4 +26,4 @@ def require_gradients(model: ServedModel, technique: str) -> None:
     if not model.supports_gradients:
         raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
                                  f"forward-only here; {technique} needs gradients: a torchvision, TorchScript or "
-                                 "embedded model")
+                                 "embedded model", reason="GRADIENTS_UNSUPPORTED")

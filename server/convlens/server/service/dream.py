@@ -8,8 +8,10 @@ layer and image size (each octave has its own size).
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from PIL import Image
 
@@ -23,7 +25,7 @@ from convlens.server.engine.optimize.dream import (
     resize,
     validate,
 )
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import InvalidArgument, Violations
 from convlens.server.models.model import ServedModel
 from convlens.server.service.images import ImageInput
 from convlens.server.service.streaming import (
@@ -76,9 +78,14 @@ class DreamQuery:
     step_size: float | None = None
     jitter: int | None = None
     guide: ImageInput | None = None
-    seed: int = 0
+    seed: int | None = None  # None: a random one (reported in the settings)
     preview_every: int = 0
     max_size: int | None = None
+
+
+def _or(value: Any, default: Any) -> Any:
+    """The caller's value when given (0 included), else the default."""
+    return default if value is None else value
 
 
 @dataclass
@@ -93,29 +100,36 @@ class DreamAnswer:
 class DreamService(StreamingJobService):
     rpc = "Dream"
 
-    def settings(self, model: ServedModel, q: DreamQuery) -> DreamSettings:
-        """The request's settings with defaults filled in, validated (InvalidArgument naming the field)."""
+    def settings(self, model: ServedModel, q: DreamQuery, violations: Violations | None = None) -> DreamSettings:
+        """The request's settings with defaults filled in, validated: InvalidArgument naming every bad field
+        (added to `violations` instead when given)."""
+        v = Violations() if violations is None else violations
         d = DreamSettings(layer="")
         layer = q.layer or default_layer(model)
         spec = model.layer(layer, field_name="layer")
-        if len(spec.output_shape) != 3:
-            raise InvalidArgument(f"layer {layer!r} outputs shape {spec.output_shape} per image, not a (C, H, W) "
-                                  "map; dream at a convolutional layer", field="layer")
+        channels = spec.output_shape[0] if v.check(
+            len(spec.output_shape) == 3, "layer", f"layer {layer!r} outputs shape {spec.output_shape} per image, "
+            "not a (C, H, W) map; dream at a convolutional layer") else None
         settings = replace(
-            d, layer=layer, channel=q.channel, octaves=q.octaves or d.octaves,
-            octave_scale=q.octave_scale or d.octave_scale,
-            steps_per_octave=q.steps_per_octave or DEFAULT_STEPS_PER_OCTAVE.get(model.name, d.steps_per_octave),
-            step_size=q.step_size or d.step_size, jitter=d.jitter if q.jitter is None else q.jitter,
-            max_size=q.max_size or d.max_size, seed=q.seed)
-        validate(settings, layer_channels=spec.output_shape[0], guided=q.guide is not None)
+            d, layer=layer, channel=q.channel, octaves=_or(q.octaves, d.octaves),
+            octave_scale=_or(q.octave_scale, d.octave_scale),
+            steps_per_octave=_or(q.steps_per_octave, DEFAULT_STEPS_PER_OCTAVE.get(model.name, d.steps_per_octave)),
+            step_size=_or(q.step_size, d.step_size), jitter=_or(q.jitter, d.jitter),
+            max_size=_or(q.max_size, d.max_size),
+            seed=secrets.randbits(31) if q.seed is None else q.seed)  # a random seed is reported back
+        validate(settings, layer_channels=channels, guided=q.guide is not None, violations=v)
+        if violations is None:
+            v.raise_if_any()
         return settings
 
     async def __call__(self, query: DreamQuery, deadline: float | None) -> AsyncIterator[Progress | DreamAnswer]:
         model = self.gradient_model(query.model)
+        violations = Violations()
         if query.image is None:
-            raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
-        settings = self.settings(model, query)
-        check_preview_every(query.preview_every)
+            violations.add("image", "image is required: encoded PNG/JPEG/WebP bytes or a raw tensor")
+        settings = self.settings(model, query, violations)
+        check_preview_every(query.preview_every, violations)
+        violations.raise_if_any()
         image = await asyncio.to_thread(caller_pixels, query.image, "image")
         guide = None if query.guide is None else await asyncio.to_thread(caller_pixels, query.guide, "guide")
         async with self.job(model, deadline) as handle:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from convlens.server.compute.filters import FiltersAnswer, FiltersPayload, compute_filters
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import Violations
 from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext
 
@@ -15,13 +15,13 @@ class FiltersQuery(FiltersPayload):
     """A GetFilters request: the payload computed on a worker, checked here first."""
 
     def validate(self) -> None:
-        if not 1 <= self.max_filters <= 1024:
-            raise InvalidArgument("max_filters must be in 1..1024 (0 means the default, 64)", field="max_filters")
-        if not 1 <= self.max_input_channels <= 256:
-            raise InvalidArgument("max_input_channels must be in 1..256 (0 means the default, 16)",
-                                  field="max_input_channels")
-        if self.cell_scale is not None and not 1 <= self.cell_scale <= 64:
-            raise InvalidArgument("cell_scale must be in 1..64 (0 means automatic)", field="cell_scale")
+        v = Violations()
+        v.check(1 <= self.max_filters <= 1024, "max_filters", "max_filters must be in 1..1024 (unset: the default, 64)")
+        v.check(1 <= self.max_input_channels <= 256, "max_input_channels",
+                "max_input_channels must be in 1..256 (unset: the default, 16)")
+        v.check(self.cell_scale is None or 1 <= self.cell_scale <= 64, "cell_scale",
+                "cell_scale must be in 1..64 (unset: automatic)")
+        v.raise_if_any()
 
 
 class FiltersService:

@@ -29,7 +29,7 @@ from convlens.server.engine.optimize.objectives import (
 )
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.targets import ClassTarget, Target, validate_target
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import InvalidArgument, Violations
 from convlens.server.service.streaming import Progress, StreamingJobService, check_preview_every, off_loop
 
 RPC = "MaximizeUnit"
@@ -63,12 +63,13 @@ def objective_for(target: Target) -> Objective:
 
 
 def resolve_settings(query: MaximizeQuery) -> MaximizeSettings:
-    """The preset with the caller's overrides, each checked (INVALID_ARGUMENT naming the field)."""
+    """The preset with the caller's overrides, each checked (one INVALID_ARGUMENT naming every bad field)."""
     overrides = dict(query.overrides)
     if overrides.get("seed") is None:
         overrides["seed"] = secrets.randbits(31)  # reported in the settings, so the image is reproducible
-    settings = MaximizeSettings.checked(query.preset, **overrides)
-    check_preview_every(query.preview_every)
+    violations = Violations()
+    check_preview_every(query.preview_every, violations)
+    settings = MaximizeSettings.checked(query.preset, violations, **overrides)
     return settings
 
 

@@ -153,9 +153,10 @@ class ModelControl:
     def _refuse(self, what: str) -> None:
         if self.mode == "none":
             raise FailedPrecondition(f"model control is off (--model-control none): {what} is not allowed; start "
-                                     "the server with --model-control explicit (or poll)")
+                                     "the server with --model-control explicit (or poll)", reason="MODEL_CONTROL_OFF")
         if self.root is None:
-            raise FailedPrecondition(f"this server has no --model-repo: there is nothing to {what}")
+            raise FailedPrecondition(f"this server has no --model-repo: there is nothing to {what}",
+                                     reason="NO_MODEL_REPOSITORY")
 
     @staticmethod
     def _target(ref: str, version: int | None) -> tuple[str, int | None]:
@@ -232,10 +233,12 @@ class ModelControl:
             served = self.repository.versions(name)
             if not served:
                 raise NotFound(f"model {name!r} is not served; served models: "
-                               f"{', '.join(self.repository.names()) or 'none'}", field="model")
+                               f"{', '.join(self.repository.names()) or 'none'}", field="model",
+                               reason="MODEL_NOT_FOUND")
             if version is not None and version not in served:
                 raise NotFound(f"model {name!r} has no version {version} served; served versions: "
-                               f"{', '.join(map(str, served))}", field="version")
+                               f"{', '.join(map(str, served))}", field="version",
+                               reason="MODEL_VERSION_NOT_FOUND")
             for copy in self.repository.remove(name, version):
                 self._unloaded.add((name, copy.version))
                 log.info("model %s unloaded (calls in flight finish on copy %d)", copy.ref, copy.copy_id)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from convlens.server.engine.optimize.job import Job
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import Violations
 from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import as_rgb
 from convlens.server.scheduler.steps import JobHandle
@@ -44,13 +44,17 @@ class Progress:
     total_steps: int
     terms: dict[str, float]  # named loss / objective values at this step
     preview: Image.Image | None = None  # when the caller asked for previews and this step is one
+    octave: int | None = None  # Dream: the octave the step ran in (0-based, smallest first)
 
 
-def check_preview_every(every: int) -> None:
-    """The one rule for `preview_every`: 0 means no previews, n > 0 one every n steps, < 0 is refused."""
-    if every < 0:
-        raise InvalidArgument(f"preview_every = {every} is negative; 0 for no previews, n > 0 for one every "
-                              "n steps", field="preview_every")
+def check_preview_every(every: int, violations: Violations | None = None) -> None:
+    """The one rule for `preview_every`: 0 means no previews, n > 0 one every n steps, < 0 is refused
+    (added to `violations` when given, so it is reported with the request's other bad fields)."""
+    v = Violations() if violations is None else violations
+    v.check(every >= 0, "preview_every", f"preview_every = {every} is negative; 0 for no previews, n > 0 for one "
+            "every n steps")
+    if violations is None:
+        v.raise_if_any()
 
 
 def wants_preview(every: int, step: int, total: int, *, last: bool = False) -> bool:
@@ -96,7 +100,7 @@ class StreamingJobService:
             preview = None
             if wants_preview(preview_every, report.step, report.total_steps, last=self.preview_last):
                 preview = await off_loop(render)
-            yield Progress(report.step, report.total_steps, dict(report.terms), preview)
+            yield Progress(report.step, report.total_steps, dict(report.terms), preview, report.octave)
 
 
 def picture(pixels: torch.Tensor) -> Image.Image:

@@ -7,6 +7,7 @@ layers; an L-BFGS job runs alone. Validation and decoding happen before the job 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from convlens.server.compute.style import TargetsPayload, compute_targets
 from convlens.server.engine.optimize.style import StyleJob, StyleSettings, prepare_images, start_image, validate
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import InvalidArgument, Violations
 from convlens.server.models.model import ServedModel
 from convlens.server.service.images import ImageInput
 from convlens.server.service.streaming import (
@@ -87,7 +88,7 @@ class StyleQuery:
     init: str | None = None
     learning_rate: float | None = None
     style_distance: str | None = None
-    seed: int = 0
+    seed: int | None = None  # None: a random one (reported in the settings)
     preview_every: int = 0
 
 
@@ -106,8 +107,10 @@ def _or(value: object, default: object) -> object:
 class StyleService(StreamingJobService):
     rpc = "StyleTransfer"
 
-    def settings(self, model: ServedModel, q: StyleQuery) -> StyleSettings:
-        """The request's settings with the model's defaults filled in, validated."""
+    def settings(self, model: ServedModel, q: StyleQuery, violations: Violations | None = None) -> StyleSettings:
+        """The request's settings with the model's defaults filled in, validated: InvalidArgument naming every
+        bad field (added to `violations` instead when given)."""
+        v = Violations() if violations is None else violations
         d = defaults_for(model)
         base = StyleSettings(style_layers=d.style_layers, content_layer=d.content_layer)
         settings = StyleSettings(
@@ -116,16 +119,20 @@ class StyleService(StreamingJobService):
             style_layer_weights=tuple(q.style_layer_weights),
             style_weight=float(_or(q.style_weight, d.style_weight)),  # type: ignore[arg-type]
             content_weight=float(_or(q.content_weight, base.content_weight)),  # type: ignore[arg-type]
-            steps=q.steps or base.steps, size=q.size or base.size, init=q.init or base.init,
+            steps=int(_or(q.steps, base.steps)), size=int(_or(q.size, base.size)),  # type: ignore[call-overload]
+            init=q.init or base.init,
             optimizer=q.optimizer or base.optimizer,
             learning_rate=float(_or(q.learning_rate, d.learning_rate)),  # type: ignore[arg-type]
             soften=q.soften or d.soften, temperature=float(_or(q.temperature, d.temperature)),  # type: ignore[arg-type]
             gram_normalization=q.gram_normalization or base.gram_normalization,
-            style_distance=q.style_distance or d.style_distance, seed=q.seed)
-        validate(settings)
+            style_distance=q.style_distance or d.style_distance,
+            seed=secrets.randbits(31) if q.seed is None else q.seed)  # a random seed is reported back
+        validate(settings, v)
         for name in settings.style_layers:
-            self._map_layer(model, name, "style_layers")
-        self._map_layer(model, settings.content_layer, "content_layer")
+            v.collect(self._map_layer, model, name, "style_layers")
+        v.collect(self._map_layer, model, settings.content_layer, "content_layer")
+        if violations is None:
+            v.raise_if_any()
         return settings
 
     @staticmethod
@@ -137,12 +144,13 @@ class StyleService(StreamingJobService):
 
     async def __call__(self, query: StyleQuery, deadline: float | None) -> AsyncIterator[Progress | StyleAnswer]:
         model = self.gradient_model(query.model)
+        violations = Violations()
         for name, image in (("content", query.content), ("style", query.style)):
             if image is None:
-                raise InvalidArgument(f"{name} is required: encoded PNG/JPEG/WebP bytes or a raw tensor",
-                                      field=name)
-        settings = self.settings(model, query)
-        check_preview_every(query.preview_every)
+                violations.add(name, f"{name} is required: encoded PNG/JPEG/WebP bytes or a raw tensor")
+        settings = self.settings(model, query, violations)
+        check_preview_every(query.preview_every, violations)
+        violations.raise_if_any()
         content = await asyncio.to_thread(caller_pixels, query.content, "content")  # type: ignore[arg-type]
         style = await asyncio.to_thread(caller_pixels, query.style, "style")  # type: ignore[arg-type]
         content, style = await asyncio.to_thread(prepare_images, content, style, settings.size)

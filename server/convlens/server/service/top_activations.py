@@ -29,7 +29,7 @@ from convlens.server.engine.topk.index import (
     from_candidates,
 )
 from convlens.server.engine.topk.scan import empty_index
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import Violations
 from convlens.server.indexing.build import layer_shape
 from convlens.server.indexing.manager import SCAN_RPC, IndexManager
 from convlens.server.models.model import ServedModel
@@ -205,20 +205,17 @@ class TopActivationsService:
 
 
 def validate(query: TopActivationsQuery, channels: int) -> None:
-    """Every field's range, with the valid range in the message (INVALID_ARGUMENT naming the field)."""
-    if not 0 <= query.channel < channels:
-        raise InvalidArgument(f"channel {query.channel} is out of range: layer {query.layer!r} has {channels} "
-                              f"channels (valid 0..{channels - 1})", field="channel")
-    if not 1 <= query.k <= DEFAULT_K_MAX:
-        raise InvalidArgument(f"k {query.k} is out of range: valid 1..{DEFAULT_K_MAX}", field="k")
-    if query.ranking not in RANKINGS:
-        raise InvalidArgument(f"ranking {query.ranking!r}: choose max or mean", field="ranking")
-    if not 1 <= query.max_per_image <= DEFAULT_PER_IMAGE:
-        raise InvalidArgument(f"max_per_image {query.max_per_image} is out of range: valid 1..{DEFAULT_PER_IMAGE}",
-                              field="max_per_image")
-    if len(query.images) > MAX_CALLER_IMAGES:
-        raise InvalidArgument(f"{len(query.images)} images: at most {MAX_CALLER_IMAGES} are ranked directly; "
-                              "put more in a dataset folder (--dataset NAME=DIR)", field="images")
+    """Every field's range, with the valid range in the message (INVALID_ARGUMENT naming every bad field)."""
+    v = Violations()
+    v.check(0 <= query.channel < channels, "channel", f"channel {query.channel} is out of range: layer "
+            f"{query.layer!r} has {channels} channels (valid 0..{channels - 1})")
+    v.check(1 <= query.k <= DEFAULT_K_MAX, "k", f"k {query.k} is out of range: valid 1..{DEFAULT_K_MAX}")
+    v.check(query.ranking in RANKINGS, "ranking", f"ranking {query.ranking!r}: choose max or mean")
+    v.check(1 <= query.max_per_image <= DEFAULT_PER_IMAGE, "max_per_image",
+            f"max_per_image {query.max_per_image} is out of range: valid 1..{DEFAULT_PER_IMAGE}")
+    v.check(len(query.images) <= MAX_CALLER_IMAGES, "images", f"{len(query.images)} images: at most "
+            f"{MAX_CALLER_IMAGES} are ranked directly; put more in a dataset folder (--dataset NAME=DIR)")
+    v.raise_if_any()
 
 
 def input_box(field_: object, y: int, x: int, height: int, width: int) -> Box:

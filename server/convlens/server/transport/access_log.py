@@ -30,7 +30,8 @@ class AccessLog:
         return self.logger.isEnabledFor(level)
 
     def record(self, *, method: str, code: str, ms: float, model: str, peer: str, request_id: str,
-               caller: str, error: str = "", responses: int | None = None) -> None:
+               caller: str, error: str = "", responses: int | None = None, protocol: str = "grpc") -> None:
+        """`protocol` other than grpc (the HTTP front) is written as a field; gRPC lines stay as they were."""
         level = logging.DEBUG if method.startswith(HEALTH_PREFIX) else logging.INFO
         if not self.logger.isEnabledFor(level):
             return
@@ -39,6 +40,8 @@ class AccessLog:
                                          "peer": peer, "request_id": request_id, "caller": caller}
             if responses is not None:
                 fields["responses"] = responses
+            if protocol != "grpc":
+                fields["protocol"] = protocol
             if error:
                 fields["error"] = error
             line = json.dumps(fields, separators=(",", ":"))
@@ -47,6 +50,8 @@ class AccessLog:
                     f"caller={caller or '-'}")
             if responses is not None:
                 line += f" responses={responses}"
+            if protocol != "grpc":
+                line += f" protocol={protocol}"
             if error:
                 line += f" error={json.dumps(error)}"
         self.logger.log(level, line)

@@ -52,7 +52,7 @@ def _model(request: Any) -> str:
 class _Method:
     """What the interceptor needs per method, computed once."""
 
-    def __init__(self, full: str, kind: str, metrics: Metrics, auth: TokenAuth | None) -> None:
+    def __init__(self, full: str, kind: str, metrics: Metrics, auth: TokenAuth | None, protocol: str) -> None:
         service, _, method = full.lstrip("/").rpartition("/")
         self.full = full
         self.health = full.startswith(HEALTH_PREFIX)
@@ -60,8 +60,9 @@ class _Method:
         self.needs_token = auth is not None and not auth.is_exempt(full)
         self.needs_admin = auth is not None and auth.needs_admin(full)
         self.audited = full.startswith(AUDIT_PREFIX)
-        self.started = metrics.started.labels(kind, service, method)
-        self.seconds = metrics.handling_seconds.labels(kind, service, method)
+        self.protocol = protocol
+        self.started = metrics.started.labels(kind, service, method, protocol)
+        self.seconds = metrics.handling_seconds.labels(kind, service, method, protocol)
         self._handled = metrics.handled
         self._labels = (kind, service, method)
         self._by_code: dict[grpc.StatusCode, Any] = {}
@@ -69,7 +70,7 @@ class _Method:
     def handled(self, code: grpc.StatusCode) -> Any:
         child = self._by_code.get(code)
         if child is None:
-            child = self._by_code[code] = self._handled.labels(*self._labels, code.name)
+            child = self._by_code[code] = self._handled.labels(*self._labels, code.name, self.protocol)
         return child
 
 
@@ -97,8 +98,12 @@ def _target(request: Any) -> str:
 
 
 class ServiceInterceptor(ServerInterceptor):
+    """`protocol` labels the metrics and the access log: "grpc" here, "http" for the HTTP front, which wraps
+    the same servicer handlers with its own instance (sharing metrics, tokens, log and drain)."""
+
     def __init__(self, metrics: Metrics, *, auth: TokenAuth | None = None, access_log: AccessLog | None = None,
-                 drain: Drain | None = None) -> None:
+                 drain: Drain | None = None, protocol: str = "grpc") -> None:
+        self.protocol = protocol
         self.metrics = metrics
         self.auth = auth
         self.access_log = access_log or AccessLog()
@@ -117,22 +122,27 @@ class ServiceInterceptor(ServerInterceptor):
                 self._handlers[details.method] = wrapped
         return wrapped  # type: ignore[return-value]
 
+    def wrap(self, handler: grpc.RpcMethodHandler | None, full: str) -> grpc.RpcMethodHandler | None:
+        """`handler` with everything above around it (also how the HTTP front calls the servicers)."""
+        return self._wrap(handler, full)
+
     def _wrap(self, handler: grpc.RpcMethodHandler | None, full: str) -> grpc.RpcMethodHandler | None:
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, _Method(full, "unary", self.metrics, self.auth)),
+                self._unary(handler.unary_unary, _Method(full, "unary", self.metrics, self.auth, self.protocol)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, _Method(full, "server_stream", self.metrics, self.auth)),
+                self._stream(handler.unary_stream,
+                             _Method(full, "server_stream", self.metrics, self.auth, self.protocol)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                self._bidi(handler.stream_stream, _Method(full, "bidi_stream", self.metrics, self.auth)),
+                self._bidi(handler.stream_stream, _Method(full, "bidi_stream", self.metrics, self.auth, self.protocol)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler  # client-streaming: none served
@@ -201,7 +211,8 @@ class ServiceInterceptor(ServerInterceptor):
         if self.access_log.enabled_for(m.full):
             self.access_log.record(method=m.full, code=out.code.name, ms=seconds * 1e3, model=out.model,
                                    peer=peer, request_id=out.request_id, caller=out.caller, error=out.error,
-                                   responses=call.responses if m.stream and call is not None else None)
+                                   responses=call.responses if m.stream and call is not None else None,
+                                   protocol=m.protocol)
         if m.audited:
             self.access_log.audit(method=m.full, caller=out.caller, target=out.target, code=out.code.name,
                                   peer=peer, request_id=out.request_id, error=out.error)

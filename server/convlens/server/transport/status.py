@@ -1,4 +1,8 @@
-"""The one place that maps server-side errors to gRPC status codes (with google.rpc details)."""
+"""The one place that maps server-side errors to gRPC status codes (with google.rpc details).
+
+Every error status carries a google.rpc.ErrorInfo (stable `reason`, domain DOMAIN) and, when fields were
+wrong, a google.rpc.BadRequest with one field violation per bad field (the .proto's header says the same).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from convlens.server import errors
 from convlens.wire.tensors import TensorError
 
 log = logging.getLogger("convlens.server")
+
+DOMAIN = "convlens.dev"
 
 CODES: dict[type[errors.ConvLensError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -33,11 +39,11 @@ def to_status(exc: BaseException) -> grpc.Status:
         exc = errors.InvalidArgument(f"bad tensor: {exc}", field="tensor")
     if isinstance(exc, errors.ConvLensError):
         code = next(c for cls, c in CODES.items() if isinstance(exc, cls))
-        message = exc.message
-        violations = exc.violations
+        message, violations, reason = exc.message, exc.violations, exc.reason
     else:
         log.exception("internal error", exc_info=exc)
         code, message, violations = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", []
+        reason = "INTERNAL"
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     if violations:
         detail = any_pb2.Any()
@@ -46,4 +52,7 @@ def to_status(exc: BaseException) -> grpc.Status:
             for v in violations
         ]))
         status.details.append(detail)
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    status.details.append(info)
     return rpc_status.to_status(status)

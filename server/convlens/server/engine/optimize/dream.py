@@ -29,7 +29,7 @@ from convlens.server.engine.optimize.job import StepLoss, StepReport
 from convlens.server.engine.optimize.objectives import Activations
 from convlens.server.engine.optimize.optimizers import NormalizedGradient
 from convlens.server.engine.optimize.runner import run_step
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import Violations
 
 # Limits a request must stay within (the service turns violations into INVALID_ARGUMENT).
 MAX_OCTAVES = 8
@@ -54,32 +54,30 @@ class DreamSettings:
     seed: int = 0
 
 
-def validate(settings: DreamSettings, *, layer_channels: int | None = None, guided: bool = False) -> None:
-    """Raise InvalidArgument naming the proto field of the first setting out of range."""
+def validate(settings: DreamSettings, *, layer_channels: int | None = None, guided: bool = False,
+             violations: Violations | None = None) -> None:
+    """Check every setting; each one out of range is a violation naming its proto field. Raises
+    InvalidArgument with all of them, unless `violations` is given (then they are only added to it)."""
     s = settings
-    if not 1 <= s.octaves <= MAX_OCTAVES:
-        raise InvalidArgument(f"octaves = {s.octaves} is out of range (1..{MAX_OCTAVES})", field="octaves")
-    if not 1.0 < s.octave_scale <= 4.0:  # also refuses NaN
-        raise InvalidArgument(f"octave_scale = {s.octave_scale} is out of range (above 1, at most 4)",
-                              field="octave_scale")
-    if not 1 <= s.steps_per_octave <= MAX_STEPS_PER_OCTAVE:
-        raise InvalidArgument(f"steps_per_octave = {s.steps_per_octave} is out of range "
-                              f"(1..{MAX_STEPS_PER_OCTAVE})", field="steps_per_octave")
-    if not 0.0 < s.step_size <= 255.0:
-        raise InvalidArgument(f"step_size = {s.step_size} is out of range (above 0, at most 255, on the "
-                              "0..255 pixel scale; 1.5 is google/deepdream's)", field="step_size")
-    if not 0 <= s.jitter <= MAX_JITTER:
-        raise InvalidArgument(f"jitter = {s.jitter} is out of range (0..{MAX_JITTER} pixels)", field="jitter")
-    if not MIN_SIDE <= s.max_size <= MAX_SIDE:
-        raise InvalidArgument(f"max_size = {s.max_size} is out of range ({MIN_SIDE}..{MAX_SIDE})",
-                              field="max_size")
+    v = Violations() if violations is None else violations
+    v.check(1 <= s.octaves <= MAX_OCTAVES, "octaves", f"octaves = {s.octaves} is out of range (1..{MAX_OCTAVES})")
+    v.check(1.0 < s.octave_scale <= 4.0, "octave_scale",  # also refuses NaN
+            f"octave_scale = {s.octave_scale} is out of range (above 1, at most 4)")
+    v.check(1 <= s.steps_per_octave <= MAX_STEPS_PER_OCTAVE, "steps_per_octave",
+            f"steps_per_octave = {s.steps_per_octave} is out of range (1..{MAX_STEPS_PER_OCTAVE})")
+    v.check(0.0 < s.step_size <= 255.0, "step_size", f"step_size = {s.step_size} is out of range (above 0, at "
+            "most 255, on the 0..255 pixel scale; 1.5 is google/deepdream's)")
+    v.check(0 <= s.jitter <= MAX_JITTER, "jitter", f"jitter = {s.jitter} is out of range (0..{MAX_JITTER} pixels)")
+    v.check(MIN_SIDE <= s.max_size <= MAX_SIDE, "max_size",
+            f"max_size = {s.max_size} is out of range ({MIN_SIDE}..{MAX_SIDE})")
     if s.channel is not None:
         if guided:
-            raise InvalidArgument("channel and guide cannot be combined: a guide sets the objective for the "
-                                  "whole layer", field="channel")
-        if layer_channels is not None and not 0 <= s.channel < layer_channels:
-            raise InvalidArgument(f"channel {s.channel} is out of range: layer {s.layer!r} has "
-                                  f"{layer_channels} channels (0..{layer_channels - 1})", field="channel")
+            v.add("channel", "channel and guide cannot be combined: a guide sets the objective for the whole layer")
+        elif layer_channels is not None and not 0 <= s.channel < layer_channels:
+            v.add("channel", f"channel {s.channel} is out of range: layer {s.layer!r} has "
+                  f"{layer_channels} channels (0..{layer_channels - 1})")
+    if violations is None:
+        v.raise_if_any()
 
 
 def fit_size(height: int, width: int, max_size: int) -> tuple[int, int]:
@@ -199,6 +197,7 @@ class DreamJob:
         return StepLoss(-value, {"objective": value})
 
     def after_step(self, grads: list[torch.Tensor], loss: StepLoss) -> StepReport:
+        octave = self.octave  # the octave this step ran in
         with torch.no_grad():
             self.pixels.clamp_(0.0, 255.0)
         self.step += 1
@@ -210,9 +209,8 @@ class DreamJob:
             if self.octave < len(self.bases):
                 base = self.bases[self.octave]
                 self._set_pixels(base + resize(detail, (int(base.shape[-2]), int(base.shape[-1]))))
-        octave = float(min(self.octave, len(self.bases) - 1))
-        return StepReport(self.step, self.total_steps, {"objective": float(loss.terms["objective"]),
-                                                        "octave": octave}, self.done)
+        return StepReport(self.step, self.total_steps, {"objective": float(loss.terms["objective"])}, self.done,
+                          octave=octave)
 
     def picture(self) -> torch.Tensor:
         """The current image, [3, H, W] on the 0..255 scale."""

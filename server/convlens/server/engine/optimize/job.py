@@ -47,6 +47,7 @@ class StepReport:
     total_steps: int
     terms: dict[str, float]  # objective terms at this step (before the update)
     done: bool
+    octave: int | None = None  # Dream: the octave the step ran in (0-based, smallest first)
 
 
 class Job(Protocol):

@@ -22,7 +22,7 @@ from convlens.server.engine.optimize.natural_spectrum import average_magnitude
 from convlens.server.engine.optimize.objectives import Activations, Objective
 from convlens.server.engine.optimize.optimizers import Adam
 from convlens.server.engine.optimize.param import FourierParam, ImageParam, MacoParam, PixelParam
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import InvalidArgument, Violations
 
 PRESETS = ("lecture", "lucid", "maco")
 PARAMETERIZATIONS = ("pixel", "fft", "maco")
@@ -63,20 +63,23 @@ class MaximizeSettings:
     seed: int = knob(0, 0, 2**63 - 1)
 
     @staticmethod
-    def checked(preset: str | None = None, **overrides: Any) -> MaximizeSettings:
-        """`resolve`, for a caller's request: INVALID_ARGUMENT naming the field for an unknown preset or
-        parameterization, a knob out of its range, or a size that padding and jitter leave too small."""
+    def checked(preset: str | None = None, violations: Violations | None = None,
+                **overrides: Any) -> MaximizeSettings:
+        """`resolve`, for a caller's request: one INVALID_ARGUMENT naming every bad field (an unknown preset or
+        parameterization, each knob out of its range, and whatever the caller already gathered in
+        `violations`), then a size that padding and jitter leave too small."""
+        v = Violations() if violations is None else violations
         if preset is not None and preset not in PRESETS:
-            raise InvalidArgument(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}", field="preset")
+            v.add("preset", f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
         for name, value in overrides.items():
             if value is None or name not in KNOBS:
                 continue
             low, high = KNOBS[name]
-            if not low <= value <= high:
-                raise InvalidArgument(f"{name} = {value} is out of range; allowed {low:g}..{high:g}", field=name)
+            v.check(low <= value <= high, name, f"{name} = {value} is out of range; allowed {low:g}..{high:g}")
         p = overrides.get("parameterization")
         if p is not None and p not in PARAMETERIZATIONS:
-            raise InvalidArgument(f"unknown parameterization {p!r}", field="parameterization")
+            v.add("parameterization", f"unknown parameterization {p!r}")
+        v.raise_if_any()
         settings = MaximizeSettings.resolve(preset, **overrides)
         if settings.input_side() < MIN_INPUT_SIDE:
             raise InvalidArgument(f"size {settings.size} leaves a {settings.input_side()} px input after padding "
@@ -167,6 +170,8 @@ class MaximizeJob:
 
     def loss(self, acts: Activations, row: int) -> StepLoss:
         terms = self.objective.terms(acts, row)
+        if len(terms) == 1:  # one part: its value is "objective" itself, sent once (not under two keys)
+            terms = {}
         value = self.objective(acts, row)
         total = -value
         if self.settings.tv_weight > 0 and self._image is not None:

@@ -40,7 +40,7 @@ from convlens.server.engine.optimize.job import StepLoss, StepReport
 from convlens.server.engine.optimize.objectives import Activations
 from convlens.server.engine.optimize.optimizers import LBFGS, Adam, Optimizer
 from convlens.server.engine.optimize.runner import run_step
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import Violations
 
 SOFTEN = ("none", "channels", "positions", "all")
 GRAM_NORMALIZATIONS = ("positions", "elements", "none")
@@ -82,44 +82,37 @@ class StyleSettings:
         return tuple(dict.fromkeys((*self.style_layers, self.content_layer)))
 
 
-def validate(s: StyleSettings) -> None:
-    """Raise InvalidArgument naming the proto field of the first setting out of range."""
+def validate(s: StyleSettings, violations: Violations | None = None) -> None:
+    """Check every setting; each one out of range is a violation naming its proto field. Raises
+    InvalidArgument with all of them, unless `violations` is given (then they are only added to it)."""
+    v = Violations() if violations is None else violations
     if not s.style_layers:
-        raise InvalidArgument("style_layers is empty: name at least one layer", field="style_layers")
-    if len(s.style_layers) > MAX_STYLE_LAYERS:
-        raise InvalidArgument(f"{len(s.style_layers)} style layers; at most {MAX_STYLE_LAYERS}",
-                              field="style_layers")
+        v.add("style_layers", "style_layers is empty: name at least one layer")
+    v.check(len(s.style_layers) <= MAX_STYLE_LAYERS, "style_layers",
+            f"{len(s.style_layers)} style layers; at most {MAX_STYLE_LAYERS}")
     if s.style_layer_weights and len(s.style_layer_weights) != len(s.style_layers):
-        raise InvalidArgument(f"style_layer_weights has {len(s.style_layer_weights)} entries for "
-                              f"{len(s.style_layers)} style layers; give one per layer or none",
-                              field="style_layer_weights")
-    if any(not w >= 0 for w in s.style_layer_weights):
-        raise InvalidArgument("style_layer_weights must be non-negative", field="style_layer_weights")
+        v.add("style_layer_weights", f"style_layer_weights has {len(s.style_layer_weights)} entries for "
+              f"{len(s.style_layers)} style layers; give one per layer or none")
+    elif any(not w >= 0 for w in s.style_layer_weights):
+        v.add("style_layer_weights", "style_layer_weights must be non-negative")
     for name, value in (("style_weight", s.style_weight), ("content_weight", s.content_weight)):
-        if not 0 <= value < float("inf"):
-            raise InvalidArgument(f"{name} = {value} must be a finite non-negative number", field=name)
-    if not 1 <= s.steps <= MAX_STEPS:
-        raise InvalidArgument(f"steps = {s.steps} is out of range (1..{MAX_STEPS})", field="steps")
-    if not MIN_SIDE <= s.size <= MAX_SIDE:
-        raise InvalidArgument(f"size = {s.size} is out of range ({MIN_SIDE}..{MAX_SIDE})", field="size")
-    if s.init not in INITS:
-        raise InvalidArgument(f"unknown init {s.init!r}; use one of {', '.join(INITS)}", field="init")
-    if s.optimizer not in OPTIMIZERS:
-        raise InvalidArgument(f"unknown optimizer {s.optimizer!r}; use one of {', '.join(OPTIMIZERS)}",
-                              field="optimizer")
-    if not 0 < s.learning_rate <= 255:
-        raise InvalidArgument(f"learning_rate = {s.learning_rate} is out of range (above 0, at most 255 on the "
-                              "0..255 pixel scale)", field="learning_rate")
-    if s.soften not in SOFTEN:
-        raise InvalidArgument(f"unknown soften {s.soften!r}; use one of {', '.join(SOFTEN)}", field="soften")
-    if not 1e-3 <= s.temperature <= 1e3:
-        raise InvalidArgument(f"temperature = {s.temperature} is out of range (0.001..1000)", field="temperature")
-    if s.style_distance not in STYLE_DISTANCES:
-        raise InvalidArgument(f"unknown style_distance {s.style_distance!r}; use one of {', '.join(STYLE_DISTANCES)}",
-                              field="style_distance")
-    if s.gram_normalization not in GRAM_NORMALIZATIONS:
-        raise InvalidArgument(f"unknown gram_normalization {s.gram_normalization!r}; use one of "
-                              f"{', '.join(GRAM_NORMALIZATIONS)}", field="gram_normalization")
+        v.check(0 <= value < float("inf"), name, f"{name} = {value} must be a finite non-negative number")
+    v.check(1 <= s.steps <= MAX_STEPS, "steps", f"steps = {s.steps} is out of range (1..{MAX_STEPS})")
+    v.check(MIN_SIDE <= s.size <= MAX_SIDE, "size", f"size = {s.size} is out of range ({MIN_SIDE}..{MAX_SIDE})")
+    v.check(s.init in INITS, "init", f"unknown init {s.init!r}; use one of {', '.join(INITS)}")
+    v.check(s.optimizer in OPTIMIZERS, "optimizer",
+            f"unknown optimizer {s.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    v.check(0 < s.learning_rate <= 255, "learning_rate", f"learning_rate = {s.learning_rate} is out of range "
+            "(above 0, at most 255 on the 0..255 pixel scale)")
+    v.check(s.soften in SOFTEN, "soften", f"unknown soften {s.soften!r}; use one of {', '.join(SOFTEN)}")
+    v.check(1e-3 <= s.temperature <= 1e3, "temperature",
+            f"temperature = {s.temperature} is out of range (0.001..1000)")
+    v.check(s.style_distance in STYLE_DISTANCES, "style_distance",
+            f"unknown style_distance {s.style_distance!r}; use one of {', '.join(STYLE_DISTANCES)}")
+    v.check(s.gram_normalization in GRAM_NORMALIZATIONS, "gram_normalization",
+            f"unknown gram_normalization {s.gram_normalization!r}; use one of {', '.join(GRAM_NORMALIZATIONS)}")
+    if violations is None:
+        v.raise_if_any()
 
 
 # ---------------------------------------------------------------- the math, on one image's features

@@ -47,7 +47,8 @@ def layer_output(module: nn.Module, layer: str, inputs: torch.Tensor, *, channel
     finally:
         handle.remove()
     if not captured:
-        raise NotFound(f"layer {layer!r} did not produce a tensor in the forward pass", field="layer")
+        raise NotFound(f"layer {layer!r} did not produce a tensor in the forward pass", field="layer",
+                       reason="LAYER_WITHOUT_OUTPUT")
     return captured[0]
 
 

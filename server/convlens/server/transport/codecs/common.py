@@ -31,6 +31,12 @@ def enum(table: dict[int, str], value: int, field: str, enum_name: str) -> str:
     return table[value]
 
 
+def given(message: object, name: str, default: object = None) -> Any:
+    """An `optional` field's value when the caller set it (0 included), else `default` (the contract's one rule
+    for defaults: presence, not zero)."""
+    return getattr(message, name) if message.HasField(name) else default  # type: ignore[attr-defined]
+
+
 def outputs(table: dict[int, str], values: Sequence[int], enum: Any) -> frozenset[str] | None:
     """A request's `outputs` (a repeated enum) as option names; None when empty (the RPC's default)."""
     if not values:
@@ -143,4 +149,4 @@ def tensor(array: np.ndarray) -> pb.Tensor:
 def progress(event: Progress) -> pb.Progress:
     """One step of a streaming optimisation (MaximizeUnit, Dream, StyleTransfer)."""
     return pb.Progress(step=event.step, total_steps=event.total_steps, objectives=event.terms,
-                       preview_png=png(event.preview))
+                       preview_png=png(event.preview), octave=event.octave)

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 from convlens.server.service.dream import DreamAnswer, DreamQuery
 from convlens.server.service.streaming import Progress
-from convlens.server.transport.codecs.common import optional_image, png, progress
+from convlens.server.transport.codecs.common import given, optional_image, png, progress
 from convlens.v1 import convlens_pb2 as pb
 
 
 def query(request: pb.DreamRequest) -> DreamQuery:
-    """Unset (zero) numbers mean the defaults; the service validates the ranges."""
+    """Unset optional numbers mean the defaults (None); set ones, 0 included, go to the service, which
+    validates the ranges."""
     return DreamQuery(
         model=request.model,
         image=optional_image(request, "image"),
         layer=request.layer or None,
-        channel=int(request.channel) if request.HasField("channel") else None,
-        octaves=request.octaves or None,
-        octave_scale=request.octave_scale or None,
-        steps_per_octave=request.steps_per_octave or None,
-        step_size=request.step_size or None,
-        jitter=int(request.jitter) if request.HasField("jitter") else None,
+        channel=given(request, "channel"),
+        octaves=given(request, "octaves"),
+        octave_scale=given(request, "octave_scale"),
+        steps_per_octave=given(request, "steps_per_octave"),
+        step_size=given(request, "step_size"),
+        jitter=given(request, "jitter"),
         guide=optional_image(request, "guide"),
-        seed=int(request.seed),
+        seed=given(request, "seed"),
         preview_every=int(request.preview_every),
-        max_size=request.max_size or None,
+        max_size=given(request, "max_size"),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from convlens.server.compute.filters import FiltersAnswer
 from convlens.server.engine import render
 from convlens.server.service.filters import FiltersQuery
-from convlens.server.transport.codecs.common import enum, png, tensor
+from convlens.server.transport.codecs.common import enum, given, png, tensor
 from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
@@ -18,9 +18,9 @@ def query(request: pb.GetFiltersRequest) -> FiltersQuery:
         layer=request.layer,
         render_grid=request.render_grid,
         scaling=enum(SCALINGS, request.scaling, "scaling", "FilterScaling"),
-        max_filters=request.max_filters or 64,
-        max_input_channels=request.max_input_channels or 16,
-        cell_scale=request.cell_scale or None,
+        max_filters=given(request, "max_filters", FiltersQuery.max_filters),
+        max_input_channels=given(request, "max_input_channels", FiltersQuery.max_input_channels),
+        cell_scale=given(request, "cell_scale"),
     )
 
 

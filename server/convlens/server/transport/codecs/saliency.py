@@ -9,6 +9,7 @@ from convlens.server.service.saliency import OUTPUTS, SaliencyAnswer, SaliencyQu
 from convlens.server.transport.codecs.common import (
     enum,
     geometry,
+    given,
     optional_image,
     outputs,
     png,
@@ -36,12 +37,12 @@ def options(request: pb.SaliencyRequest) -> SaliencyOptions:
     return SaliencyOptions(
         method=method,
         smooth_base=base,
-        smooth_samples=sg.samples or 16,
-        smooth_noise=sg.noise_level if sg.noise_level else 0.15,
-        seed=int(sg.seed),
-        ig_steps=ig.steps or 50,
+        smooth_samples=given(sg, "samples", SaliencyOptions.smooth_samples),
+        smooth_noise=given(sg, "noise_level", SaliencyOptions.smooth_noise),
+        seed=int(given(sg, "seed", 0)),
+        ig_steps=given(ig, "steps", SaliencyOptions.ig_steps),
         ig_baseline=enum(BASELINES, ig.baseline, "integrated_gradients.baseline", "Baseline"),
-        ig_blur_sigma=ig.blur_sigma or 10.0,
+        ig_blur_sigma=given(ig, "blur_sigma", SaliencyOptions.ig_blur_sigma),
         cam_layer=request.grad_cam.layer or None,
     )
 

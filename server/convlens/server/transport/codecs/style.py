@@ -5,7 +5,7 @@ from __future__ import annotations
 from convlens.server.engine.optimize import style
 from convlens.server.service.streaming import Progress
 from convlens.server.service.style import StyleAnswer, StyleQuery
-from convlens.server.transport.codecs.common import enum, optional_image, png, progress
+from convlens.server.transport.codecs.common import enum, given, optional_image, png, progress
 from convlens.server.transport.codecs.vocabulary import enum_names, enum_values
 from convlens.v1 import convlens_pb2 as pb
 
@@ -26,7 +26,8 @@ def _soften(request: pb.StyleTransferRequest) -> str | None:
 
 
 def query(request: pb.StyleTransferRequest) -> StyleQuery:
-    """Unset (zero) numbers mean the defaults; the service validates the ranges."""
+    """Unset optional numbers mean the defaults (None); set ones, 0 included, go to the service, which
+    validates the ranges."""
     return StyleQuery(
         model=request.model,
         content=optional_image(request, "content"),
@@ -36,8 +37,8 @@ def query(request: pb.StyleTransferRequest) -> StyleQuery:
         content_layer=request.content_layer or None,
         style_weight=request.style_weight if request.HasField("style_weight") else None,
         content_weight=request.content_weight if request.HasField("content_weight") else None,
-        steps=request.steps or None,
-        size=request.size or None,
+        steps=given(request, "steps"),
+        size=given(request, "size"),
         optimizer=enum(OPTIMIZERS, request.optimizer, "optimizer", "Optimizer"),
         soften=_soften(request),
         temperature=request.temperature if request.HasField("temperature") else None,
@@ -46,7 +47,7 @@ def query(request: pb.StyleTransferRequest) -> StyleQuery:
         learning_rate=request.learning_rate if request.HasField("learning_rate") else None,
         style_distance=(None if request.style_distance == pb.STYLE_DISTANCE_UNSPECIFIED
                         else enum(DISTANCES, request.style_distance, "style_distance", "StyleDistance")),
-        seed=int(request.seed),
+        seed=given(request, "seed"),
         preview_every=int(request.preview_every),
     )
 

@@ -15,7 +15,7 @@ from convlens.server.service.top_activations import (
     TopActivationsQuery,
     TopItem,
 )
-from convlens.server.transport.codecs.common import enum, geometry, image_input, outputs
+from convlens.server.transport.codecs.common import enum, geometry, given, image_input, outputs
 from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
 
@@ -32,9 +32,9 @@ def query(request: pb.TopActivationsRequest) -> TopActivationsQuery:
             raise InvalidArgument(f"images[{i}] is empty: set encoded bytes or a tensor", field=f"images[{i}]")
         images.append(image)
     return TopActivationsQuery(
-        model=request.model, layer=request.layer, channel=request.channel, k=request.k or 9,
+        model=request.model, layer=request.layer, channel=request.channel, k=given(request, "k", 9),
         dataset=request.dataset, ranking=enum(RANKINGS, request.ranking, "ranking", "Ranking"),
-        max_per_image=request.max_per_image or 1, images=images, crops=request.include_crops,
+        max_per_image=given(request, "max_per_image", 1), images=images, crops=request.include_crops,
         pictures=request.include_images,
         outputs=outputs(TOP_OUTPUTS, request.outputs, pb.TopActivationsOutput))
 
