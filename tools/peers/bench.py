@@ -365,6 +365,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                   f"{p['cpu_ms_per_image']:.1f} CPU-ms/img" for p in row["raw"]),
                   flush=True)
             rounds.append(row)
+            # Every finished round on disk at once: a run stopped later keeps what it measured.
+            partial = Path(args.out).with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({**result, "rounds": rounds}, indent=1, default=str))
         result["rounds"] = rounds
         result["convlens_split"] = await convlens_split(callers["convlens"], bodies, max(levels), args,
                                                         pids["convlens"])
