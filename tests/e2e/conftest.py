@@ -8,27 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from convlens.client import Client
 from convlens.server.launcher import ServerProcess
-
-
-class TinyNet(nn.Module):
-    """A small CNN for the TorchScript and ONNX folders."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+from tools.reliability.tiny import TinyNet  # one tiny CNN for the suite and the fuzz tools
 
 
 def build_model_repo(root: Path) -> dict[str, dict[str, torch.Tensor]]:
