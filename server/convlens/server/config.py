@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from convlens.server.engine.budget import Budget
 from convlens.server.scheduler.policy import BatchPolicy
 
 # Defaults per device kind. CPU: measured on 2 cores (docs/performance.md). In channels_last with one batch on
@@ -62,6 +63,9 @@ class ServerConfig:
     # Model control (issue 14; service/model_control.py): none | explicit | poll, and the poll period.
     model_control: str = "none"
     repository_poll_s: float = 5.0
+    # Per-request work/memory budget (issue #15; engine/budget.py): --max-saliency-mpx-rows, --chunk-mpx,
+    # --max-job-mpx.
+    budget: Budget = field(default_factory=Budget)
 
     def policy_for(self, device: str) -> BatchPolicy:
         return self.policies.get(device) or DEFAULT_POLICIES["cuda" if device.startswith("cuda") else "cpu"]
@@ -110,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-jobs", type=int, default=int(_env("MAX_JOBS", "64") or 64),
                    help="optimisation jobs (MaximizeUnit, Dream, StyleTransfer) running at once; beyond it "
                         "new ones get RESOURCE_EXHAUSTED (default 64); their steps never count against --max-queue")
+    _budget_flags(p)
     p.add_argument("--threads", type=int, default=int(_env("THREADS", "0") or 0),
                    help="intra-op threads of the CPU worker's compute, split between its shards (default 0: "
                         f"torch's default, {torch.get_num_threads()} here); every other thread runs torch on one")
@@ -216,7 +221,35 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue, max_jobs=args.max_jobs,
         threads=args.threads, grace_seconds=args.grace, policies=policies, log_level=args.log_level,
         http_port=args.http_port, http_host=args.http_host, **_operations(p, args), **_datasets(p, args),
-        **_model_control(p, args))
+        **_model_control(p, args), budget=_budget(p, args))
+
+
+def _budget_flags(p: argparse.ArgumentParser) -> None:
+    d = Budget()
+    p.add_argument("--max-saliency-mpx-rows", type=float, metavar="MPX",
+                   default=float(_env("MAX_SALIENCY_MPX_ROWS", "") or d.saliency_pixel_rows / 2**20),
+                   help="Saliency work per request: forward/backward rows (SmoothGrad samples x integrated "
+                        "gradients steps) x the model's input pixels, in 2^20 pixel-rows; above it "
+                        "RESOURCE_EXHAUSTED (OVER_BUDGET) up front (default 1024: 21,400 rows at 224x224)")
+    p.add_argument("--chunk-mpx", type=float, metavar="MPX",
+                   default=float(_env("CHUNK_MPX", "") or d.chunk_pixels / 2**20),
+                   help="input pixels per forward/backward chunk of a Saliency computation, in 2^20 pixels: "
+                        "bounds its memory whatever the input size (default 1.53: 32 rows at 224x224)")
+    p.add_argument("--max-job-mpx", type=float, metavar="MPX",
+                   default=float(_env("MAX_JOB_MPX", "") or d.job_pixels / 2**20),
+                   help="pixels one optimisation step works on (MaximizeUnit size^2 x images, Dream's largest "
+                        "octave, StyleTransfer's output), in 2^20 pixels; above it RESOURCE_EXHAUSTED "
+                        "(OVER_BUDGET) up front (default 1: 1024x1024)")
+
+
+def _budget(p: argparse.ArgumentParser, args: argparse.Namespace) -> Budget:
+    values = {"--max-saliency-mpx-rows": args.max_saliency_mpx_rows, "--chunk-mpx": args.chunk_mpx,
+              "--max-job-mpx": args.max_job_mpx}
+    for flag, value in values.items():
+        if not value > 0:  # also NaN
+            p.error(f"{flag} must be > 0, got {value}")
+    return Budget(saliency_pixel_rows=int(args.max_saliency_mpx_rows * 2**20),
+                  chunk_pixels=int(args.chunk_mpx * 2**20), job_pixels=int(args.max_job_mpx * 2**20))
 
 
 def _operations(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:

@@ -51,6 +51,15 @@ class Metrics:
                                            "'device' (every thread; the only lane on a GPU) or 'shardN' (a CPU "
                                            "shard); each lane at most its wall time.",
                                            ["device", "lane"], registry=r)
+        # Budget (issue #15): compute stopped between chunks, and freed memory given back to the system.
+        self.compute_stopped = Counter("convlens_compute_stopped_total",
+                                       "Tasks whose compute stopped between chunks because every caller of their "
+                                       "batch had gone (cancelled or past its deadline).",
+                                       ["model", "rpc"], registry=r)
+        self.memory_trims = Counter("convlens_memory_trims_total",
+                                    "malloc_trim(0) calls after long batches (Linux/glibc).", registry=r)
+        self.memory_trimmed_bytes = Counter("convlens_memory_trimmed_bytes_total",
+                                            "Resident bytes given back to the system by those calls.", registry=r)
         # Optimisation jobs (MaximizeUnit, Dream, StyleTransfer), stepped by the step scheduler.
         self.active_jobs = Gauge("convlens_active_jobs", "Optimisation jobs admitted and not yet finished.",
                                  ["rpc"], registry=r)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from convlens.server.engine.budget import Budget, rows_per_chunk
 from convlens.server.engine.pixel_space import PixelSpace
 from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, saliency
 from convlens.server.engine.targets import Target, UnitTarget
@@ -19,6 +20,7 @@ class SaliencyPayload:
     image: torch.Tensor  # normalised [3, H, W], cpu
     target: Target | None
     baseline: torch.Tensor | None = None  # normalised [3, H, W] for ig_baseline == "image"
+    chunk_pixels: int = Budget.chunk_pixels  # input pixels per forward/backward chunk (the server's budget)
 
     @property
     def batch_key(self) -> Hashable:
@@ -35,5 +37,6 @@ def compute_saliency(model: ServedModel, payloads: Sequence[SaliencyPayload]) ->
     if options.ig_baseline == "image":
         baselines = model.batch([p.image if p.baseline is None else p.baseline for p in payloads])
     space = PixelSpace(mean=model.preprocess.mean, std=model.preprocess.std)
+    chunk = rows_per_chunk(int(inputs.shape[-2]) * int(inputs.shape[-1]), payloads[0].chunk_pixels)
     return saliency(model.module, inputs, [p.target for p in payloads], options, space, baselines=baselines,
-                    resolver=model.resolver)
+                    resolver=model.resolver, chunk=chunk)

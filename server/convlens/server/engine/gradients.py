@@ -14,14 +14,16 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from convlens.server.engine import interrupt
+from convlens.server.engine.budget import CHUNK
 from convlens.server.engine.hooks import capture_outputs
 from convlens.server.engine.layers import LayerResolver, resolver_for
 from convlens.server.engine.relu_rules import modified_relus
 from convlens.server.engine.targets import Target, UnitTarget, resolve_targets, target_values
 
-# Rows per forward/backward. Measured: EfficientNet-Lite0 at 224 px peaks at about 2.2 GiB for 32 rows
-# (guided backprop, CPU), so a B * 256-row SmoothGrad never holds more than that.
-CHUNK = 32
+# CHUNK (engine/budget.py): rows per forward/backward at most; callers pass fewer for large inputs
+# (budget.rows_per_chunk). Every chunk starts with interrupt.check(): a batch nobody waits for stops there.
+__all__ = ["CHUNK", "Backprop", "accumulate", "backprop", "evaluate"]
 
 
 @dataclass
@@ -53,10 +55,10 @@ def backprop(
     resolved by `resolver` (the served model's; built once here for a bare module).
     """
     lookup = resolver_for(model, resolver)
-    parts = [
-        _backprop_chunk(model, inputs[s:s + chunk], targets[s:s + chunk], rule, layer, lookup)
-        for s in range(0, inputs.shape[0], chunk)
-    ]
+    parts: list[Backprop] = []
+    for s in range(0, inputs.shape[0], chunk):
+        interrupt.check()
+        parts.append(_backprop_chunk(model, inputs[s:s + chunk], targets[s:s + chunk], rule, layer, lookup))
     if len(parts) == 1:
         return parts[0]
     return Backprop(
@@ -123,6 +125,7 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: Sequence[Target | 
     the methods that differentiate elsewhere (SmoothGrad, integrated gradients)."""
     logits, values, resolved = [], [], []
     for s in range(0, inputs.shape[0], chunk):
+        interrupt.check()
         part = targets[s:s + chunk]
         layers = [t.layer for t in part if isinstance(t, UnitTarget)]
         with torch.no_grad(), capture_outputs(model, layers, resolver=resolver) as captured:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from convlens.server.engine.grad_cam import cam_from, check_cam_layer, default_cam_layer
-from convlens.server.engine.gradients import backprop, evaluate
+from convlens.server.engine.gradients import CHUNK, backprop, evaluate
 from convlens.server.engine.hooks import eval_mode
 from convlens.server.engine.integrated_gradients import (
     BASELINES,
@@ -104,19 +104,21 @@ def saliency(
     *,
     baselines: torch.Tensor | None = None,
     resolver: LayerResolver | None = None,
+    chunk: int = CHUNK,
 ) -> list[SaliencyResult]:
     """One result per sample of `inputs` [B, 3, H, W] (on the model's device); results on the CPU.
 
     `targets[i]` is sample i's target (None: its top-1 class); kinds may be mixed within a batch.
     `baselines` [B, 3, H, W], in the model-input space, is required for ig_baseline == "image".
-    `resolver` is the served model's layer resolver (one is built for a bare module).
+    `resolver` is the served model's layer resolver (one is built for a bare module). `chunk`: rows per
+    forward/backward (engine/budget.rows_per_chunk bounds it for large inputs).
     """
     validate_options(options)
     if inputs.dim() != 4 or len(targets) != inputs.shape[0]:
         raise ValueError(f"inputs {tuple(inputs.shape)} need one target per sample, got {len(targets)}")
     with eval_mode(model):
         return _saliency(model, inputs, list(targets), options, space, baselines,
-                         resolver_for(model, resolver))
+                         resolver_for(model, resolver), max(1, chunk))
 
 
 @dataclass
@@ -138,15 +140,16 @@ def _saliency(
     space: PixelSpace,
     baselines: torch.Tensor | None,
     lookup: LayerResolver,
+    chunk: int,
 ) -> list[SaliencyResult]:
     method = options.method
     if method in ("gradient", "guided_backprop", "deconvnet"):
-        bp = backprop(model, inputs, targets, rule=_relu_rule(options), resolver=lookup)
+        bp = backprop(model, inputs, targets, rule=_relu_rule(options), resolver=lookup, chunk=chunk)
         done = _Computed(bp.grads, bp.logits, bp.values, bp.targets, bp.modified, _reused(bp.reused_layers))
     elif method in ("grad_cam", "guided_grad_cam"):
-        done = _grad_cam(model, inputs, targets, options, lookup)
+        done = _grad_cam(model, inputs, targets, options, lookup, chunk)
     else:
-        done = _integrated(model, inputs, targets, options, space, baselines, lookup)
+        done = _integrated(model, inputs, targets, options, space, baselines, lookup, chunk)
     notes = _script_note(model) + done.notes
     rule = _relu_rule(options)
     if rule is not None and done.modified == 0:
@@ -166,39 +169,39 @@ def _relu_rule(options: SaliencyOptions) -> str | None:
 
 
 def _grad_cam(model: nn.Module, inputs: torch.Tensor, targets: list[Target | None],
-              options: SaliencyOptions, lookup: LayerResolver) -> _Computed:
+              options: SaliencyOptions, lookup: LayerResolver, chunk: int) -> _Computed:
     size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     layer = options.cam_layer or default_cam_layer(model, input_size=size, resolver=lookup)
     check_cam_layer(lookup, layer)
-    bp = backprop(model, inputs, targets, layer=layer, resolver=lookup)
+    bp = backprop(model, inputs, targets, layer=layer, resolver=lookup, chunk=chunk)
     cam, (h, w) = cam_from(bp.layer_outputs, bp.layer_grads, layer, size)
     done = _Computed(cam, bp.logits, bp.values, bp.targets, 0, _reused(bp.reused_layers))
     done.notes.insert(0, f"Grad-CAM at layer {layer!r} ({h}x{w} map, upsampled bilinearly)")
     if options.method == "guided_grad_cam":
         # A separate pass: Grad-CAM's layer gradients must come from the plain backward (as Captum).
-        guided = backprop(model, inputs, bp.targets, rule="guided_backprop", resolver=lookup)
+        guided = backprop(model, inputs, bp.targets, rule="guided_backprop", resolver=lookup, chunk=chunk)
         done.attribution, done.modified = guided.grads * cam, guided.modified
     return done
 
 
 def _integrated(model: nn.Module, inputs: torch.Tensor, targets: list[Target | None],
                 options: SaliencyOptions, space: PixelSpace, baselines: torch.Tensor | None,
-                lookup: LayerResolver) -> _Computed:
+                lookup: LayerResolver, chunk: int) -> _Computed:
     """SmoothGrad and integrated gradients: an unperturbed pass for values, then many perturbed ones."""
-    logits, values, resolved = evaluate(model, inputs, targets, resolver=lookup)
+    logits, values, resolved = evaluate(model, inputs, targets, resolver=lookup, chunk=chunk)
     ig_baselines = None
     if "integrated_gradients" in (options.method, options.smooth_base):
         ig_baselines = _baselines(inputs, options, space, baselines)
     if options.method == "integrated_gradients":
         assert ig_baselines is not None
         attribution = integrated_gradients(model, inputs, resolved, ig_baselines, options.ig_steps,
-                                           resolver=lookup)
-        _, baseline_values, _ = evaluate(model, ig_baselines, resolved, resolver=lookup)
+                                           resolver=lookup, chunk=chunk)
+        _, baseline_values, _ = evaluate(model, ig_baselines, resolved, resolver=lookup, chunk=chunk)
         return _Computed(attribution, logits, values, resolved, baseline_values=baseline_values)
     attribution, modified = smoothgrad(
         model, inputs, resolved, base=options.smooth_base, samples=options.smooth_samples,
         noise=options.smooth_noise, std=space.std, seed=options.seed, baselines=ig_baselines,
-        steps=options.ig_steps, resolver=lookup)
+        steps=options.ig_steps, resolver=lookup, chunk=chunk)
     return _Computed(attribution, logits, values, resolved, modified)
 
 

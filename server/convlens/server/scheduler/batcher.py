@@ -35,10 +35,13 @@ class Entry:
 
 
 class Batcher:
-    def __init__(self, metrics: Metrics, max_queue: int) -> None:
+    def __init__(self, metrics: Metrics, max_queue: int, max_batch_cost: int = 0) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.max_queue = max_queue
+        # A batch's summed Task.cost at most (0: unbounded): several large optimisation steps in one batch
+        # would need their memory at once (issue #15). A group that reaches it is ready without waiting.
+        self.max_batch_cost = max_batch_cost
         self._metrics = metrics
         # model -> batch_key -> entries, oldest first; model order is the round-robin order.
         self._models: OrderedDict[str, dict[Hashable, list[Entry]]] = OrderedDict()
@@ -103,18 +106,20 @@ class Batcher:
                 if first.device is not None and first.device != device:
                     continue
                 if first.quorum is not None:
-                    if self.flushing or len(group) >= min(policy.max_batch_size, max(first.quorum(), 1)):
+                    if (self.flushing or len(group) >= min(policy.max_batch_size, max(first.quorum(), 1))
+                            or self._full_by_cost(group)):
                         if best is None or self._before(group, best):
                             best = group
                     continue
                 ready_at = group[0].enqueued + policy.max_batch_delay
-                if self.flushing or len(group) >= policy.max_batch_size or ready_at <= now:
+                if (self.flushing or len(group) >= policy.max_batch_size or ready_at <= now
+                        or self._full_by_cost(group)):
                     if best is None or self._before(group, best):
                         best = group
                 else:
                     wait = ready_at - now if wait is None else min(wait, ready_at - now)
             if best is not None:
-                batch = best[:policy.max_batch_size]
+                batch = self._within_cost(best[:policy.max_batch_size])
                 del best[:len(batch)]
                 self._models.move_to_end(model)  # served: to the back of the round robin
                 self._batches += 1
@@ -124,6 +129,20 @@ class Batcher:
                 self._changed()
                 return batch, None  # we stop iterating, so changing the dict above is safe
         return [], wait
+
+    def _full_by_cost(self, group: list[Entry]) -> bool:
+        return bool(self.max_batch_cost) and sum(e.task.cost for e in group) >= self.max_batch_cost
+
+    def _within_cost(self, entries: list[Entry]) -> list[Entry]:
+        """The longest prefix of `entries` whose summed cost fits max_batch_cost (at least one entry)."""
+        if not self.max_batch_cost:
+            return entries
+        total = 0
+        for i, entry in enumerate(entries):
+            total += entry.task.cost
+            if i and total > self.max_batch_cost:
+                return entries[:i]
+        return entries
 
     def _before(self, group: list[Entry], other: list[Entry]) -> bool:
         """Whether ready `group` goes before ready `other` (same model): its RPC was served less recently,

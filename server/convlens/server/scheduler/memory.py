@@ -12,10 +12,13 @@ tests set, e.g. "oom_batch_over=2" (a compute of more than 2 payloads raises tor
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -64,3 +67,61 @@ def compute_splitting(compute: Callable[[Any, Sequence[Any]], Any], replica: Any
     half = len(payloads) // 2
     return (compute_splitting(compute, replica, payloads[:half], describe)
             + compute_splitting(compute, replica, payloads[half:], describe))
+
+
+# ---- budget (issue #15): stop compute nobody waits for; give freed memory back to the system ----
+
+def stop_condition(entries: Sequence[Any], clock: Callable[[], float] = time.monotonic) -> Callable[[], bool]:
+    """True once every entry of a batch is gone: its caller cancelled (`entry.cancelled`) or its task's deadline
+    has passed. The engine checks it between chunks (engine/interrupt.py), so companions still waiting keep the
+    batch going, and a batch nobody waits for frees its lane at the next chunk."""
+
+    def gone() -> bool:
+        now = clock()
+        return all(e.cancelled or (e.task.deadline is not None and now >= e.task.deadline) for e in entries)
+
+    return gone
+
+
+# A batch that computed this long is likely to have freed large buffers: trim after it (glibc keeps freed heap
+# memory, so RSS stayed ~1 GB above its baseline after large requests). A trim costs ~1-10 ms.
+TRIM_AFTER_S = 0.5
+
+
+TRIM_ENV = "CONVLENS_MALLOC_TRIM"  # "0": no trims (to measure what they give back: tools/reliability/budget.py)
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux") or os.environ.get(TRIM_ENV, "1") == "0":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim  # glibc only (musl has none)
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux), else None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trim_memory() -> int | None:
+    """Return freed heap memory to the system (glibc malloc_trim(0)); the bytes of RSS given back, or None where
+    there is no malloc_trim (not Linux/glibc)."""
+    if _MALLOC_TRIM is None:
+        return None
+    before = resident_bytes()
+    _MALLOC_TRIM(0)
+    after = resident_bytes()
+    return max(0, before - after) if before is not None and after is not None else 0

@@ -32,12 +32,13 @@ class Scheduler:
 
     def __init__(self, models: Callable[[str], ServedModel], devices: Sequence[torch.device],
                  metrics: Metrics, *, policies: Mapping[str, BatchPolicy] | None = None,
-                 max_queue: int = 256, max_jobs: int = 64, threads: int | None = None) -> None:
+                 max_queue: int = 256, max_jobs: int = 64, threads: int | None = None,
+                 max_batch_cost: int = 0) -> None:
         devices = list(devices)
         if not devices:
             raise ValueError("the scheduler needs at least one device")
         self._metrics = metrics
-        self._batcher = Batcher(metrics, max_queue)
+        self._batcher = Batcher(metrics, max_queue, max_batch_cost)  # cost: Task.cost, pixels (issue #15)
         per_device = policies_for(devices, policies)
         self._times = ServiceTimes()
         self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads, times=self._times)

@@ -107,6 +107,7 @@ class JobHandle:
         self._group: Hashable | None = None
         self._started = time.monotonic()
         self._first_progress = True
+        self.cost = 0  # pixels one step works on (set by the service from its budget check; Task.cost)
 
     def _check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -133,7 +134,7 @@ class JobHandle:
         group = self._enter(job.key)
         task = Task(model=self.model, rpc=self.rpc, key=job.key, payload=job, compute=compute_steps,
                     deadline=self.deadline, device=self._device_label, quorum=self._registry.quorum(group),
-                    served=self.served)
+                    served=self.served, cost=self.cost)
         report, batch = await self._submit(task)
         self._metrics.steps.labels(model=self.model, rpc=self.rpc).inc()
         self._metrics.step_batch_size.labels(model=self.model, rpc=self.rpc).observe(batch)

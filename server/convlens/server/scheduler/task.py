@@ -34,6 +34,9 @@ class Task:
     # or unload while the task waits changes nothing for it, and tasks of two copies never share a batch.
     # None: whatever copy `model` names when the worker takes it (tests, tools).
     served: ServedModel | None = None
+    # Pixels this task's compute works on (an optimisation step: its job's; engine/budget.py): the batcher keeps
+    # a batch's sum within the scheduler's max_batch_cost (a task over it alone still runs, alone). 0: free.
+    cost: int = 0
 
     @property
     def copy_id(self) -> int | None:

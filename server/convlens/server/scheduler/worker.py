@@ -23,12 +23,20 @@ from typing import Any
 
 import torch
 
+from convlens.server.engine.interrupt import Stopped, stop_when
 from convlens.server.errors import ConvLensError
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.admission import ServiceTimes
 from convlens.server.scheduler.batcher import Batcher, Entry
-from convlens.server.scheduler.memory import compute_splitting, injected_faults, with_faults
+from convlens.server.scheduler.memory import (
+    TRIM_AFTER_S,
+    compute_splitting,
+    injected_faults,
+    stop_condition,
+    trim_memory,
+    with_faults,
+)
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
 from convlens.server.scheduler.shards import (
     Shard,
@@ -236,24 +244,36 @@ class Worker:
             self._metrics.queue_wait_seconds.labels(model=task.model, rpc=task.rpc).observe(
                 start - entry.enqueued)
         outcomes: list[Outcome]
+        stopped = False
         try:
-            results = compute_splitting(with_faults(task.compute, self._faults),
-                                        self._replica(task, replicas, fresh, lane),
-                                        [e.task.payload for e in live], f"{task.rpc} request")
+            # The engine stops between chunks once every caller of the batch is gone (scheduler/memory.py).
+            with stop_when(stop_condition(live)):
+                results = compute_splitting(with_faults(task.compute, self._faults),
+                                            self._replica(task, replicas, fresh, lane),
+                                            [e.task.payload for e in live], f"{task.rpc} request")
             if len(results) != len(live):
                 raise RuntimeError(f"compute for {task.rpc} on {task.model!r} returned {len(results)} "
                                    f"results for {len(live)} payloads")
             outcomes = [(e, r if isinstance(r, Exception) else None, r)
                         for e, r in zip(live, results, strict=True)]
+        except Stopped as exc:  # nobody waits for these results any more
+            stopped = True
+            outcomes = [(e, exc, None) for e in live]
+            self._metrics.compute_stopped.labels(model=task.model, rpc=task.rpc).inc(len(live))
         except Exception as exc:  # the whole batch fails; the worker goes on
             outcomes = [(e, exc, None) for e in live]
         elapsed = time.monotonic() - start
+        if elapsed >= TRIM_AFTER_S:  # a long batch likely freed large buffers: give them back (issue #15)
+            freed = trim_memory()
+            if freed is not None:
+                self._metrics.memory_trims.inc()
+                self._metrics.memory_trimmed_bytes.inc(freed)
         labels = dict(device=self._label, model=task.model, rpc=task.rpc)
         self._metrics.batch_size.labels(**labels).observe(len(live))
         self._metrics.compute_seconds.labels(**labels).observe(elapsed)
         self._metrics.tasks.labels(**labels).inc(len(live))
         self._metrics.worker_busy_seconds.labels(device=self._label, lane=lane).inc(elapsed)
-        if self._times is not None and task.quorum is None:
+        if self._times is not None and task.quorum is None and not stopped:  # a stopped batch's time is no estimate
             self._times.record(task.model, task.rpc, elapsed)
         return outcomes
 

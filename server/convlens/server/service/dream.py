@@ -126,8 +126,10 @@ class DreamService(StreamingJobService):
         check_preview_every(query.preview_every, violations)
         violations.raise_if_any()
         image = await asyncio.to_thread(caller_pixels, query.image, "image")
+        h, w = fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size)
+        cost = self.check_budget(h * w, f"the image dreamed at {w}x{h} (its largest octave)", ("max_size",))
         guide = None if query.guide is None else await asyncio.to_thread(caller_pixels, query.guide, "guide")
-        async with self.job(model, deadline) as handle:
+        async with self.job(model, deadline, cost) as handle:
             objective = l2_objective(settings.channel)
             if guide is not None:
                 side = max(fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size))

@@ -117,8 +117,10 @@ class MaximizeService(StreamingJobService):
         validate_target(model.resolver, query.target, num_classes=model.num_classes)
         settings = diversity_layer(resolve_settings(query), query.target, model.resolver)
         objective = objective_for(query.target)
+        cost = self.check_budget(settings.size ** 2 * settings.images,
+                          f"size^2 x images = {settings.size}^2 x {settings.images}", ("size", "images"))
         pre = model.preprocess
-        async with self.job(model, deadline) as handle:
+        async with self.job(model, deadline, cost) as handle:
             job = await asyncio.to_thread(MaximizeJob, settings, objective, mean=pre.mean, std=pre.std,
                                           device=handle.device)
             async for event in self.progress(handle, job, query.preview_every,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from convlens.server.compute.saliency import SaliencyPayload, compute_saliency
+from convlens.server.engine.budget import Budget, check_saliency, saliency_work
 from convlens.server.engine.grad_cam import check_cam_layer
 from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.render import overlay
@@ -53,6 +54,7 @@ class SaliencyService:
     def __init__(self, context: ServiceContext) -> None:
         self.repository = context.repository
         self.scheduler = context.scheduler
+        self.budget = Budget.from_config(context.config)
 
     async def __call__(self, query: SaliencyQuery, deadline: float | None) -> SaliencyAnswer:
         model = self.repository.get(query.model)
@@ -63,13 +65,14 @@ class SaliencyService:
         validate_target(model.resolver, query.target, num_classes=model.num_classes)
         if query.options.cam_layer is not None:
             check_cam_layer(model.resolver, query.options.cam_layer)
+        self.check_budget(model.preprocess.height, model.preprocess.width, query.options)
         image = await asyncio.to_thread(prepare_image, model, query.image, "image")
         baseline = None
         if query.options.ig_baseline == "image":
             if query.baseline_image is None:
                 raise InvalidArgument("baseline BASELINE_IMAGE needs baseline_image", field="baseline_image")
             baseline = (await asyncio.to_thread(prepare_image, model, query.baseline_image, "baseline_image")).tensor
-        payload = SaliencyPayload(query.options, image.tensor, query.target, baseline)
+        payload = SaliencyPayload(query.options, image.tensor, query.target, baseline, self.budget.chunk_pixels)
         task = Task(model=model.name, rpc="Saliency", key=payload.batch_key, payload=payload,
                     compute=compute_saliency, deadline=deadline, served=model)
         result: SaliencyResult = await self.scheduler.submit(task)
@@ -82,3 +85,11 @@ class SaliencyService:
                 lambda: overlay(denormalize(image.tensor, model.preprocess), result.heatmap.numpy(), smooth=smooth))
         predictions = top_k(result.logits, model.labels, 5) if "predictions" in wanted else []
         return SaliencyAnswer(result, predictions, image.geometry, picture, list(result.notes), outputs=wanted)
+
+    def check_budget(self, height: int, width: int, options: SaliencyOptions) -> None:
+        """RESOURCE_EXHAUSTED (OVER_BUDGET) before anything is decoded or queued when the request's rows x the
+        model's input pixels exceed the server's budget (engine/budget.py)."""
+        o = options
+        work = saliency_work(o.method, samples=o.smooth_samples, steps=o.ig_steps, base=o.smooth_base,
+                             height=height, width=width)
+        check_saliency(work, self.budget, height=height, width=width)

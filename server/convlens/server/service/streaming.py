@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from convlens.server.engine.budget import Budget, check_job
 from convlens.server.engine.optimize.job import Job
 from convlens.server.errors import Violations
 from convlens.server.models.model import ServedModel
@@ -87,6 +88,13 @@ class StreamingJobService:
     def __init__(self, context: ServiceContext) -> None:
         self.repository = context.repository
         self.scheduler = context.scheduler
+        self.budget = Budget.from_config(context.config)
+
+    def check_budget(self, pixels: int, what: str, fields: tuple[str, ...]) -> int:
+        """RESOURCE_EXHAUSTED (OVER_BUDGET) before admission when one step of the job would work on more
+        pixels than the server's --max-job-mpx (engine/budget.py); else `pixels`, the job's cost."""
+        check_job(pixels, self.budget, rpc=self.rpc, what=what, fields=fields)
+        return pixels
 
     def gradient_model(self, name: str) -> ServedModel:
         """The served model `name`, which must run backward (the optimisation needs gradients)."""
@@ -94,9 +102,13 @@ class StreamingJobService:
         require_gradients(model, self.rpc)
         return model
 
-    def job(self, model: ServedModel, deadline: float | None) -> AbstractAsyncContextManager[JobHandle]:
-        """Admission (RESOURCE_EXHAUSTED beyond --max-jobs); leaving the block frees the slot."""
-        return self.scheduler.job(model=model.name, rpc=self.rpc, deadline=deadline, served=model)
+    @asynccontextmanager
+    async def job(self, model: ServedModel, deadline: float | None, cost: int = 0) -> AsyncIterator[JobHandle]:
+        """Admission (RESOURCE_EXHAUSTED beyond --max-jobs); leaving the block frees the slot. `cost`: the pixels
+        one step works on (check_budget's), which bounds how many steps share a batch (Task.cost)."""
+        async with self.scheduler.job(model=model.name, rpc=self.rpc, deadline=deadline, served=model) as handle:
+            handle.cost = cost
+            yield handle
 
     async def progress(self, handle: JobHandle, job: Job, preview_every: int,
                        render: Callable[[], Image.Image]) -> AsyncIterator[Progress]:

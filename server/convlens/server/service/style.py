@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from PIL import Image
 
 from convlens.server.compute.style import TargetsPayload, compute_targets
-from convlens.server.engine.optimize.style import StyleJob, StyleSettings, prepare_images, start_image, validate
+from convlens.server.engine.optimize.style import (
+    StyleJob,
+    StyleSettings,
+    output_size,
+    prepare_images,
+    start_image,
+    validate,
+)
 from convlens.server.errors import InvalidArgument, Violations
 from convlens.server.models.model import ServedModel
 from convlens.server.service.images import ImageInput
@@ -150,8 +157,10 @@ class StyleService(StreamingJobService):
         violations.raise_if_any()
         content = await asyncio.to_thread(caller_pixels, query.content, "content")  # type: ignore[arg-type]
         style = await asyncio.to_thread(caller_pixels, query.style, "style")  # type: ignore[arg-type]
+        h, w = output_size(int(content.shape[-2]), int(content.shape[-1]), settings.size)
+        cost = self.check_budget(h * w, f"the output at {w}x{h}", ("size",))
         content, style = await asyncio.to_thread(prepare_images, content, style, settings.size)
-        async with self.job(model, deadline) as handle:
+        async with self.job(model, deadline, cost) as handle:
             targets = await handle.submit(("style-targets", tuple(content.shape), tuple(style.shape)),
                                           TargetsPayload(content, style, settings), compute_targets)
             job = StyleJob(settings, targets, start_image(content, settings).to(handle.device),

@@ -36,7 +36,7 @@ from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import Geometry, plan_geometry, prepare
 from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext
-from convlens.server.service.images import ImageInput, to_array
+from convlens.server.service.images import ImageInput, check_resized, to_array
 
 RANKINGS = ("max", "mean")
 MAX_CALLER_IMAGES = 64
@@ -150,6 +150,8 @@ class TopActivationsService:
 
         def load() -> tuple[list[np.ndarray], list]:  # type: ignore[type-arg]
             arrays = [to_array(img, f"images[{i}]") for i, img in enumerate(query.images)]
+            for i, a in enumerate(arrays):
+                check_resized(a.shape[0], a.shape[1], model, f"images[{i}]")  # issue #15: bounded memory
             return arrays, [prepare(a, model.preprocess)[0] for a in arrays]
 
         arrays, tensors = await asyncio.to_thread(load)
