@@ -16,7 +16,9 @@ Conventions:
     INVALID_ARGUMENT (bad fields), MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, LAYER_NOT_FOUND,
     DATASET_NOT_FOUND (NOT_FOUND),
     LAYER_WITHOUT_OUTPUT (a layer that produced no tensor), GRADIENTS_UNSUPPORTED, INDEX_BUILDING,
-    INDEX_BUILD_FAILED, MODEL_CONTROL_OFF, NO_MODEL_REPOSITORY (FAILED_PRECONDITION), QUEUE_FULL, TOO_MANY_JOBS (RESOURCE_EXHAUSTED),
+    INDEX_BUILD_FAILED, MODEL_CONTROL_OFF, NO_MODEL_REPOSITORY (FAILED_PRECONDITION), QUEUE_FULL, TOO_MANY_JOBS, OVER_BUDGET (RESOURCE_EXHAUSTED;
+    OVER_BUDGET: the request's own work or memory is over this server's budget, with a BadRequest naming the
+    field(s) to lower: not retryable as is),
     DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (e.g. shutting down), UNIMPLEMENTED, INTERNAL.
     Match on the reason, not on the message text (which may change).
   * INVALID_ARGUMENT and the NOT_FOUND of a named field also carry a google.rpc.BadRequest with one
