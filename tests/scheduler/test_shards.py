@@ -95,6 +95,31 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
                                    atol=1e-5 * float(want.attribution.abs().max()))
 
 
+async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(lite: ServedModel) -> None:
+    """A job's steps must run in the same float order alone or batched: the intra-op thread count changes
+    it (a MaximizeUnit job on Lite0 ended 2.3 grey levels apart after 32 steps on 1 vs 2 threads), so a
+    step never takes the device lane's thread team, even alone; a lone one-shot task still does."""
+    seen: list[tuple[str, int]] = []
+
+    def compute(replica: ServedModel, payloads: Any) -> list[Any]:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return list(payloads)
+
+    total = torch.get_num_threads()
+    scheduler = _scheduler(lite, BatchPolicy(1, 0.0, shards=2))
+    await scheduler.start()
+    try:
+        step = Task(model="tiny", rpc="MaximizeUnit", key="k", payload="step", compute=compute, quorum=lambda: 1)
+        assert await scheduler.submit(step) == "step"
+        one_shot = Task(model="tiny", rpc="Saliency", key="k", payload="once", compute=compute)
+        assert await scheduler.submit(one_shot) == "once"
+    finally:
+        await scheduler.stop(2.0)
+    (step_thread, step_threads), (lone_thread, lone_threads) = seen
+    assert "shard" in step_thread and step_threads == max(1, total // 2)
+    assert "worker" in lone_thread and lone_threads == total
+
+
 @pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "grad_cam"])
 async def test_hooking_methods_give_the_unsplit_results_under_load(lite: ServedModel, method: str) -> None:
     """Methods that hook the module (ReLU rules, Grad-CAM's layer) run in both shards at once: each

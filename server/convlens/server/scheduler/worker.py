@@ -182,8 +182,16 @@ class Worker:
 
     def _on_device_lane(self, batch: list[Entry], free: int) -> bool:
         """A lone task when every shard is free (all threads for one caller), or a model whose module cannot
-        be copied per shard (ONNX: hooks on a shared module would fire in both shards' forwards)."""
-        if len(batch) == 1 and free == len(self._lanes) - 1 and (self._alone or not self._ran):
+        be copied per shard (ONNX: hooks on a shared module would fire in both shards' forwards).
+
+        Never an optimisation step (a task with a quorum): its job's float sums must run in the same order
+        whatever its companions, and the intra-op thread count changes that order (a 2-thread team splits
+        reductions differently). One ulp at one step grows over an optimisation's steps: the same
+        MaximizeUnit job on 1 and 2 threads ended 2.3 grey levels apart on average after 32 steps, and a job
+        that ran alone for some steps and batched for others 14.7 apart (docs/performance.md). On
+        single-threaded shards a job's steps are bit-identical alone or in any batch."""
+        step = batch[0].task.quorum is not None
+        if not step and len(batch) == 1 and free == len(self._lanes) - 1 and (self._alone or not self._ran):
             return True
         try:
             return not self._model_of(batch[0].task).layout_applies
