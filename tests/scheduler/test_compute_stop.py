@@ -19,9 +19,9 @@ from torch import nn
 from convlens.server.engine.integrated_gradients import integrated_gradients
 from convlens.server.engine.targets import ClassTarget
 from convlens.server.metrics import Metrics
-from convlens.server.scheduler.memory import resident_bytes, stop_condition, trim_memory
+from convlens.server.scheduler.memory import TRIM_AFTER_S, resident_bytes, stop_condition, trim_memory
 
-from .helpers import Recorder, task
+from .helpers import Recorder, task, wait_until
 
 
 def tiny_net() -> nn.Module:
@@ -131,3 +131,18 @@ def test_trim_gives_freed_heap_memory_back() -> None:
     assert before is not None and after is not None and freed is not None
     assert freed > 64 * 2**20, (freed, before, after)  # at least half of the 128 MB freed came back
     assert len(blocks) == 2048
+
+
+async def test_after_a_long_batch_the_idle_worker_gives_memory_back(make_scheduler, metrics) -> None:
+    if trim_memory() is None:
+        pytest.skip("no glibc malloc_trim here")
+    s = await make_scheduler(max_batch_size=1)
+    quick = Recorder()
+    assert await s.submit(task(1, quick)) == 10
+
+    def trims() -> float:
+        return metrics.registry.get_sample_value("convlens_memory_trims_total") or 0
+
+    assert trims() == 0  # a short batch leaves nothing to trim
+    assert await s.submit(task(2, Recorder(delay=TRIM_AFTER_S + 0.1))) == 20  # a long one
+    await wait_until(lambda: trims() == 1, timeout=60)  # trimmed once the worker was idle

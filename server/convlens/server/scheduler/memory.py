@@ -84,8 +84,9 @@ def stop_condition(entries: Sequence[Any], clock: Callable[[], float] = time.mon
 
 
 # A batch that computed this long is likely to have freed large buffers: trim after it (glibc keeps freed heap
-# memory, so RSS stayed ~1 GB above its baseline after large requests). A trim costs ~1-10 ms.
+# memory, so RSS stayed ~1 GB above its baseline after large requests), once the worker is idle.
 TRIM_AFTER_S = 0.5
+TRIM_IDLE_S = 1.0  # ... once the worker has had nothing to do for this long (worker.py)
 
 
 TRIM_ENV = "CONVLENS_MALLOC_TRIM"  # "0": no trims (to measure what they give back: tools/reliability/budget.py)

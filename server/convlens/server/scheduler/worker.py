@@ -31,6 +31,7 @@ from convlens.server.scheduler.admission import ServiceTimes
 from convlens.server.scheduler.batcher import Batcher, Entry
 from convlens.server.scheduler.memory import (
     TRIM_AFTER_S,
+    TRIM_IDLE_S,
     compute_splitting,
     injected_faults,
     stop_condition,
@@ -70,6 +71,8 @@ class Worker:
         self._label = str(device)
         self._times = times  # recent compute time per batch, for deadline-aware admission
         self._faults = injected_faults()  # test-only (scheduler/memory.py); {} in production
+        self._trim_due = False  # a long batch ran since the last malloc_trim (set on a lane, read on the loop)
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._lanes: list[Shard] = []  # [device lane, *shard lanes]; made in start()
         self._busy: dict[int, list[Entry]] = {}  # lane index -> the entries it computes
         self._held: list[Entry] | None = None  # taken for the device lane, waiting for the shards to finish
@@ -112,6 +115,8 @@ class Worker:
 
     async def close(self, error: Callable[[], ConvLensError]) -> None:
         """Stop taking batches; fail what is still computing with `error()` (its result will be ignored)."""
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -222,6 +227,8 @@ class Worker:
             outcomes = f.result()
         self._alone = batch_size == 1 and not self._busy and self._batcher.depth == 0
         self._ran = True
+        if self._trim_due:
+            self._trim_later()
         if self._changed is not None:
             self._changed.set()
         for entry, error, result in outcomes:
@@ -271,11 +278,8 @@ class Worker:
         except Exception as exc:  # the whole batch fails; the worker goes on
             outcomes = [(e, exc, None) for e in live]
         elapsed = time.monotonic() - start
-        if elapsed >= TRIM_AFTER_S:  # a long batch likely freed large buffers: give them back (issue #15)
-            freed = trim_memory()
-            if freed is not None:
-                self._metrics.memory_trims.inc()
-                self._metrics.memory_trimmed_bytes.inc(freed)
+        if elapsed >= TRIM_AFTER_S:  # a long batch likely freed large buffers: trimmed once idle (issue #15)
+            self._trim_due = True
         labels = dict(device=self._label, model=task.model, rpc=task.rpc)
         self._metrics.batch_size.labels(**labels).observe(len(live))
         self._metrics.compute_seconds.labels(**labels).observe(elapsed)
@@ -284,6 +288,29 @@ class Worker:
         if self._times is not None and task.quorum is None and not stopped:  # a stopped batch's time is no estimate
             self._times.record(task.model, task.rpc, elapsed)
         return outcomes
+
+    def _trim_later(self) -> None:
+        """After a long batch, give freed memory back once the worker has been idle for TRIM_IDLE_S (not after
+        every batch: between an optimisation's steps the pages would only be faulted back in)."""
+        assert self._loop is not None
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+        self._trim_timer = self._loop.call_later(TRIM_IDLE_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim_timer = None
+        if self._busy or self._held is not None or self._batcher.depth:
+            self._trim_later()
+            return
+        self._trim_due = False
+        assert self._loop is not None
+        self._loop.run_in_executor(None, self._trim)
+
+    def _trim(self) -> None:
+        freed = trim_memory()
+        if freed is not None:
+            self._metrics.memory_trims.inc()
+            self._metrics.memory_trimmed_bytes.inc(freed)
 
     def _model_of(self, task: Task) -> ServedModel:
         """The copy `task` runs on: the one it was submitted with, else the one its model name serves now."""
