@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from convlens.server.engine.interrupt import Stopped, stop_when
+from convlens.server.engine.interrupt import stop_when, stopped
 from convlens.server.errors import ConvLensError
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
@@ -259,7 +259,7 @@ class Worker:
             self._metrics.queue_wait_seconds.labels(model=task.model, rpc=task.rpc).observe(
                 start - entry.enqueued)
         outcomes: list[Outcome]
-        stopped = False
+        gone = False
         try:
             # The engine stops between chunks once every caller of the batch is gone (scheduler/memory.py).
             with stop_when(stop_condition(live)):
@@ -271,12 +271,11 @@ class Worker:
                                    f"results for {len(live)} payloads")
             outcomes = [(e, r if isinstance(r, Exception) else None, r)
                         for e, r in zip(live, results, strict=True)]
-        except Stopped as exc:  # nobody waits for these results any more
-            stopped = True
-            outcomes = [(e, exc, None) for e in live]
-            self._metrics.compute_stopped.labels(model=task.model, rpc=task.rpc).inc(len(live))
         except Exception as exc:  # the whole batch fails; the worker goes on
             outcomes = [(e, exc, None) for e in live]
+            if stopped(exc):  # nobody waits for these results any more (engine/interrupt.py)
+                gone = True
+                self._metrics.compute_stopped.labels(model=task.model, rpc=task.rpc).inc(len(live))
         elapsed = time.monotonic() - start
         if elapsed >= TRIM_AFTER_S:  # a long batch likely freed large buffers: trimmed once idle (issue #15)
             self._trim_due = True
@@ -285,7 +284,7 @@ class Worker:
         self._metrics.compute_seconds.labels(**labels).observe(elapsed)
         self._metrics.tasks.labels(**labels).inc(len(live))
         self._metrics.worker_busy_seconds.labels(device=self._label, lane=lane).inc(elapsed)
-        if self._times is not None and task.quorum is None and not stopped:  # a stopped batch's time is no estimate
+        if self._times is not None and task.quorum is None and not gone:  # a stopped batch's time is no estimate
             self._times.record(task.model, task.rpc, elapsed)
         return outcomes
 
