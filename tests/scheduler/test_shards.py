@@ -18,6 +18,7 @@ from convlens.server.engine.targets import ClassTarget, UnitTarget
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler import BatchPolicy, Scheduler, Task
+from convlens.server.scheduler.contention import Contention
 from convlens.server.scheduler.policy import policies_for
 from convlens.server.scheduler.shards import process_default_threads, set_process_default_threads, split
 from tests.engine.conftest import LiteNet, randomise_batchnorm, seeded
@@ -56,8 +57,9 @@ def _scheduler(model: ServedModel, policy: BatchPolicy) -> Scheduler:
     return Scheduler(lambda name: model, [CPU], Metrics(), policies={"cpu": policy}, max_queue=64)
 
 
-async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(lite: ServedModel
-                                                                                          ) -> None:
+async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(
+        lite: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Contention, "busy", lambda self, now=None: False)  # (on busy CPUs: a shard, test_contention)
     seen: list[tuple[str, int, int, int]] = []  # thread, intra-op threads, chunk size, module id
 
     def compute(replica: ServedModel, payloads: Any) -> list[Any]:

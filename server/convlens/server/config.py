@@ -62,6 +62,8 @@ class ServerConfig:
     # Model control (issue 14; service/model_control.py): none | explicit | poll, and the poll period.
     model_control: str = "none"
     repository_poll_s: float = 5.0
+    # Start-up (issue #15): every lane's replicas made and run once before the port opens (scheduler/worker.py).
+    warm_up: bool = True
 
     def policy_for(self, device: str) -> BatchPolicy:
         return self.policies.get(device) or DEFAULT_POLICIES["cuda" if device.startswith("cuda") else "cpu"]
@@ -102,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
                    help="folder with one sub-folder (model.toml + files) per model")
     p.add_argument("--no-embedded", action="store_true", default=_env("NO_EMBEDDED", "") in ("1", "true"),
                    help="do not serve the embedded EfficientNet-Lite models")
+    p.add_argument("--no-warm-up", action="store_true", default=_env("NO_WARM_UP", "") in ("1", "true"),
+                   help="make replicas on the first calls instead of at start-up (faster start, slow first calls)")
     p.add_argument("--device", default=_env("DEVICE", "auto"),
                    help="auto (every GPU, else the CPU), cpu, or a list such as cuda:0,cuda:1")
     p.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", "64") or 64))
@@ -215,8 +219,8 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         model_repo=Path(args.model_repo) if args.model_repo else None, embedded=not args.no_embedded,
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue, max_jobs=args.max_jobs,
         threads=args.threads, grace_seconds=args.grace, policies=policies, log_level=args.log_level,
-        http_port=args.http_port, http_host=args.http_host, **_operations(p, args), **_datasets(p, args),
-        **_model_control(p, args))
+        http_port=args.http_port, http_host=args.http_host, warm_up=not args.no_warm_up, **_operations(p, args),
+        **_datasets(p, args), **_model_control(p, args))
 
 
 def _operations(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
