@@ -47,13 +47,14 @@ WHOLE = 0  # the device lane's index
 class Worker:
     def __init__(self, device: torch.device, policy: BatchPolicy, batcher: Batcher,
                  models: Callable[[str], ServedModel], metrics: Metrics, threads: int | None = None, *,
-                 times: ServiceTimes | None = None) -> None:
+                 times: ServiceTimes | None = None, lone_all_threads: bool = False) -> None:
         self.device = device
         self.policy = policy
         # Intra-op threads of this worker's compute on a CPU (split between its shards, all of them on the
         # device lane); default: the constructing thread's count.
         self.threads = threads or torch.get_num_threads()
         self._shard_count = policy.shards if device.type == "cpu" else 1
+        self._lone_all_threads = lone_all_threads  # a lone task on the device lane (see _on_device_lane)
         self._alone = False  # the last batch had one task, ran alone, and nothing arrived while it computed
         self._ran = False  # some batch has finished (before that, a lone task is taken as alone)
         self._batcher = batcher
@@ -173,8 +174,9 @@ class Worker:
         return BatchPolicy(size, 0.0 if alone else self.policy.max_batch_delay)
 
     def _on_device_lane(self, batch: list[Entry], free: int) -> bool:
-        """A lone task when every shard is free (all threads for one caller), or a model whose module cannot
-        be copied per shard (ONNX: hooks on a shared module would fire in both shards' forwards).
+        """A model whose module cannot be copied per shard (ONNX: hooks on a shared module would fire in both
+        shards' forwards), and with `lone_all_threads` a lone task when every shard is free (all threads for
+        one caller: faster on a quiet dedicated host, a collapse when the cores are shared, so off by default).
 
         Never an optimisation step (a task with a quorum): its job's float sums must run in the same order
         whatever its companions, and the intra-op thread count changes that order (a 2-thread team splits
@@ -183,7 +185,8 @@ class Worker:
         that ran alone for some steps and batched for others 14.7 apart (docs/performance.md). On
         single-threaded shards a job's steps are bit-identical alone or in any batch."""
         step = batch[0].task.quorum is not None
-        if not step and len(batch) == 1 and free == len(self._lanes) - 1 and (self._alone or not self._ran):
+        if (self._lone_all_threads and not step and len(batch) == 1 and free == len(self._lanes) - 1
+                and (self._alone or not self._ran)):
             return True
         try:
             return not self._model_of(batch[0].task).layout_applies
