@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,7 +48,8 @@ WHOLE = 0  # the device lane's index
 class Worker:
     def __init__(self, device: torch.device, policy: BatchPolicy, batcher: Batcher,
                  models: Callable[[str], ServedModel], metrics: Metrics, threads: int | None = None, *,
-                 times: ServiceTimes | None = None, lone_all_threads: bool = False) -> None:
+                 times: ServiceTimes | None = None, lone_all_threads: bool = False,
+                 fold_batchnorm: bool = False) -> None:
         self.device = device
         self.policy = policy
         # Intra-op threads of this worker's compute on a CPU (split between its shards, all of them on the
@@ -55,6 +57,7 @@ class Worker:
         self.threads = threads or torch.get_num_threads()
         self._shard_count = policy.shards if device.type == "cpu" else 1
         self._lone_all_threads = lone_all_threads  # a lone task on the device lane (see _on_device_lane)
+        self._fold_batchnorm = fold_batchnorm  # replicas offer a BN-folded copy (models/fold.py)
         self._alone = False  # the last batch had one task, ran alone, and nothing arrived while it computed
         self._ran = False  # some batch has finished (before that, a lone task is taken as alone)
         self._batcher = batcher
@@ -283,6 +286,8 @@ class Worker:
         replica = cache.get(key)
         if replica is None:
             replica = model.replica(self.device, memory_format=memory_format_for(self.device), fresh=fresh)
+            if self._fold_batchnorm:  # (shares the replica's module; its `folded` is a copy of its own)
+                replica = replace(replica, fold_batchnorm=True, lane_replicas={})
             if replica is not model:  # (the copy itself is not cached on itself: no reference cycle)
                 cache[key] = replica
         return replica
