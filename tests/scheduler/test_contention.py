@@ -1,6 +1,6 @@
-"""A lone task takes the worker's device lane (every intra-op thread) only while the CPUs are not contended;
-on busy CPUs it runs on a one-thread shard, whose result is the same (issue #15: a team of threads on busy
-cores made the first calls of each run take seconds)."""
+"""With --lone-all-threads a lone task takes the worker's device lane (every intra-op thread) only while the
+CPUs are not contended; on busy CPUs it runs on a one-thread shard, whose result is the same (issue #15: a team
+of threads on busy cores made the first calls of each run take seconds)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from convlens.server.engine.saliency import SaliencyOptions
 from convlens.server.engine.targets import ClassTarget
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
-from convlens.server.scheduler import BatchPolicy, Scheduler, Task
-from convlens.server.scheduler import contention
+from convlens.server.scheduler import BatchPolicy, Scheduler, Task, contention
 from convlens.server.scheduler.contention import Contention, cpu_pressure
 from tests.engine.conftest import LiteNet, randomise_batchnorm, seeded
 from tests.scheduler.test_layout import images, served
@@ -69,7 +68,7 @@ async def test_a_lone_task_runs_on_every_thread_only_when_the_cpus_are_quiet(
 
     total = torch.get_num_threads()
     scheduler = Scheduler(lambda name: lite, [torch.device("cpu")], Metrics(),
-                          policies={"cpu": BatchPolicy(4, 0.0, shards=2)}, max_queue=8)
+                          policies={"cpu": BatchPolicy(4, 0.0, shards=2)}, max_queue=8, lone_all_threads=True)
     payload = SaliencyPayload(SaliencyOptions(), images(1)[0], ClassTarget(2))
     await scheduler.start()
     try:
