@@ -128,8 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lone-all-threads", action="store_true",
                    default=_env("LONE_ALL_THREADS", "") not in ("", "0", "false"),
                    help="CPU: run a task that is alone on every intra-op thread (~1.15x faster for a lone "
-                        "caller on a dedicated, quiet host; collapses when the cores are shared). Default: on "
-                        "one shard's share, as batches")
+                        "caller on a dedicated, quiet host; collapses when the cores are shared, so only while "
+                        "the CPUs are not contended). Default: on one shard's share, as batches")
     p.add_argument("--fold-batchnorm", action="store_true",
                    default=_env("FOLD_BATCHNORM", "") not in ("", "0", "false"),
                    help="serve requests that read no layer (class-target saliency, class-logit MaximizeUnit) "
