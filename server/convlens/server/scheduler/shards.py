@@ -141,6 +141,9 @@ class Shard:
                 future.set_result(fn())
             except BaseException as exc:
                 future.set_exception(exc)
+            # (#15, streams) Let the finished batch go now: kept in these locals while the thread waits for
+            # the next one, the last batch's payloads (optimisation jobs, images) stayed alive until then.
+            del work, fn, future
 
 
 def split(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
