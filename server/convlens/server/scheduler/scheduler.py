@@ -32,7 +32,8 @@ class Scheduler:
 
     def __init__(self, models: Callable[[str], ServedModel], devices: Sequence[torch.device],
                  metrics: Metrics, *, policies: Mapping[str, BatchPolicy] | None = None,
-                 max_queue: int = 256, max_jobs: int = 64, threads: int | None = None) -> None:
+                 max_queue: int = 256, max_jobs: int = 64, threads: int | None = None,
+                 lone_all_threads: bool = False, fold_batchnorm: bool = False) -> None:
         devices = list(devices)
         if not devices:
             raise ValueError("the scheduler needs at least one device")
@@ -40,7 +41,8 @@ class Scheduler:
         self._batcher = Batcher(metrics, max_queue)
         per_device = policies_for(devices, policies)
         self._times = ServiceTimes()
-        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads, times=self._times)
+        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads, times=self._times,
+                                lone_all_threads=lone_all_threads, fold_batchnorm=fold_batchnorm)
                          for d in devices]
         self._jobs = JobRegistry(devices, max_jobs, metrics, self._batcher.notify)
         self._state = "new"  # new -> running -> stopping -> stopped

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,13 +48,16 @@ WHOLE = 0  # the device lane's index
 class Worker:
     def __init__(self, device: torch.device, policy: BatchPolicy, batcher: Batcher,
                  models: Callable[[str], ServedModel], metrics: Metrics, threads: int | None = None, *,
-                 times: ServiceTimes | None = None) -> None:
+                 times: ServiceTimes | None = None, lone_all_threads: bool = False,
+                 fold_batchnorm: bool = False) -> None:
         self.device = device
         self.policy = policy
         # Intra-op threads of this worker's compute on a CPU (split between its shards, all of them on the
         # device lane); default: the constructing thread's count.
         self.threads = threads or torch.get_num_threads()
         self._shard_count = policy.shards if device.type == "cpu" else 1
+        self._lone_all_threads = lone_all_threads  # a lone task on the device lane (see _on_device_lane)
+        self._fold_batchnorm = fold_batchnorm  # replicas offer a BN-folded copy (models/fold.py)
         self._alone = False  # the last batch had one task, ran alone, and nothing arrived while it computed
         self._ran = False  # some batch has finished (before that, a lone task is taken as alone)
         self._batcher = batcher
@@ -176,9 +180,19 @@ class Worker:
         return BatchPolicy(size, 0.0 if alone else self.policy.max_batch_delay)
 
     def _on_device_lane(self, batch: list[Entry], free: int) -> bool:
-        """A lone task when every shard is free (all threads for one caller), or a model whose module cannot
-        be copied per shard (ONNX: hooks on a shared module would fire in both shards' forwards)."""
-        if len(batch) == 1 and free == len(self._lanes) - 1 and (self._alone or not self._ran):
+        """A model whose module cannot be copied per shard (ONNX: hooks on a shared module would fire in both
+        shards' forwards), and with `lone_all_threads` a lone task when every shard is free (all threads for
+        one caller: faster on a quiet dedicated host, a collapse when the cores are shared, so off by default).
+
+        Never an optimisation step (a task with a quorum): its job's float sums must run in the same order
+        whatever its companions, and the intra-op thread count changes that order (a 2-thread team splits
+        reductions differently). One ulp at one step grows over an optimisation's steps: the same
+        MaximizeUnit job on 1 and 2 threads ended 2.3 grey levels apart on average after 32 steps, and a job
+        that ran alone for some steps and batched for others 14.7 apart (docs/performance.md). On
+        single-threaded shards a job's steps are bit-identical alone or in any batch."""
+        step = batch[0].task.quorum is not None
+        if (self._lone_all_threads and not step and len(batch) == 1 and free == len(self._lanes) - 1
+                and (self._alone or not self._ran)):
             return True
         try:
             return not self._model_of(batch[0].task).layout_applies
@@ -275,6 +289,8 @@ class Worker:
         replica = cache.get(key)
         if replica is None:
             replica = model.replica(self.device, memory_format=memory_format_for(self.device), fresh=fresh)
+            if self._fold_batchnorm:  # (shares the replica's module; its `folded` is a copy of its own)
+                replica = replace(replica, fold_batchnorm=True, lane_replicas={})
             if replica is not model:  # (the copy itself is not cached on itself: no reference cycle)
                 cache[key] = replica
         return replica
