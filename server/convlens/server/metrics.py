@@ -69,6 +69,11 @@ class Metrics:
         self.first_progress_seconds = Histogram("convlens_time_to_first_progress_seconds",
                                                 "Time from admitting a job to its first step's progress event.",
                                                 ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        # A stream reader that stopped reading pauses its job (scheduler/steps.py, CALLER_PATIENCE).
+        self.jobs_waiting = Gauge("convlens_jobs_waiting_for_caller",
+                                  "Optimisation jobs paused because their caller has not taken their last event "
+                                  "(a stream reader that stopped reading; its companions go on without it).",
+                                  registry=r)
         # TopActivations indexes (one scan per model x dataset x layer, then answered from the index).
         self.index_images_scanned = Counter("convlens_index_images_scanned_total",
                                             "Dataset images run through a model to build an index.",

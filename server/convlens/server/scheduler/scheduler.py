@@ -67,6 +67,10 @@ class Scheduler:
     def active_jobs(self) -> int:
         return self._jobs.live
 
+    def waiting_jobs(self) -> int:
+        """Live jobs paused because their caller has not taken their last event (see scheduler/steps.py)."""
+        return self._jobs.waiting
+
     def job(self, *, model: str, rpc: str, deadline: float | None, served: ServedModel | None = None
             ) -> AbstractAsyncContextManager[JobHandle]:
         """Admit an optimisation job (ResourceExhausted beyond max_jobs); see scheduler/steps.py. `served`:

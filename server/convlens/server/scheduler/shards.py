@@ -161,14 +161,15 @@ class Shard:
                 self._ready.set()
             while (work := self._work.get()) is not None:
                 fn, current = work
-                if not current.set_running_or_notify_cancel():  # cancelled while queued: not run
-                    current = None
-                    continue
-                try:
-                    current.set_result(fn())
-                except Exception as exc:  # the work failed; the thread goes on
-                    current.set_exception(exc)
+                if current.set_running_or_notify_cancel():  # (not when cancelled while queued)
+                    try:
+                        current.set_result(fn())
+                    except Exception as exc:  # the work failed; the thread goes on
+                        current.set_exception(exc)
+                # (#15, streams) Let the finished batch go now: kept in these locals while the thread waits for
+                # the next one, the last batch's payloads (optimisation jobs, images) stayed alive until then.
                 current = None
+                del work, fn
         except BaseException as exc:  # SystemExit & co. end this thread: say so, never leave work hanging
             self._die(exc, current)
 

@@ -235,6 +235,9 @@ class Worker:
             else:
                 for lane, chunk in zip(free, split(batch, len(free)), strict=False):
                     self._launch(lane, list(chunk), len(batch))
+            # (#15, streams) The lanes hold the batch now: the loop must not keep it (and its jobs) alive while
+            # it waits for the next one.
+            batch = chunk = []
 
     def _free_lanes(self) -> list[int]:
         if len(self._lanes) == 1:
