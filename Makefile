@@ -73,6 +73,11 @@ fuzz: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m tools.reliability.soak --minutes $${SOAK_MINUTES:-30}
 
+# Cancellation storm, slow and vanished stream readers (#15, tools/reliability/storm.py)
+.PHONY: storm
+storm: $(STAMP)
+	$(PY) -m tools.reliability.storm
+
 # Issue 16: the unit atlas. `make atlas` builds a small one of the embedded Lite0 (4 channels of three
 # layers) in out/atlas/ and screenshots a unit page; `make chromium` (run by `make test`) installs Debian's
 # chromium for the atlas browser test: as root through apt-get, else it says so and that test is skipped.

@@ -18,6 +18,7 @@ from convlens.server.engine.targets import ClassTarget, UnitTarget
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler import BatchPolicy, Scheduler, Task
+from convlens.server.scheduler.contention import Contention
 from convlens.server.scheduler.policy import policies_for
 from convlens.server.scheduler.shards import process_default_threads, set_process_default_threads, split
 from tests.engine.conftest import LiteNet, randomise_batchnorm, seeded
@@ -52,12 +53,14 @@ async def _submit_all(scheduler: Scheduler, payloads: list[Any], compute: Any) -
     return list(await asyncio.gather(*(scheduler.submit(t) for t in tasks)))
 
 
-def _scheduler(model: ServedModel, policy: BatchPolicy) -> Scheduler:
-    return Scheduler(lambda name: model, [CPU], Metrics(), policies={"cpu": policy}, max_queue=64)
+def _scheduler(model: ServedModel, policy: BatchPolicy, *, lone_all_threads: bool = False) -> Scheduler:
+    return Scheduler(lambda name: model, [CPU], Metrics(), policies={"cpu": policy}, max_queue=64,
+                     lone_all_threads=lone_all_threads)
 
 
-async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(lite: ServedModel
-                                                                                          ) -> None:
+async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(
+        lite: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Contention, "busy", lambda self, now=None: False)  # (on busy CPUs: a shard, test_contention)
     seen: list[tuple[str, int, int, int]] = []  # thread, intra-op threads, chunk size, module id
 
     def compute(replica: ServedModel, payloads: Any) -> list[Any]:
@@ -72,7 +75,7 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
         payloads = [SaliencyPayload(SaliencyOptions(), image, ClassTarget(i % 5)) for i, image in
                     enumerate(images(6))]
         batched = await _submit_all(scheduler, payloads, compute)
-        lone_policy = _scheduler(lite, BatchPolicy(1, 0.0, shards=2))
+        lone_policy = _scheduler(lite, BatchPolicy(1, 0.0, shards=2), lone_all_threads=True)
         await lone_policy.start()
         try:
             (alone,) = await _submit_all(lone_policy, payloads[:1], compute)
@@ -95,10 +98,14 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
                                    atol=1e-5 * float(want.attribution.abs().max()))
 
 
-async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(lite: ServedModel) -> None:
+@pytest.mark.parametrize("lone_all_threads", [False, True])
+async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(
+        lite: ServedModel, lone_all_threads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job's steps must run in the same float order alone or batched: the intra-op thread count changes
     it (a MaximizeUnit job on Lite0 ended 2.3 grey levels apart after 32 steps on 1 vs 2 threads), so a
-    step never takes the device lane's thread team, even alone; a lone one-shot task still does."""
+    step never takes the device lane's thread team, even alone. A lone one-shot task runs on a shard too by
+    default (a thread team collapses on shared cores), on every thread with `lone_all_threads`."""
+    monkeypatch.setattr(Contention, "busy", lambda self, now=None: False)  # (busy CPUs: test_contention)
     seen: list[tuple[str, int]] = []
 
     def compute(replica: ServedModel, payloads: Any) -> list[Any]:
@@ -106,7 +113,7 @@ async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(li
         return list(payloads)
 
     total = torch.get_num_threads()
-    scheduler = _scheduler(lite, BatchPolicy(1, 0.0, shards=2))
+    scheduler = _scheduler(lite, BatchPolicy(1, 0.0, shards=2), lone_all_threads=lone_all_threads)
     await scheduler.start()
     try:
         step = Task(model="tiny", rpc="MaximizeUnit", key="k", payload="step", compute=compute, quorum=lambda: 1)
@@ -117,7 +124,10 @@ async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(li
         await scheduler.stop(2.0)
     (step_thread, step_threads), (lone_thread, lone_threads) = seen
     assert "shard" in step_thread and step_threads == max(1, total // 2)
-    assert "worker" in lone_thread and lone_threads == total
+    if lone_all_threads:
+        assert "worker" in lone_thread and lone_threads == total
+    else:
+        assert "shard" in lone_thread and lone_threads == max(1, total // 2)
 
 
 @pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "grad_cam"])

@@ -244,3 +244,20 @@ def test_pinned_steps_go_only_to_their_device_and_wait_for_their_quorum():
         assert [e.task.payload for e in batch] == [1, 2]
     finally:
         loop.close()
+
+
+async def test_a_job_whose_caller_stops_taking_reports_pauses_and_does_not_hold_its_companions(scheduler_factory):
+    """#15, slow reader: a job steps only when its caller takes its reports; while it waits for its caller its
+    step group goes on without it (before, a companion of the same key waited for it until its deadline)."""
+    s = await scheduler_factory(max_batch_delay=60.0)
+    async with s.job(model="tiny", rpc="MaximizeUnit", deadline=None) as handle:
+        job = make_job(1, handle.device, steps=50)
+        reports = handle.steps(job)
+        assert (await reports.__anext__()).step == 1  # then its caller takes nothing more for a while
+        await wait_until(lambda: s.waiting_jobs() == 1, timeout=30)
+        image = await asyncio.wait_for(run_job(s, seed=2), 30)  # same key: batched with nobody, waits for nobody
+        torch.testing.assert_close(image, alone_image(2), **CLOSE)
+        assert s.waiting_jobs() == 1 and job.step == 1  # paused: no step without its caller
+        assert (await reports.__anext__()).step == 2 and s.waiting_jobs() == 0  # the caller is back
+        await reports.aclose()
+    assert s.active_jobs() == 0 and s.waiting_jobs() == 0 and s.queue_depth() == 0

@@ -83,8 +83,14 @@ class ConvLensServer:
         policies = {str(d): cfg.policy_for(str(d)) for d in devices}
         self._scheduler = Scheduler(repo.get, devices, self.metrics, policies=policies, max_queue=cfg.max_queue,
                                     max_jobs=cfg.max_jobs, threads=cfg.threads or None,
+                                    lone_all_threads=cfg.lone_all_threads, fold_batchnorm=cfg.fold_batchnorm,
                                     max_batch_cost=cfg.budget.batch_pixels)
         await self._scheduler.start()
+        if cfg.warm_up:  # before the port opens: the first callers get warm replicas (scheduler/worker.py)
+            started = time.monotonic()
+            await self._scheduler.warm(repo.models())
+            log.info("replicas of %d models made and run once on every lane in %.1f s", len(repo.models()),
+                     time.monotonic() - started)
 
         limit = cfg.max_message_mb * 1024 * 1024
         auth = None

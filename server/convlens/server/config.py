@@ -38,6 +38,14 @@ class ServerConfig:
     max_queue: int = 256
     max_jobs: int = 64  # optimisation jobs (MaximizeUnit, Dream, StyleTransfer) running at once
     threads: int = 0  # intra-op threads of the CPU worker's compute; 0: torch's default (the physical cores)
+    # A lone task on every intra-op thread of the CPU worker (its device lane) instead of one shard's share.
+    # Off: a 2-thread OpenMP team spins at each of a forward + backward's barriers, and when the cores are
+    # shared (other processes, a pod's CPU quota) a lone call collapsed from 13 to 0.7-1.2 requests/s
+    # (docs/performance.md); on a dedicated quiet host it makes a lone call ~1.15x faster.
+    lone_all_threads: bool = False
+    # Batch norm folded into the convolutions for requests that read no layer (models/fold.py): ~20% less
+    # compute on Lite0; gradients differ from the unfolded model's at rounding-flipped ReLU6 kinks.
+    fold_batchnorm: bool = False
     grace_seconds: float = 10.0
     policies: dict[str, BatchPolicy] = field(default_factory=dict)  # per device string, overrides defaults
     log_level: str = "INFO"
@@ -63,6 +71,8 @@ class ServerConfig:
     # Model control (issue 14; service/model_control.py): none | explicit | poll, and the poll period.
     model_control: str = "none"
     repository_poll_s: float = 5.0
+    # Start-up (issue #15): every lane's replicas made and run once before the port opens (scheduler/worker.py).
+    warm_up: bool = True
     # Per-request work/memory budget (issue #15; engine/budget.py): --max-saliency-mpx-rows, --chunk-mpx,
     # --max-job-mpx.
     budget: Budget = field(default_factory=Budget)
@@ -106,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
                    help="folder with one sub-folder (model.toml + files) per model")
     p.add_argument("--no-embedded", action="store_true", default=_env("NO_EMBEDDED", "") in ("1", "true"),
                    help="do not serve the embedded EfficientNet-Lite models")
+    p.add_argument("--no-warm-up", action="store_true", default=_env("NO_WARM_UP", "") in ("1", "true"),
+                   help="make replicas on the first calls instead of at start-up (faster start, slow first calls)")
     p.add_argument("--device", default=_env("DEVICE", "auto"),
                    help="auto (every GPU, else the CPU), cpu, or a list such as cuda:0,cuda:1")
     p.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", "64") or 64))
@@ -118,6 +130,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(_env("THREADS", "0") or 0),
                    help="intra-op threads of the CPU worker's compute, split between its shards (default 0: "
                         f"torch's default, {torch.get_num_threads()} here); every other thread runs torch on one")
+    p.add_argument("--lone-all-threads", action="store_true",
+                   default=_env("LONE_ALL_THREADS", "") not in ("", "0", "false"),
+                   help="CPU: run a task that is alone on every intra-op thread (~1.15x faster for a lone "
+                        "caller on a dedicated, quiet host; collapses when the cores are shared, so only while "
+                        "the CPUs are not contended). Default: on one shard's share, as batches")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   default=_env("FOLD_BATCHNORM", "") not in ("", "0", "false"),
+                   help="serve requests that read no layer (class-target saliency, class-logit MaximizeUnit) "
+                        "on a copy with batch norm folded into the convolutions: ~20%% less compute; logits "
+                        "equal to float rounding, gradients but for rare entries behind a rounding-flipped "
+                        "ReLU kink (up to a few %% of the map's max; off: Captum's numbers)")
     p.add_argument("--batch", type=parse_policy, action="append", default=[],
                    metavar="DEVICE=SIZE[:DELAY_MS[:SHARDS]]",
                    help="batching policy per device, e.g. --batch cpu=8:2:2 --batch cuda:0=32:5; SHARDS (CPU "
@@ -219,7 +242,9 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         host=args.host, port=args.port, metrics_port=args.metrics_port, metrics=not args.no_metrics,
         model_repo=Path(args.model_repo) if args.model_repo else None, embedded=not args.no_embedded,
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue, max_jobs=args.max_jobs,
-        threads=args.threads, grace_seconds=args.grace, policies=policies, log_level=args.log_level,
+        threads=args.threads, lone_all_threads=args.lone_all_threads,
+        fold_batchnorm=args.fold_batchnorm, grace_seconds=args.grace, policies=policies,
+        log_level=args.log_level, warm_up=not args.no_warm_up,
         http_port=args.http_port, http_host=args.http_host, **_operations(p, args), **_datasets(p, args),
         **_model_control(p, args), budget=_budget(p, args))
 

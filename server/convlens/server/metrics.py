@@ -51,6 +51,11 @@ class Metrics:
                                            "'device' (every thread; the only lane on a GPU) or 'shardN' (a CPU "
                                            "shard); each lane at most its wall time.",
                                            ["device", "lane"], registry=r)
+        # A lane's thread that ended (scheduler/shards.py LaneDied): its callers got UNAVAILABLE and a fresh
+        # thread with fresh replicas took its place (issue #15).
+        self.lane_restarts = Counter("convlens_worker_lane_restarts_total",
+                                     "Compute lanes whose thread died and was replaced by a fresh one.",
+                                     ["device", "lane"], registry=r)
         # Budget (issue #15): compute stopped between chunks, and freed memory given back to the system.
         self.compute_stopped = Counter("convlens_compute_stopped_total",
                                        "Tasks whose compute stopped between chunks because every caller of their "
@@ -73,6 +78,11 @@ class Metrics:
         self.first_progress_seconds = Histogram("convlens_time_to_first_progress_seconds",
                                                 "Time from admitting a job to its first step's progress event.",
                                                 ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        # A stream reader that stopped reading pauses its job (scheduler/steps.py, CALLER_PATIENCE).
+        self.jobs_waiting = Gauge("convlens_jobs_waiting_for_caller",
+                                  "Optimisation jobs paused because their caller has not taken their last event "
+                                  "(a stream reader that stopped reading; its companions go on without it).",
+                                  registry=r)
         # TopActivations indexes (one scan per model x dataset x layer, then answered from the index).
         self.index_images_scanned = Counter("convlens_index_images_scanned_total",
                                             "Dataset images run through a model to build an index.",

@@ -13,6 +13,9 @@ from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, sal
 from convlens.server.engine.targets import Target, UnitTarget
 from convlens.server.models.model import ServedModel
 
+# Methods that hook no layer (Grad-CAM reads one): with a class target they may run on a folded replica.
+READS_NO_LAYER = frozenset({"gradient", "guided_backprop", "deconvnet", "smoothgrad", "integrated_gradients"})
+
 
 @dataclass(frozen=True)
 class SaliencyPayload:
@@ -32,6 +35,8 @@ class SaliencyPayload:
 def compute_saliency(model: ServedModel, payloads: Sequence[SaliencyPayload]) -> list[SaliencyResult]:
     """One batch; every payload shares `batch_key`, hence the options."""
     options = payloads[0].options
+    if options.method in READS_NO_LAYER and not any(isinstance(p.target, UnitTarget) for p in payloads):
+        model = model.folded or model  # --fold-batchnorm (models/fold.py)
     inputs = model.batch([p.image for p in payloads])
     baselines = None
     if options.ig_baseline == "image":

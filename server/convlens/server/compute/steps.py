@@ -20,6 +20,8 @@ def compute_steps(model: ServedModel, jobs: Sequence[Job]) -> list[Any]:
     A failure in the batched forward/backward happens before any job's state changed, so the jobs are then
     retried one by one: a job whose objective fails does not take its companions down with it.
     """
+    if not any(job.layers for job in jobs):  # class-logit objectives: --fold-batchnorm may apply
+        model = model.folded or model
     try:
         return [(r, len(jobs)) for r in run_step(model.module, jobs)]
     except Exception:

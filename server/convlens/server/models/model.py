@@ -13,6 +13,7 @@ from torch import nn
 
 from convlens.server.engine.layers import LayerResolver, not_found
 from convlens.server.engine.receptive_field import ReceptiveField
+from convlens.server.models.fold import fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class ServedModel:
     # The workers' replicas of this copy, per lane (scheduler/worker.py): they live and die with the copy,
     # so an unloaded or replaced copy's replicas go once its last call has finished.
     lane_replicas: dict[str, ServedModel] = field(default_factory=dict, repr=False, compare=False)
+    # `--fold-batchnorm` (models/fold.py): replicas offer `folded`, BN carried by the convolutions, for
+    # requests that read no layer.
+    fold_batchnorm: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -113,6 +117,21 @@ class ServedModel:
             if memory_format != torch.contiguous_format:
                 module = module.to(memory_format=memory_format)
         return replace(self, module=module, device=device, memory_format=memory_format, lane_replicas={})
+
+    @cached_property
+    def folded(self) -> ServedModel | None:
+        """This replica with batch norm folded into its convolutions (models/fold.py), for requests that
+        read no layer; None unless `fold_batchnorm`, or when nothing folds (TorchScript, ONNX, no BN, a
+        module torch.fx cannot trace). Built once per replica, on the lane that first asks."""
+        if not self.fold_batchnorm or self.format in ("torchscript", "onnx"):
+            return None
+        probe = torch.rand(1, 3, self.preprocess.height, self.preprocess.width, device=self.device,
+                           generator=torch.Generator(device=self.device).manual_seed(0))
+        done = fold_batchnorm(self.module, probe.contiguous(memory_format=self.memory_format))
+        if done is None:
+            return None
+        module, _ = done
+        return replace(self, module=module, lane_replicas={}, fold_batchnorm=False)
 
     @property
     def ref(self) -> str:

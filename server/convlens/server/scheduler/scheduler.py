@@ -33,6 +33,7 @@ class Scheduler:
     def __init__(self, models: Callable[[str], ServedModel], devices: Sequence[torch.device],
                  metrics: Metrics, *, policies: Mapping[str, BatchPolicy] | None = None,
                  max_queue: int = 256, max_jobs: int = 64, threads: int | None = None,
+                 lone_all_threads: bool = False, fold_batchnorm: bool = False,
                  max_batch_cost: int = 0) -> None:
         devices = list(devices)
         if not devices:
@@ -41,7 +42,8 @@ class Scheduler:
         self._batcher = Batcher(metrics, max_queue, max_batch_cost)  # cost: Task.cost, pixels (issue #15)
         per_device = policies_for(devices, policies)
         self._times = ServiceTimes()
-        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads, times=self._times)
+        self._workers = [Worker(d, per_device[str(d)], self._batcher, models, metrics, threads, times=self._times,
+                                lone_all_threads=lone_all_threads, fold_batchnorm=fold_batchnorm)
                          for d in devices]
         self._jobs = JobRegistry(devices, max_jobs, metrics, self._batcher.notify)
         self._state = "new"  # new -> running -> stopping -> stopped
@@ -54,11 +56,21 @@ class Scheduler:
             worker.start()
         self._state = "running"
 
+    async def warm(self, models: Sequence[ServedModel]) -> None:
+        """Every worker's replicas of `models` made and run once now (worker.Worker.warm), before callers come."""
+        if self._state != "running":
+            raise RuntimeError(f"scheduler cannot warm up: it is {self._state}")
+        await asyncio.gather(*(w.warm(models) for w in self._workers))
+
     def queue_depth(self) -> int:
         return self._batcher.depth
 
     def active_jobs(self) -> int:
         return self._jobs.live
+
+    def waiting_jobs(self) -> int:
+        """Live jobs paused because their caller has not taken their last event (see scheduler/steps.py)."""
+        return self._jobs.waiting
 
     def job(self, *, model: str, rpc: str, deadline: float | None, served: ServedModel | None = None
             ) -> AbstractAsyncContextManager[JobHandle]:

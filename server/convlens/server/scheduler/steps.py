@@ -21,10 +21,18 @@ Leaving the block — normally, by an error, or because the caller went away (Ca
 job's slot at once: its queued step is discarded, its companions stop waiting for it, and the job's
 tensors are freed when the service drops it. The deadline bounds the whole job: a step not started by then
 fails with DEADLINE_EXCEEDED.
+
+A job is stepped only when its caller takes its events: `steps` yields each report and submits the next step
+when asked for it. A caller that stops reading (grpc's flow-control window full, so the write of its event
+blocks) therefore pauses its job — no compute, nothing more buffered — until it reads again, its deadline
+passes or it goes away. Its companions must not wait for it meanwhile: a job still in its caller's hands
+CALLER_PATIENCE after its step leaves its step group (counted in `JobRegistry.waiting`), and joins again
+with its next step. A quick caller never leaves, so batches stay whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -42,6 +50,11 @@ from convlens.server.scheduler.task import Compute, Task
 
 Submit = Callable[[Task], Any]  # Scheduler.submit
 
+# Seconds a job's companions wait for it while its caller takes a step's event (a preview rendered, a message
+# written) before the group goes on without it. Normally that is well under a millisecond; a reader that
+# stopped reading would otherwise hold every job of its step group until its deadline (#15, slow reader).
+CALLER_PATIENCE = 0.1
+
 
 class JobRegistry:
     """Live jobs: admission (--max-jobs), device placement, and the quorum of each step group."""
@@ -57,10 +70,16 @@ class JobRegistry:
         self._per_device: Counter[str] = Counter()
         self._per_group: Counter[Hashable] = Counter()
         self._per_rpc: Counter[str] = Counter()
+        self.waiting = 0  # live jobs out of their step group because their caller is slow to take an event
 
     @property
     def live(self) -> int:
         return sum(self._per_device.values())
+
+    @property
+    def groups(self) -> int:
+        """Step groups with at least one live job in them."""
+        return len(self._per_group)
 
     def admit(self, model: str, rpc: str) -> str:
         if self.live >= self.max_jobs:
@@ -107,6 +126,7 @@ class JobHandle:
         self._group: Hashable | None = None
         self._started = time.monotonic()
         self._first_progress = True
+        self._waiting = False  # out of its step group: its caller has not taken the last event yet
         self.cost = 0  # pixels one step works on (set by the service from its budget check; Task.cost)
 
     def _check_deadline(self) -> None:
@@ -116,6 +136,7 @@ class JobHandle:
                                    "optimisation; ask for fewer steps, a smaller size, or a longer deadline")
 
     def _enter(self, key: Hashable) -> Hashable:
+        self._caller_back()
         group = (self.model, self.rpc, key, self._device_label, self.served.copy_id if self.served else None)
         if group != self._group:  # a job's key may change between steps (Dream's octaves change the size)
             self._leave()
@@ -127,6 +148,20 @@ class JobHandle:
         if self._group is not None:
             self._registry.leave(self._group)
             self._group = None
+
+    def _caller_slow(self) -> None:
+        """The caller has not taken the last event after CALLER_PATIENCE: companions go on without this job."""
+        if self._group is not None and not self._waiting:
+            self._leave()
+            self._waiting = True
+            self._registry.waiting += 1
+            self._metrics.jobs_waiting.set(self._registry.waiting)
+
+    def _caller_back(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._registry.waiting -= 1
+            self._metrics.jobs_waiting.set(self._registry.waiting)
 
     async def step(self, job: Job) -> StepReport:
         """One step of `job`, batched with the other live jobs of its key on this device."""
@@ -144,10 +179,20 @@ class JobHandle:
         return report  # type: ignore[no-any-return]
 
     async def steps(self, job: Job) -> AsyncIterator[StepReport]:
-        """Step until `job.done`, yielding each step's report."""
+        """Step until `job.done`, yielding each step's report; the next step is submitted when the caller
+        asks for it (see the module docstring: a slow caller's companions go on without it)."""
+        loop = asyncio.get_running_loop()
         while not job.done:
-            yield await self.step(job)
-        self._leave()  # no companion waits for a finished job
+            report = await self.step(job)
+            if job.done:
+                self._leave()  # no companion waits for a finished job
+                yield report
+                return
+            timer = loop.call_later(CALLER_PATIENCE, self._caller_slow)
+            try:
+                yield report
+            finally:
+                timer.cancel()
 
     async def submit(self, key: Hashable, payload: Any, compute: Compute) -> Any:
         """A one-shot task on this job's device (e.g. scoring the final image), batched by `key`."""
@@ -168,4 +213,5 @@ async def job_slot(registry: JobRegistry, submit: Submit, metrics: Metrics, *, m
         yield handle
     finally:
         handle._leave()
+        handle._caller_back()
         registry.release(device, rpc)

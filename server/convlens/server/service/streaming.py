@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -112,12 +112,15 @@ class StreamingJobService:
 
     async def progress(self, handle: JobHandle, job: Job, preview_every: int,
                        render: Callable[[], Image.Image]) -> AsyncIterator[Progress]:
-        """Step `job` to the end, one Progress per step; previews are rendered off the event loop."""
-        async for report in handle.steps(job):
-            preview = None
-            if wants_preview(preview_every, report.step, report.total_steps, last=self.preview_last):
-                preview = await off_loop(render)
-            yield Progress(report.step, report.total_steps, dict(report.terms), preview, report.octave)
+        """Step `job` to the end, one Progress per step; previews are rendered off the event loop. The next
+        step is asked for when the caller takes this one's event: a reader that stops reading pauses its job
+        (scheduler/steps.py)."""
+        async with aclosing(handle.steps(job)) as reports:
+            async for report in reports:
+                preview = None
+                if wants_preview(preview_every, report.step, report.total_steps, last=self.preview_last):
+                    preview = await off_loop(render)
+                yield Progress(report.step, report.total_steps, dict(report.terms), preview, report.octave)
 
 
 def picture(pixels: torch.Tensor) -> Image.Image:

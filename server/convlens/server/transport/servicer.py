@@ -1,12 +1,15 @@
 """The InspectionService servicer: each handler converts the request, delegates, converts the answer.
 
 Request/response conversion lives in `codecs/<rpc>.py`, behaviour in `service/<rpc>.py`. An RPC without a
-handler here answers UNIMPLEMENTED (transport/unimplemented.py).
+handler here answers UNIMPLEMENTED (transport/unimplemented.py). A streaming handler closes its service's
+stream when it is itself closed (the caller went away while an event was on its way out), so the job's slot
+is released then, not whenever the garbage collector finalizes the abandoned generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
@@ -56,14 +59,17 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
 
     async def MaximizeUnit(self, request: pb.MaximizeUnitRequest, context: Context
                            ) -> AsyncIterator[pb.MaximizeUnitResponse]:
-        async for event in self.services.maximize(maximize.query(request), deadline(context)):
-            yield maximize.response(event)
+        async with aclosing(self.services.maximize(maximize.query(request), deadline(context))) as events:
+            async for event in events:
+                yield maximize.response(event)
 
     async def Dream(self, request: pb.DreamRequest, context: Context) -> AsyncIterator[pb.DreamResponse]:
-        async for event in self.services.dream(dream.query(request), deadline(context)):
-            yield dream.response(event)
+        async with aclosing(self.services.dream(dream.query(request), deadline(context))) as events:
+            async for event in events:
+                yield dream.response(event)
 
     async def StyleTransfer(self, request: pb.StyleTransferRequest, context: Context
                             ) -> AsyncIterator[pb.StyleTransferResponse]:
-        async for event in self.services.style(style.query(request), deadline(context)):
-            yield style.response(event)
+        async with aclosing(self.services.style(style.query(request), deadline(context))) as events:
+            async for event in events:
+                yield style.response(event)
