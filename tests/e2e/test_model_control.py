@@ -203,7 +203,9 @@ def gated_server(tmp_path: Path) -> ConvLensServer:
     model = ServedModel(name="gated", format="torchscript", module=module, preprocess=pre, labels=["a", "b"],
                         supports_gradients=True, layers=build_catalog(module, pre))
     (tmp_path / "repo").mkdir()
-    return ConvLensServer(config(tmp_path / "repo"), repository=ModelRepository([model], root=tmp_path / "repo"))
+    # No warm-up run at start-up: the gated forward would enter (and wait at) the gate before any call does.
+    return ConvLensServer(config(tmp_path / "repo", warm_up=False),
+                          repository=ModelRepository([model], root=tmp_path / "repo"))
 
 
 async def test_unload_refuses_new_calls_while_calls_in_flight_finish(tmp_path: Path) -> None:

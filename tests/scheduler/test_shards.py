@@ -18,6 +18,7 @@ from convlens.server.engine.targets import ClassTarget, UnitTarget
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler import BatchPolicy, Scheduler, Task
+from convlens.server.scheduler.contention import Contention
 from convlens.server.scheduler.policy import policies_for
 from convlens.server.scheduler.shards import process_default_threads, set_process_default_threads, split
 from tests.engine.conftest import LiteNet, randomise_batchnorm, seeded
@@ -57,8 +58,9 @@ def _scheduler(model: ServedModel, policy: BatchPolicy, *, lone_all_threads: boo
                      lone_all_threads=lone_all_threads)
 
 
-async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(lite: ServedModel
-                                                                                          ) -> None:
+async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_the_worker(
+        lite: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Contention, "busy", lambda self, now=None: False)  # (on busy CPUs: a shard, test_contention)
     seen: list[tuple[str, int, int, int]] = []  # thread, intra-op threads, chunk size, module id
 
     def compute(replica: ServedModel, payloads: Any) -> list[Any]:
@@ -97,12 +99,13 @@ async def test_a_batch_is_split_between_shard_threads_and_a_lone_task_runs_on_th
 
 
 @pytest.mark.parametrize("lone_all_threads", [False, True])
-async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(lite: ServedModel,
-                                                                             lone_all_threads: bool) -> None:
+async def test_a_lone_optimisation_step_runs_on_a_shard_not_with_every_thread(
+        lite: ServedModel, lone_all_threads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job's steps must run in the same float order alone or batched: the intra-op thread count changes
     it (a MaximizeUnit job on Lite0 ended 2.3 grey levels apart after 32 steps on 1 vs 2 threads), so a
     step never takes the device lane's thread team, even alone. A lone one-shot task runs on a shard too by
     default (a thread team collapses on shared cores), on every thread with `lone_all_threads`."""
+    monkeypatch.setattr(Contention, "busy", lambda self, now=None: False)  # (busy CPUs: test_contention)
     seen: list[tuple[str, int]] = []
 
     def compute(replica: ServedModel, payloads: Any) -> list[Any]:

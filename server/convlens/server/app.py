@@ -85,6 +85,11 @@ class ConvLensServer:
                                     max_jobs=cfg.max_jobs, threads=cfg.threads or None,
                                     lone_all_threads=cfg.lone_all_threads, fold_batchnorm=cfg.fold_batchnorm)
         await self._scheduler.start()
+        if cfg.warm_up:  # before the port opens: the first callers get warm replicas (scheduler/worker.py)
+            started = time.monotonic()
+            await self._scheduler.warm(repo.models())
+            log.info("replicas of %d models made and run once on every lane in %.1f s", len(repo.models()),
+                     time.monotonic() - started)
 
         limit = cfg.max_message_mb * 1024 * 1024
         auth = None

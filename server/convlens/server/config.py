@@ -70,6 +70,8 @@ class ServerConfig:
     # Model control (issue 14; service/model_control.py): none | explicit | poll, and the poll period.
     model_control: str = "none"
     repository_poll_s: float = 5.0
+    # Start-up (issue #15): every lane's replicas made and run once before the port opens (scheduler/worker.py).
+    warm_up: bool = True
 
     def policy_for(self, device: str) -> BatchPolicy:
         return self.policies.get(device) or DEFAULT_POLICIES["cuda" if device.startswith("cuda") else "cpu"]
@@ -110,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
                    help="folder with one sub-folder (model.toml + files) per model")
     p.add_argument("--no-embedded", action="store_true", default=_env("NO_EMBEDDED", "") in ("1", "true"),
                    help="do not serve the embedded EfficientNet-Lite models")
+    p.add_argument("--no-warm-up", action="store_true", default=_env("NO_WARM_UP", "") in ("1", "true"),
+                   help="make replicas on the first calls instead of at start-up (faster start, slow first calls)")
     p.add_argument("--device", default=_env("DEVICE", "auto"),
                    help="auto (every GPU, else the CPU), cpu, or a list such as cuda:0,cuda:1")
     p.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", "64") or 64))
@@ -124,8 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lone-all-threads", action="store_true",
                    default=_env("LONE_ALL_THREADS", "") not in ("", "0", "false"),
                    help="CPU: run a task that is alone on every intra-op thread (~1.15x faster for a lone "
-                        "caller on a dedicated, quiet host; collapses when the cores are shared). Default: on "
-                        "one shard's share, as batches")
+                        "caller on a dedicated, quiet host; collapses when the cores are shared, so only while "
+                        "the CPUs are not contended). Default: on one shard's share, as batches")
     p.add_argument("--fold-batchnorm", action="store_true",
                    default=_env("FOLD_BATCHNORM", "") not in ("", "0", "false"),
                    help="serve requests that read no layer (class-target saliency, class-logit MaximizeUnit) "
@@ -235,7 +239,7 @@ def from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         device=args.device, max_message_mb=args.max_message_mb, max_queue=args.max_queue, max_jobs=args.max_jobs,
         threads=args.threads, lone_all_threads=args.lone_all_threads,
         fold_batchnorm=args.fold_batchnorm, grace_seconds=args.grace, policies=policies,
-        log_level=args.log_level,
+        log_level=args.log_level, warm_up=not args.no_warm_up,
         http_port=args.http_port, http_host=args.http_host, **_operations(p, args), **_datasets(p, args),
         **_model_control(p, args))
 

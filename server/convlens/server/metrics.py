@@ -51,6 +51,11 @@ class Metrics:
                                            "'device' (every thread; the only lane on a GPU) or 'shardN' (a CPU "
                                            "shard); each lane at most its wall time.",
                                            ["device", "lane"], registry=r)
+        # A lane's thread that ended (scheduler/shards.py LaneDied): its callers got UNAVAILABLE and a fresh
+        # thread with fresh replicas took its place (issue #15).
+        self.lane_restarts = Counter("convlens_worker_lane_restarts_total",
+                                     "Compute lanes whose thread died and was replaced by a fresh one.",
+                                     ["device", "lane"], registry=r)
         # Optimisation jobs (MaximizeUnit, Dream, StyleTransfer), stepped by the step scheduler.
         self.active_jobs = Gauge("convlens_active_jobs", "Optimisation jobs admitted and not yet finished.",
                                  ["rpc"], registry=r)

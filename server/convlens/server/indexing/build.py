@@ -22,7 +22,7 @@ from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE
 from convlens.server.engine.topk.index import DEFAULT_K_MAX, ImageId, TopKIndex, merge
 from convlens.server.engine.topk.scan import empty_index, scan_batch
 from convlens.server.errors import InvalidArgument
-from convlens.server.indexing.store import IndexKey, load_if_valid, stamp, weights_digest
+from convlens.server.indexing.store import IndexKey, load_if_valid, save, stamp, weights_digest
 from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import prepare
 
@@ -146,7 +146,7 @@ def cached_or_build(model: ServedModel, dataset: Dataset, layer: str, root: Path
     if found is not None:
         return found
     index = build_index(model, dataset, layer, **kwargs)  # type: ignore[arg-type]
-    file_format.save(index, key.path(root))
+    save(index, key.path(root))
     return index
 
 

@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convlens.server.datasets.registry import parse_dataset_spec
-from convlens.server.engine.topk import file_format
 from convlens.server.indexing.build import Timings, build_index, index_key, merge_shards
 from convlens.server.indexing.sources import DatasetSource, ModelSource
-from convlens.server.indexing.store import default_index_dir
+from convlens.server.indexing.store import default_index_dir, load_if_valid, save
 
 
 def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -101,12 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pattern = f"{key.path(args.index_dir).stem}.shard-*-of-*.npz"
             paths = sorted(key.folder(args.index_dir).glob(pattern))
             merged = merge_shards(paths)
-            file_format.save(merged, key.path(args.index_dir))
+            save(merged, key.path(args.index_dir))
             print(f"merged {len(paths)} shards ({merged.count} images) into {key.path(args.index_dir)}")
             return 0
         shard, shards = parse_shard(args.shard)
         out = key.path(args.index_dir) if shards == 1 else key.shard_path(args.index_dir, shard, shards)
-        if out.exists() and not args.force:
+        if not args.force and load_if_valid(out, key) is not None:  # a damaged file is built again
             print(f"{out} exists (same weights, dataset and layer); --force builds it again")
             return 0
         n = len(dataset.listing().images[shard::shards])
@@ -122,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             index = build_index(model, dataset, args.layer, shard=shard, shards=shards,
                                 batch_size=args.batch_size, progress=bar, timings=timings)
-        file_format.save(index, out)
+        save(index, out)
         wall = time.perf_counter() - started
         print(f"indexed {index.count} of {n} images ({index.meta.get('skipped_count', '0')} skipped) in "
               f"{wall:.1f} s ({index.count / max(wall, 1e-9):.1f} images/s; decode {timings.decode_seconds:.1f} s, "

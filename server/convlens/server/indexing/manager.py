@@ -23,7 +23,6 @@ import torch
 from convlens.server.compute.top_activations import ScanPayload, compute_scan
 from convlens.server.datasets.dataset import Dataset, DirectoryDataset
 from convlens.server.datasets.registry import DatasetRegistry
-from convlens.server.engine.topk import file_format
 from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, concat
 from convlens.server.engine.topk.index import (
     DEFAULT_K_MAX,
@@ -35,7 +34,7 @@ from convlens.server.engine.topk.index import (
 from convlens.server.engine.topk.scan import empty_index
 from convlens.server.errors import ConvLensError, FailedPrecondition
 from convlens.server.indexing.build import layer_shape, prepare_one
-from convlens.server.indexing.store import IndexKey, default_index_dir, load_if_valid, stamp, weights_digest
+from convlens.server.indexing.store import IndexKey, default_index_dir, load_if_valid, save, stamp, weights_digest
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.scheduler import Scheduler
@@ -182,7 +181,7 @@ class IndexManager:
             index.meta["skipped_count"] = str(skipped)
             index.meta["shard"] = "0/1"
             stamp(index, build.key)
-            await asyncio.to_thread(file_format.save, index, build.key.path(self.index_dir))
+            await asyncio.to_thread(save, index, build.key.path(self.index_dir))
             self._remember(build.key, index)
             if self.metrics is not None:
                 self.metrics.index_builds.labels(*labels, "ok").inc()

@@ -20,6 +20,7 @@ from torch import nn
 
 from convlens.server.engine.topk import file_format
 from convlens.server.engine.topk.index import TopKIndex, coverage_of
+from convlens.server.scheduler.memory import index_write_stall, injected_faults
 
 _DIGEST_CACHE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
@@ -82,6 +83,12 @@ def load_if_valid(path: Path, key: IndexKey) -> TopKIndex | None:
     except Exception:
         return None
     return index if index.meta.get("key") == repr(sorted(key.meta().items())) else None
+
+
+def save(index: TopKIndex, path: Path) -> None:
+    """Write an index file atomically (engine/topk/file_format.save); every writer of indexes goes through here,
+    so the test-only fault CONVLENS_TEST_FAULTS=index_write_stall=1 can stop any of them halfway."""
+    file_format.save(index, path, after_part=index_write_stall(injected_faults()))
 
 
 def stamp(index: TopKIndex, key: IndexKey) -> TopKIndex:

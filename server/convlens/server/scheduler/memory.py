@@ -8,13 +8,20 @@ RESOURCE_EXHAUSTED (retryable with a smaller request), never INTERNAL, and the w
 The fault hook is off in production: it is read from the environment variable CONVLENS_TEST_FAULTS, which only
 tests set, e.g. "oom_batch_over=2" (a compute of more than 2 payloads raises torch.OutOfMemoryError) or
 "oom_payload_over=2" together with it (a single payload whose `size` attribute or value exceeds 2 too).
+Other faults of the same hook (faults helper, issue #15): "lane_dies=N" (the Nth batch a worker computes
+ends its lane's thread, see `lane_death`) and "index_write_stall=1" (an index file's write stops halfway, see
+`index_write_stall`).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,3 +71,41 @@ def compute_splitting(compute: Callable[[Any, Sequence[Any]], Any], replica: Any
     half = len(payloads) // 2
     return (compute_splitting(compute, replica, payloads[:half], describe)
             + compute_splitting(compute, replica, payloads[half:], describe))
+
+
+# ---- a lane thread that dies (issue #15, faults) -------------------------------------------------------------
+
+def lane_death(faults: dict[str, float]) -> Callable[[], None] | None:
+    """With "lane_dies=N": a callable the worker runs on the lane's thread before each batch; the Nth call (in
+    the worker, over all its lanes) raises SystemExit there, as a library's `sys.exit()` would, which ends
+    that thread (scheduler/shards.py). None in production."""
+    n = faults.get("lane_dies")
+    if n is None:
+        return None
+    counter = itertools.count(1)  # next() is atomic under the GIL: lanes call it side by side
+
+    def maybe_die() -> None:
+        batch = next(counter)
+        if batch == n:
+            raise SystemExit(f"injected: the lane thread dies on batch {batch}")
+
+    return maybe_die
+
+
+# ---- an index build killed mid-write (issue #15, faults) -----------------------------------------------------
+
+STALL_MARK = "convlens-test-fault: index write stalled at"
+
+
+def index_write_stall(faults: dict[str, float]) -> Callable[[Path], None] | None:
+    """With "index_write_stall=1": a callback for engine/topk/file_format.save that, once half of an index file
+    is written, says so on stderr (STALL_MARK and the temporary's path) and blocks for good, so that a test can
+    SIGKILL the process at exactly that point. None in production."""
+    if not faults.get("index_write_stall"):
+        return None
+
+    def stall(tmp: Path) -> None:
+        print(f"{STALL_MARK} {tmp}", file=sys.stderr, flush=True)
+        threading.Event().wait()
+
+    return stall

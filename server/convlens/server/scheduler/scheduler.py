@@ -55,6 +55,12 @@ class Scheduler:
             worker.start()
         self._state = "running"
 
+    async def warm(self, models: Sequence[ServedModel]) -> None:
+        """Every worker's replicas of `models` made and run once now (worker.Worker.warm), before callers come."""
+        if self._state != "running":
+            raise RuntimeError(f"scheduler cannot warm up: it is {self._state}")
+        await asyncio.gather(*(w.warm(models) for w in self._workers))
+
     def queue_depth(self) -> int:
         return self._batcher.depth
 

@@ -21,6 +21,11 @@ run teams: the worker's own, for lone tasks, and none in single-threaded shards.
 Each shard is a daemon thread (a compute stuck past stop's grace must not block exit) whose intra-op
 thread count is set once when it starts; torch keeps that count per thread. Each owns its replicas, so
 hooks one shard registers never fire in another's forward.
+
+A lane's thread ends when a BaseException that is not an Exception (SystemExit from a library's `sys.exit()`,
+KeyboardInterrupt) escapes the work it runs: that work, and anything submitted after, fails with `LaneDied`
+at once instead of waiting forever on a thread that is gone; the worker answers its callers UNAVAILABLE and
+starts a fresh lane (worker.py).
 """
 
 from __future__ import annotations
@@ -100,21 +105,34 @@ def pin_intra_op_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+class LaneDied(Exception):
+    """The lane's thread ended: the work it had in hand (or was given after) was not, and will not be, done."""
+
+
 class Shard:
     """A compute thread: runs submitted callables one at a time, in order. `threads`: its intra-op thread
     count, pinned when it starts (None: left as torch gives it); `setup` runs first on the thread."""
 
     def __init__(self, name: str, threads: int | None, setup: Callable[[], Any] | None = None) -> None:
+        self.name = name
         self.threads = threads
         self.replicas: dict[str, Any] = {}  # touched only by this shard's thread
+        self.died: BaseException | None = None  # what ended the thread, once it has
         self._setup = setup
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # submit vs. the thread's last drain: nothing is queued to a dead lane
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.died is None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread.start()
         self._ready.wait()  # its thread count is pinned before anyone else sets the process-wide one
+        if self.died is not None:
+            raise RuntimeError(f"compute thread {self.name} failed to start: {self.died!r}") from self.died
 
     def stop(self) -> None:
         self._work.put(None)
@@ -124,26 +142,51 @@ class Shard:
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
-        self._work.put((fn, future))
+        with self._lock:
+            if self.died is None:
+                self._work.put((fn, future))
+                return future
+        future.set_exception(LaneDied(f"compute thread {self.name} ended earlier: {self.died!r}"))
         return future
 
     def _main(self) -> None:
+        current: Future[Any] | None = None
         try:
-            if self._setup is not None:
-                self._setup()
-            if self.threads is not None:
-                pin_intra_op_threads(self.threads)
-        finally:
-            self._ready.set()
-        while (work := self._work.get()) is not None:
-            fn, future = work
             try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-            # (#15, streams) Let the finished batch go now: kept in these locals while the thread waits for
-            # the next one, the last batch's payloads (optimisation jobs, images) stayed alive until then.
-            del work, fn, future
+                if self._setup is not None:
+                    self._setup()
+                if self.threads is not None:
+                    pin_intra_op_threads(self.threads)
+            finally:
+                self._ready.set()
+            while (work := self._work.get()) is not None:
+                fn, current = work
+                if current.set_running_or_notify_cancel():  # (not when cancelled while queued)
+                    try:
+                        current.set_result(fn())
+                    except Exception as exc:  # the work failed; the thread goes on
+                        current.set_exception(exc)
+                # (#15, streams) Let the finished batch go now: kept in these locals while the thread waits for
+                # the next one, the last batch's payloads (optimisation jobs, images) stayed alive until then.
+                current = None
+                del work, fn
+        except BaseException as exc:  # SystemExit & co. end this thread: say so, never leave work hanging
+            self._die(exc, current)
+
+    def _die(self, exc: BaseException, current: Future[Any] | None) -> None:
+        with self._lock:
+            self.died = exc
+            left = [] if current is None else [current]
+            while True:
+                try:
+                    work = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if work is not None:
+                    left.append(work[1])
+        for future in left:
+            if not future.done():
+                future.set_exception(LaneDied(f"compute thread {self.name} ended: {exc!r}"))
 
 
 def split(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:

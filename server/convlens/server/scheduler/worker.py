@@ -10,28 +10,36 @@ When every shard is free a batch is split between them; when one is free it take
 max_batch_size on its own, without waiting for the others (no barrier between halves). The device lane runs
 what must not be split or copied — a task that is alone, so a lone caller gets every thread, and models whose
 module cannot be copied per shard (ONNX) — and never while a shard computes, nor the reverse.
+
+A lane whose thread dies (shards.LaneDied: a SystemExit or the like escaped a compute) is replaced at once by a
+fresh thread whose replicas are made anew; the callers whose batch it had get UNAVAILABLE (retryable), the
+queue is untouched and the next batch runs on the new lane (`convlens_worker_lane_restarts_total`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from convlens.server.errors import ConvLensError
+from convlens.server.errors import ConvLensError, Unavailable
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import ServedModel
 from convlens.server.scheduler.admission import ServiceTimes
 from convlens.server.scheduler.batcher import Batcher, Entry
-from convlens.server.scheduler.memory import compute_splitting, injected_faults, with_faults
+from convlens.server.scheduler.contention import Contention
+from convlens.server.scheduler.memory import compute_splitting, injected_faults, lane_death, with_faults
 from convlens.server.scheduler.policy import BatchPolicy, memory_format_for
 from convlens.server.scheduler.shards import (
+    LaneDied,
     Shard,
     process_default_threads,
     set_process_default_threads,
@@ -43,6 +51,7 @@ from convlens.server.scheduler.task import Task
 # (entry, error or None, result): what a lane sends back for one task.
 Outcome = tuple[Entry, BaseException | None, Any]
 WHOLE = 0  # the device lane's index
+log = logging.getLogger("convlens.scheduler")
 
 
 class Worker:
@@ -65,7 +74,11 @@ class Worker:
         self._metrics = metrics
         self._label = str(device)
         self._times = times  # recent compute time per batch, for deadline-aware admission
+        self._contention = Contention()  # a lone task takes every thread only while the CPUs are not contended
         self._faults = injected_faults()  # test-only (scheduler/memory.py); {} in production
+        self._maybe_die = lane_death(self._faults)  # test-only: None in production
+        # lane name -> the model copies whose `lane_replicas` hold that lane's replica (dropped on a restart)
+        self._homes: dict[str, list[weakref.ref[ServedModel]]] = {}
         self._lanes: list[Shard] = []  # [device lane, *shard lanes]; made in start()
         self._busy: dict[int, list[Entry]] = {}  # lane index -> the entries it computes
         self._held: list[Entry] | None = None  # taken for the device lane, waiting for the shards to finish
@@ -89,22 +102,90 @@ class Worker:
         self._dispatcher = self._loop.create_task(self._dispatch(), name=f"convlens-dispatch-{self.device}")
 
     def _make_lanes(self) -> list[Shard]:
-        """Started lanes. On a CPU each pins its thread count, and the process-wide value (which pinning
-        changes) is put back as it was: threads that start torch later get what they got before."""
-        name = f"convlens-worker-{self.device}"
-        if self.device.type == "cuda":
-            lane = Shard(name, None, setup=lambda: torch.cuda.set_device(self.device))  # ops without a device
-            lane.start()
-            return [lane]
-        default = process_default_threads()
-        lanes = [Shard(name, self.threads)]
-        if self._shard_count > 1:
-            per = threads_per_shard(self._shard_count, self.threads)
-            lanes += [Shard(f"convlens-shard-{self.device}-{i}", per) for i in range(self._shard_count)]
-        for lane in lanes:
-            lane.start()
-        set_process_default_threads(default)
+        """Started lanes: the device lane, then one per shard (a CPU with shards)."""
+        count = 1 if self.device.type == "cuda" or self._shard_count <= 1 else 1 + self._shard_count
+        lanes = [self._new_lane(i) for i in range(count)]
+        self._start_lanes(lanes)
         return lanes
+
+    def _new_lane(self, index: int) -> Shard:
+        """Lane `index` (WHOLE: the device lane, every intra-op thread; i > 0: shard i - 1), not started."""
+        self._homes[self._lane_name(index)] = []
+        if self.device.type == "cuda":  # ops without a device run on this worker's
+            return Shard(f"convlens-worker-{self.device}", None, setup=lambda: torch.cuda.set_device(self.device))
+        if index == WHOLE:
+            return Shard(f"convlens-worker-{self.device}", self.threads)
+        return Shard(f"convlens-shard-{self.device}-{index - 1}", threads_per_shard(self._shard_count, self.threads))
+
+    def _start_lanes(self, lanes: list[Shard]) -> None:
+        """On a CPU each lane pins its thread count, and the process-wide value (which pinning changes) is put
+        back as it was: threads that start torch later get what they got before."""
+        default = process_default_threads() if self.device.type == "cpu" else None
+        try:
+            for lane in lanes:
+                lane.start()
+        finally:
+            if default is not None:
+                set_process_default_threads(default)
+
+    @staticmethod
+    def _lane_name(index: int) -> str:
+        return "device" if index == WHOLE else f"shard{index - 1}"
+
+    def _restart(self, index: int, why: BaseException | None) -> None:
+        """On the loop: lane `index`'s thread is gone; put a fresh one (and fresh replicas) in its place."""
+        name = self._lane_name(index)
+        for ref in self._homes.get(name, []):  # the dead lane's replicas: never used again
+            model = ref()
+            if model is not None:
+                model.lane_replicas.pop(f"{self._label}/{name}", None)
+        lane = self._new_lane(index)
+        try:
+            self._start_lanes([lane])
+        except RuntimeError:  # it could not even start: the dead one stays, its next batch tries again
+            log.exception("worker %s: lane %s could not be restarted", self._label, name)
+            return
+        self._lanes[index] = lane
+        self._metrics.lane_restarts.labels(device=self._label, lane=name).inc()
+        log.error("worker %s: lane %s's thread died (%s); its batch was answered UNAVAILABLE and a fresh "
+                  "thread took its place", self._label, name, why)
+
+    async def warm(self, models: Sequence[ServedModel]) -> None:
+        """Make every lane's replicas of `models` now and run each once (a forward and a gradient to the input at
+        the model's input size, batch 1), on the lanes' own threads: done at start-up, before SERVING, so that
+        the first callers do not wait for the copies, the layout conversion and the kernels' first-use setup
+        (issue #15: the first calls on a fresh Lite0 server took seconds, refusals included). A model that
+        fails here is logged and left to fail its calls as it would have."""
+        assert self._loop is not None, "start() first"
+        waits = []
+        for index, lane in enumerate(self._lanes):
+            if len(self._lanes) == 1:
+                chosen = list(models)
+            elif index == WHOLE:  # with shards, the device lane runs ONNX (and lone tasks if asked to)
+                chosen = [m for m in models if not m.layout_applies or self._lone_all_threads]
+            else:  # shards never run ONNX
+                chosen = [m for m in models if m.layout_applies]
+            if chosen:
+                waits.append(asyncio.wrap_future(lane.submit(
+                    lambda lane=lane, index=index, chosen=chosen: self._warm_lane(chosen, lane, index)),
+                    loop=self._loop))
+        await asyncio.gather(*waits)
+
+    def _warm_lane(self, models: Sequence[ServedModel], lane: Shard, index: int) -> None:
+        name = self._lane_name(index)
+        for model in models:
+            try:
+                replica = self._replica_of(model, model.name, lane.replicas, index != WHOLE, name)
+                pre = model.preprocess
+                x = replica.batch([torch.zeros(3, pre.height, pre.width)])
+                if model.supports_gradients:
+                    x.requires_grad_(True)
+                    torch.autograd.grad(replica.module(x).sum(), x)
+                else:
+                    with torch.no_grad():
+                        replica.module(x)
+            except Exception:  # its calls will report it; start-up goes on
+                log.exception("worker %s: warming %s on lane %s failed", self._label, model.name, name)
 
     async def close(self, error: Callable[[], ConvLensError]) -> None:
         """Stop taking batches; fail what is still computing with `error()` (its result will be ignored)."""
@@ -182,7 +263,8 @@ class Worker:
     def _on_device_lane(self, batch: list[Entry], free: int) -> bool:
         """A model whose module cannot be copied per shard (ONNX: hooks on a shared module would fire in both
         shards' forwards), and with `lone_all_threads` a lone task when every shard is free (all threads for
-        one caller: faster on a quiet dedicated host, a collapse when the cores are shared, so off by default).
+        one caller: faster on a quiet dedicated host, a collapse when the cores are shared, so off by default)
+        while the CPUs are not contended (scheduler/contention.py: even a dedicated host is busy at times).
 
         Never an optimisation step (a task with a quorum): its job's float sums must run in the same order
         whatever its companions, and the intra-op thread count changes that order (a 2-thread team splits
@@ -192,7 +274,7 @@ class Worker:
         single-threaded shards a job's steps are bit-identical alone or in any batch."""
         step = batch[0].task.quorum is not None
         if (self._lone_all_threads and not step and len(batch) == 1 and free == len(self._lanes) - 1
-                and (self._alone or not self._ran)):
+                and (self._alone or not self._ran) and (self.threads <= 1 or not self._contention.busy())):
             return True
         try:
             return not self._model_of(batch[0].task).layout_applies
@@ -204,7 +286,7 @@ class Worker:
         self._busy[lane] = entries
         shard = self._lanes[lane]
         fresh = lane != WHOLE  # shards compute side by side: each needs a module of its own
-        lane_name = "device" if lane == WHOLE else f"shard{lane - 1}"
+        lane_name = self._lane_name(lane)
         done: Future[list[Outcome]] = shard.submit(lambda: self._run(entries, shard.replicas, fresh, lane_name))
         asyncio.wrap_future(done, loop=self._loop).add_done_callback(
             lambda f: self._finished(lane, entries, batch_size, f))
@@ -215,10 +297,15 @@ class Worker:
         by stop — are skipped). The dispatcher is woken first: callbacks run in the order they are scheduled,
         so the next batch starts before the callers' handlers encode their responses."""
         self._busy.pop(lane, None)
-        if f.cancelled() or f.exception() is not None:  # _run catches compute errors: this is the lane failing
-            exc = None if f.cancelled() else f.exception()
-            outcomes: list[Outcome] = [(e, RuntimeError(f"worker {self.device} failed: {exc!r}"), None)
-                                       for e in entries]
+        exc = None if f.cancelled() else f.exception()
+        outcomes: list[Outcome]
+        if isinstance(exc, LaneDied):  # the lane's thread is gone: a fresh one before the next batch
+            self._restart(lane, exc)
+            outcomes = [(e, Unavailable(f"the compute thread running this call on {self._label} died and was "
+                                        "replaced; retry (here or on another instance)"),
+                         None) for e in entries]
+        elif f.cancelled() or exc is not None:  # _run catches compute errors: this is a bug in the lane's code
+            outcomes = [(e, RuntimeError(f"worker {self.device} failed: {exc!r}"), None) for e in entries]
         else:
             outcomes = f.result()
         self._alone = batch_size == 1 and not self._busy and self._batcher.depth == 0
@@ -247,6 +334,8 @@ class Worker:
                 live.append(entry)
         if not live:
             return []
+        if self._maybe_die is not None:  # test-only (CONVLENS_TEST_FAULTS=lane_dies=N)
+            self._maybe_die()
         task = live[0].task  # every task of a batch shares model, rpc, key, hence compute
         start = time.monotonic()
         for entry in live:
@@ -279,13 +368,16 @@ class Worker:
         return task.served if task.served is not None else self._models(task.model)
 
     def _replica(self, task: Task, replicas: dict[str, ServedModel], fresh: bool, lane: str) -> ServedModel:
-        """The lane's replica of the task's model copy, made lazily on the lane's thread (so that a slow copy
-        to a GPU never blocks the loop); `fresh`: a module of its own even when the layout is unchanged (for
-        hooks). Replicas are kept by the copy itself (`lane_replicas`), so they go when the copy goes (an
-        unloaded or reloaded model); a stand-in without that cache uses the lane's, by name."""
-        model = self._model_of(task)
+        return self._replica_of(self._model_of(task), task.model, replicas, fresh, lane)
+
+    def _replica_of(self, model: ServedModel, name: str, replicas: dict[str, ServedModel], fresh: bool, lane: str
+                    ) -> ServedModel:
+        """The lane's replica of a model copy, made on the lane's thread (at start-up by `warm`, else lazily, so
+        that a slow copy to a GPU never blocks the loop); `fresh`: a module of its own even when the layout is
+        unchanged (for hooks). Replicas are kept by the copy itself (`lane_replicas`), so they go when the copy
+        goes (an unloaded or reloaded model); a stand-in without that cache uses the lane's, by `name`."""
         cache = getattr(model, "lane_replicas", None)
-        cache, key = (replicas, task.model) if cache is None else (cache, f"{self._label}/{lane}")
+        cache, key = (replicas, name) if cache is None else (cache, f"{self._label}/{lane}")
         replica = cache.get(key)
         if replica is None:
             replica = model.replica(self.device, memory_format=memory_format_for(self.device), fresh=fresh)
@@ -293,4 +385,8 @@ class Worker:
                 replica = replace(replica, fold_batchnorm=True, lane_replicas={})
             if replica is not model:  # (the copy itself is not cached on itself: no reference cycle)
                 cache[key] = replica
+                if cache is not replicas:  # remembered so that a restart of this lane can drop it
+                    homes = self._homes.setdefault(lane, [])
+                    homes[:] = [r for r in homes if r() is not None]
+                    homes.append(weakref.ref(model))
         return replica

@@ -6,10 +6,15 @@ FORMAT_VERSION is refused (rebuild the index).
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
+import re
+import socket
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +53,93 @@ def from_bytes(data: bytes, *, source: str = "index") -> TopKIndex:
                          z["positive"], dict(header["meta"]))
 
 
-def save(index: TopKIndex, path: Path) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of one."""
+STALE_SECONDS = 3600.0  # a temporary file this old was left by a writer that died (a write takes seconds)
+
+
+def save(index: TopKIndex, path: Path, *, after_part: Callable[[Path], None] | None = None) -> None:
+    """Atomically and durably: a reader sees the old file or the new one, never half of one, even after a
+    writer killed mid-write (SIGKILL: the half-written temporary is never renamed) or a power loss (the data
+    is synced before the rename). Temporaries that writers which died left for this file are removed first.
+
+    `after_part` (tests): called with the temporary's path once half of the bytes are written and flushed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    remove_stale_temporaries(path)
+    data = to_bytes(index)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{_writer()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(to_bytes(index))
+            half = len(data) // 2
+            f.write(data[:half])
+            if after_part is not None:
+                f.flush()
+                after_part(Path(tmp))
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _writer() -> str:
+    """Who writes a temporary: host and process, so that a later writer can tell one whose process is gone."""
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{os.getpid()}"
+
+
+def temporaries(path: Path) -> list[Path]:
+    """The temporary files writers of `path` made (finished writes leave none)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+
+
+def remove_stale_temporaries(path: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the temporaries of `path` whose writer is gone: a process of this host that no longer runs, or
+    (any host) untouched for STALE_SECONDS. A write in progress elsewhere is left alone. Returns the removed."""
+    now = time.time() if now is None else now
+    host = _writer().rsplit("-", 1)[0]
+    removed = []
+    for tmp in temporaries(path):
+        writer = tmp.name[len(Path(path).name) + 1:].split(".", 1)[0]  # HOST-PID
+        who, _, pid = writer.rpartition("-")
+        try:
+            gone = (who == host and pid.isdigit() and not _running(int(pid))) \
+                or now - tmp.stat().st_mtime > STALE_SECONDS
+            if gone:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer finished (renamed it) or another cleaner was first
+            continue
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _sync_folder(folder: Path) -> None:
+    """The rename itself survives a power loss once the folder is synced (where the OS allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: Path) -> TopKIndex:
