@@ -170,9 +170,10 @@ async def test_a_reader_that_stops_reading_pauses_its_job_and_companions_go_on(
     # Meanwhile a companion with the same step key is served, and gets what it gets alone.
     companion = await asyncio.wait_for(stream(channel, "MaximizeUnit", COMPANION.request("MaximizeUnit", 7)), 120)
     same_as_alone(companion, companion_alone)
+    # (On a loaded machine the first wait may have seen a moment's delay, not yet the full window: wait again.)
+    await wait_until(lambda: scheduler.waiting_jobs() == 1, "the job still waits for its reader")
     paused_at = steps_done(server) - before - COMPANION.steps
-    assert 1 <= paused_at < SLOW.steps  # bounded: the job did not run on, buffering its events
-    assert scheduler.waiting_jobs() == 1 and scheduler.active_jobs() == 1
+    assert 1 <= paused_at < SLOW.steps and scheduler.active_jobs() == 1  # bounded: it did not run on, buffering
     # The reader comes back: every event is there, in order, and the job ends as it does alone.
     rest = Outcome("MaximizeUnit", steps=[first.progress.step])
     while (response := await call.read()) is not grpc.aio.EOF:
