@@ -65,28 +65,61 @@ class SharedConvOutput(nn.Module):
         return self.fc(z.mean(dim=(2, 3)))
 
 
-class DataDependent(nn.Module):
+class CalledTwice(nn.Module):
+    """One conv + BN applied twice: folding the first call's pair would change the second call's input."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.bn = nn.BatchNorm2d(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:  # fx cannot trace a branch on data
+        if x.sum() > 0:  # data-dependent control flow is fine: the pairs come from one real forward pass
             x = -x
-        return self.bn(self.conv(x)).mean(dim=(2, 3))
+        return self.bn(self.conv(F.relu(self.bn(self.conv(x))))).mean(dim=(2, 3))
 
 
-def test_a_conv_output_read_twice_is_not_folded_and_untraceable_modules_are_left_alone() -> None:
+def test_a_conv_output_read_twice_or_a_module_called_twice_is_not_folded() -> None:
     net = randomise_batchnorm(SharedConvOutput()).eval()
-    assert foldable_pairs(net) == [("conv2", "bn2")]
+    assert foldable_pairs(net, images(1)) == [("conv2", "bn2")]
     done = fold_batchnorm(net, images(1))
     assert done is not None and done[1] == ["bn2"]
     with torch.no_grad():
         torch.testing.assert_close(done[0](images(2)), net(images(2)), rtol=1e-5, atol=1e-5)
-    assert foldable_pairs(DataDependent().eval()) is None
-    assert fold_batchnorm(DataDependent().eval(), images(1)) is None
-    assert fold_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()).eval()) is None  # nothing to fold
+    assert foldable_pairs(randomise_batchnorm(CalledTwice()).eval(), images(1)) == []
+    assert fold_batchnorm(randomise_batchnorm(CalledTwice()).eval(), images(1)) is None
+    assert fold_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()).eval(), images(1)) is None
+
+
+def test_folding_while_another_thread_computes_leaves_that_thread_alone() -> None:
+    """The copy is analysed with hooks of its own, nothing process-wide: a forward on another thread at the
+    same moment is untouched (torch.fx's tracer, used at first, patched every module's __call__)."""
+    import threading
+
+    net, other = lite_net(), lite_net()
+    x = images(2)
+    with torch.no_grad():
+        want = other(x)
+    stop, errors, outputs = threading.Event(), [], []
+
+    def compute() -> None:
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    outputs.append(other(x))
+        except Exception as exc:  # what the fx tracer did to the other thread
+            errors.append(exc)
+
+    t = threading.Thread(target=compute)
+    t.start()
+    try:
+        for _ in range(5):
+            assert fold_batchnorm(net, x[:1]) is not None
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and outputs
+    assert all(torch.equal(o, want) for o in outputs)
 
 
 def test_saliency_uses_the_folded_copy_only_when_no_layer_is_read() -> None:

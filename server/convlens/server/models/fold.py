@@ -18,57 +18,76 @@ What changes and what does not:
   same; a comparison with Captum at 1e-3 fails. That is why it is opt-in: by default the service's numbers
   are Captum's.
 
-Pairs are found by tracing the module with torch.fx (convolutions and BNs kept as leaves): a conv whose
-only user is a BN. A module fx cannot trace is served unfolded, and the folded copy must give the
-original's logits on a probe input, else it is dropped too.
+Pairs are read off the autograd graph of one forward pass on a probe: a BN whose input is a convolution's
+output that nothing else reads (a module called more than once is left alone). The folded copy must give
+the original's logits on the probe, else it is dropped.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-class _LeafTracer(fx.Tracer):
-    """Convolutions (subclasses too: their forward reads the input size) and BNs as single nodes."""
+def foldable_pairs(module: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, bn) names where the BN is the only reader of the conv's output, read off the autograd graph of
+    one forward pass on `probe` (hooks on `module` itself: pass a copy no other thread runs). Not torch.fx:
+    its tracer patches nn.Module.__call__ process-wide while it traces, and a forward on another compute
+    thread at that moment went through the tracer (NameError: module is not installed as a submodule)."""
+    nodes: dict[str, list[Any]] = {}  # module name -> its outputs' grad_fn, one per call
 
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, module_qualified_name)
+    def record(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            nodes.setdefault(name, []).append(output.grad_fn if isinstance(output, torch.Tensor) else None)
+        return hook
 
-
-def foldable_pairs(module: nn.Module) -> list[tuple[str, str]] | None:
-    """(conv, bn) names where the BN is the only reader of the conv's output; None when fx cannot trace."""
+    watched = {name: m for name, m in module.named_modules()
+               if isinstance(m, nn.Conv2d) or (isinstance(m, nn.BatchNorm2d) and m.track_running_stats
+                                                and m.running_var is not None)}
+    handles = [m.register_forward_hook(record(name)) for name, m in watched.items()]
     try:
-        graph = _LeafTracer().trace(module)
-    except Exception as exc:  # dynamic control flow, data-dependent shapes, TorchScript...
-        log.info("batch norm not folded: torch.fx cannot trace %s (%s)", type(module).__name__, exc)
-        return None
-    modules = dict(module.named_modules())
+        with torch.inference_mode(False), torch.enable_grad():
+            out = module(probe.detach().clone().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        return []
+    readers: Counter[Any] = Counter()  # grad_fn -> how many nodes read its output
+    seen, stack = {out.grad_fn}, [out.grad_fn]
+    while stack:
+        for nxt, _ in stack.pop().next_functions:
+            if nxt is not None:
+                readers[nxt] += 1
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+    once = {name: fns[0] for name, fns in nodes.items() if len(fns) == 1 and fns[0] is not None}
+    conv_of = {fn: name for name, fn in once.items() if isinstance(watched[name], nn.Conv2d)}
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.Conv2d):
-            continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
-            continue
-        bn = modules.get(str(users[0].target))
-        if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None:
-            pairs.append((str(node.target), str(users[0].target)))
+    for name, fn in once.items():
+        if isinstance(watched[name], nn.BatchNorm2d):
+            inputs = [nxt for nxt, _ in fn.next_functions if nxt in conv_of]
+            if len(inputs) == 1 and readers[inputs[0]] == 1:
+                pairs.append((conv_of[inputs[0]], name))
     return pairs
 
 
-def fold_batchnorm(module: nn.Module, probe: torch.Tensor | None = None) -> tuple[nn.Module, list[str]] | None:
+def fold_batchnorm(module: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, list[str]] | None:
     """A folded copy of `module` (eval mode; the original is untouched) and the BN names it replaced, or
     None when nothing folds or the copy's output on `probe` ([1, 3, H, W]) strays from the original's."""
-    pairs = foldable_pairs(module)
+    folded = copy.deepcopy(module).eval()
+    pairs = foldable_pairs(folded, probe)
     if not pairs:
         return None
-    folded = copy.deepcopy(module).eval()
     modules = dict(folded.named_modules())
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
@@ -87,7 +106,7 @@ def fold_batchnorm(module: nn.Module, probe: torch.Tensor | None = None) -> tupl
         conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=conv.weight.requires_grad)
         parent, _, attr = bn_name.rpartition(".")
         setattr(modules[parent] if parent else folded, attr, nn.Identity())
-    if probe is not None and not _agrees(module, folded, probe):
+    if not _agrees(module, folded, probe):
         log.warning("batch norm not folded: the folded %s's logits differ from the original's",
                     type(module).__name__)
         return None
