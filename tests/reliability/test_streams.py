@@ -21,13 +21,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convlens.server.app import ConvLensServer
-from convlens.server.config import ServerConfig
 from convlens.server.engine.optimize.dream import DreamJob
 from convlens.server.engine.optimize.maximize import MaximizeJob
 from convlens.server.engine.optimize.style import StyleJob
-from convlens.server.models.repository import ModelRepository
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
-from tests.streaming.conftest import MODEL, tiny_model
+from tests.streaming.conftest import MODEL, tiny_server
 from tools.reliability.storm import RPCS, Outcome, Streams, alone, difference, plan, storm, stream
 
 ROOT = Path(__file__).resolve().parents[2]  # the reader subprocess runs `python -m tools.reliability.reader`
@@ -41,14 +39,8 @@ MAX_GREY_LEVELS, MEAN_GREY_LEVELS = 2, 0.05
 
 @pytest.fixture()
 async def server() -> AsyncIterator[ConvLensServer]:
-    srv = ConvLensServer(ServerConfig(host="127.0.0.1", port=0, metrics=False, embedded=False, device="cpu",
-                                      max_jobs=STORM + 2 * len(RPCS), grace_seconds=0.0),
-                         repository=ModelRepository([tiny_model()]))
-    await srv.start()
-    try:
+    async with tiny_server(max_jobs=STORM + 2 * len(RPCS)) as srv:
         yield srv
-    finally:
-        await srv.stop(0.0)
 
 
 @pytest.fixture()

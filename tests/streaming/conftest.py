@@ -3,6 +3,7 @@ EfficientNet-like network: fast enough for the streaming optimisations' end-to-e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -52,9 +53,9 @@ def photo(h: int = 48, w: int = 48, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.fixture()
-async def server(request: pytest.FixtureRequest) -> AsyncIterator[ConvLensServer]:
-    max_jobs = getattr(request, "param", 64)
+@contextlib.asynccontextmanager
+async def tiny_server(max_jobs: int = 64) -> AsyncIterator[ConvLensServer]:
+    """An in-process server of the tiny network on a free port (also tests/reliability/test_streams.py's)."""
     srv = ConvLensServer(ServerConfig(host="127.0.0.1", port=0, metrics=False, embedded=False, device="cpu",
                                       max_jobs=max_jobs, grace_seconds=0.0),
                          repository=ModelRepository([tiny_model()]))
@@ -63,6 +64,12 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[ConvLensServer
         yield srv
     finally:
         await srv.stop(0.0)
+
+
+@pytest.fixture()
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[ConvLensServer]:
+    async with tiny_server(getattr(request, "param", 64)) as srv:
+        yield srv
 
 
 @pytest.fixture()
