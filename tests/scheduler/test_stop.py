@@ -71,3 +71,21 @@ async def test_submit_before_start_is_unavailable(metrics) -> None:
     with pytest.raises(Unavailable, match="not started"):
         await s.submit(task(1, Recorder()))
     await s.stop(0.1)
+
+
+async def test_a_worker_closes_even_when_the_queue_changes_in_the_same_moment(make_scheduler) -> None:
+    """The dispatcher waits for companions with a timeout. On Python 3.11 asyncio.wait_for swallowed a
+    cancellation that arrived just as its event was set (gh-86296): the dispatcher looped on and close() waited
+    for it forever. Here the event is set and the dispatcher cancelled in the same moment."""
+    s = await make_scheduler(max_batch_size=8, max_batch_delay=30.0)
+    rec = Recorder()
+    pending = asyncio.ensure_future(s.submit(task(1, rec)))
+    await wait_until(lambda: s.queue_depth() == 1)
+    await asyncio.sleep(0.01)  # the dispatcher is in its timed wait for companions
+    worker = s._workers[0]
+    assert worker._changed is not None
+    worker._changed.set()
+    await asyncio.sleep(0)  # the event's waiter has finished; the dispatcher has not run yet
+    await asyncio.wait_for(worker.close(lambda: Unavailable("closed")), 3.0)
+    assert worker._dispatcher is not None and worker._dispatcher.done()
+    pending.cancel()

@@ -231,8 +231,11 @@ class Worker:
                 continue
             batch, wait = self._batcher.take(self._policy_now(len(free)), time.monotonic(), self._label)
             if not batch:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as
+                # the event is set (gh-86296), and close() would then wait for a dispatcher that never ends.
                 try:
-                    await asyncio.wait_for(changed.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await changed.wait()
                 except TimeoutError:
                     pass
                 continue
