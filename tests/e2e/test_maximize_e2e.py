@@ -151,3 +151,16 @@ def test_max_jobs_refuses_a_second_job(one_job_server: ServerProcess) -> None:
             except exc.ResourceExhaustedError:
                 assert time.monotonic() < end
                 time.sleep(0.1)
+
+
+def test_layers_inside_torchscript_are_refused_with_a_reason_but_its_classes_work(client: Client) -> None:
+    """A TorchScript model's inner layers refuse forward hooks: MaximizeUnit at a layer and Dream (which
+    always reads a layer) answer FAILED_PRECONDITION saying so, not INTERNAL; a class target reads only the
+    output and works."""
+    photo = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    with pytest.raises(exc.FailedPreconditionError, match="TorchScript"):
+        client.maximize_unit("tinyscript", Unit("conv2", 0), **SMALL)
+    with pytest.raises(exc.FailedPreconditionError, match="TorchScript"):
+        client.dream(photo, "tinyscript", "conv2", octaves=1, steps_per_octave=2, timeout=60)
+    result = client.maximize_unit("tinyscript", 1, size=32, steps=2, timeout=60)
+    assert result.image.size == (32, 32)
