@@ -3,6 +3,8 @@ an exception raised mid-forward (Captum's test_hook_removal.py, for our engine).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +13,14 @@ from torch import nn
 from convlens.server.engine.hooks import (
     capture_outputs,
     eval_mode,
+    forward_hooks,
     function_mode_active,
     leftover_hooks,
 )
 from convlens.server.engine.relu_rules import modified_relus
 from convlens.server.engine.saliency import METHODS, SaliencyOptions, saliency
 from convlens.server.engine.targets import ClassTarget, UnitTarget
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import FailedPrecondition, InvalidArgument
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks:UserWarning")
 
@@ -162,3 +165,20 @@ def test_relu_rule_stays_in_its_thread():
     finally:
         release.set()
         worker.join()
+
+
+def test_a_pre_hook_inside_torchscript_is_refused_and_nothing_stays() -> None:
+    """Pre-hooks go through the same TorchScript check as forward hooks (FailedPrecondition, not torch's bare
+    RuntimeError, which would reach the caller as INTERNAL), and a hook made before the refusal is removed."""
+    with warnings.catch_warnings():  # torch.jit.script is deprecated; served TorchScript files still exist
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(nn.Conv2d(3, 4, 3))
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), scripted, nn.ReLU())
+    for hooks, pre_hooks in (([(model[0], lambda m, i, o: None)], [(scripted, lambda m, a: None)]),
+                             ([(scripted, lambda m, i, o: None)], [(model[2], lambda m, a: None)])):
+        with pytest.raises(FailedPrecondition, match="inside TorchScript code"), forward_hooks(hooks, pre_hooks):
+            pass
+        assert not model[0]._forward_hooks and not model[2]._forward_pre_hooks
+    with forward_hooks([(model[0], lambda m, i, o: None)], [(model[2], lambda m, a: None)]):
+        assert len(model[0]._forward_hooks) == 1 and len(model[2]._forward_pre_hooks) == 1
+    assert not model[0]._forward_hooks and not model[2]._forward_pre_hooks

@@ -22,27 +22,39 @@ ForwardHook = Callable[[nn.Module, Any, Any], Any]
 ForwardPreHook = Callable[[nn.Module, Any], Any]
 
 
-def forward_hook(module: nn.Module, hook: ForwardHook) -> Any:
-    """`module.register_forward_hook(hook)`, or FailedPrecondition for a layer inside TorchScript code, which
-    refuses hooks (torch raises a bare RuntimeError that would reach the caller as INTERNAL)."""
+def _observable(module: nn.Module) -> None:
+    """FailedPrecondition for a layer inside TorchScript code, which refuses hooks (torch raises a bare
+    RuntimeError that would reach the caller as INTERNAL)."""
     if isinstance(module, torch.jit.ScriptModule):
         raise FailedPrecondition("this layer is inside TorchScript code, whose layers cannot be observed "
                                  "(no forward hooks): serve the model as a torchvision state dict to use its "
                                  "inner layers; its output (class targets) works")
+
+
+def forward_hook(module: nn.Module, hook: ForwardHook) -> Any:
+    """`module.register_forward_hook(hook)`, or FailedPrecondition for a layer inside TorchScript code."""
+    _observable(module)
     return module.register_forward_hook(hook)
+
+
+def forward_pre_hook(module: nn.Module, pre_hook: ForwardPreHook) -> Any:
+    """`module.register_forward_pre_hook(pre_hook)`, or FailedPrecondition for a layer inside TorchScript code."""
+    _observable(module)
+    return module.register_forward_pre_hook(pre_hook)
 
 
 @contextmanager
 def forward_hooks(hooks: Iterable[tuple[nn.Module, ForwardHook]],
                   pre_hooks: Iterable[tuple[nn.Module, ForwardPreHook]] = ()) -> Iterator[None]:
     """Register forward hooks (and forward pre-hooks) for the duration of the block: the one place the
-    engine instruments a module, so none outlives its call."""
+    server instruments a module (tests/test_layering.py holds every other file to it), so none outlives
+    its call. A layer inside TorchScript code is refused (FailedPrecondition) before any hook is made."""
     handles = []
     try:
         for module, hook in hooks:
             handles.append(forward_hook(module, hook))
         for module, pre_hook in pre_hooks:
-            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(forward_pre_hook(module, pre_hook))
         yield
     finally:
         for handle in handles:

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.server.engine.hooks import forward_hooks
+
 log = logging.getLogger(__name__)
 
 
@@ -52,13 +54,9 @@ def foldable_pairs(module: nn.Module, probe: torch.Tensor) -> list[tuple[str, st
     watched = {name: m for name, m in module.named_modules()
                if isinstance(m, nn.Conv2d) or (isinstance(m, nn.BatchNorm2d) and m.track_running_stats
                                                 and m.running_var is not None)}
-    handles = [m.register_forward_hook(record(name)) for name, m in watched.items()]
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            out = module(probe.detach().clone().requires_grad_(True))
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, record(name)) for name, m in watched.items()]
+    with forward_hooks(hooks), torch.inference_mode(False), torch.enable_grad():
+        out = module(probe.detach().clone().requires_grad_(True))
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
         return []
     readers: Counter[Any] = Counter()  # grad_fn -> how many nodes read its output
