@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -13,6 +12,7 @@ from torch import nn
 
 from convlens.server.engine.layers import LayerResolver, not_found
 from convlens.server.engine.receptive_field import ReceptiveField
+from convlens.server.errors import FailedPrecondition
 from convlens.server.models.fold import fold_batchnorm
 
 
@@ -29,6 +29,33 @@ class Preprocess:
     resize: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+
+def forward_only(format: str, technique: str, model_name: str | None = None) -> FailedPrecondition:
+    """The one wording for a technique that needs gradients asked of a model served forward-only (ONNX):
+    service/context.require_gradients before any work, the ONNX module itself if a gradient is asked anyway."""
+    who = f"model {model_name!r}" if model_name is not None else "this model"
+    return FailedPrecondition(f"{who} is served in the {format} format, which runs forward-only here; {technique} "
+                              "needs gradients: a torchvision, TorchScript or embedded model",
+                              reason="GRADIENTS_UNSUPPORTED")
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters are leaves, as the original's are, with the same `requires_grad`.
+
+    A TorchScript module's deep copy clones each parameter in C++ (`IValue::deepcopy`); with grad mode on
+    (a lane thread's default) the clones of parameters that require grad are recorded by autograd: non-leaf
+    tensors hanging off the original's. Moving or re-laying them out (`Module._apply`) then reads their
+    `.grad`, and torch warns about a non-leaf `.grad`. So the copy is made with grad mode off (no history)
+    and the flags set again; an eager module's `Parameter.__deepcopy__` keeps them by itself.
+    """
+    with torch.no_grad():
+        copied = copy.deepcopy(module)
+    flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    for name, p in copied.named_parameters():
+        if p.requires_grad != flags.get(name, p.requires_grad):
+            p.requires_grad_(flags[name])
+    return copied
 
 
 @dataclass(frozen=True)
@@ -109,13 +136,9 @@ class ServedModel:
             memory_format = torch.contiguous_format
         if device == self.device and memory_format == self.memory_format and not fresh:
             return self
-        with warnings.catch_warnings():
-            # Converting a TorchScript module reads its parameters' `.grad`, which warns about non-leaf
-            # tensors; the conversion itself is right (tests/scheduler/test_layout.py).
-            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-            module = copy.deepcopy(self.module).to(device).eval()
-            if memory_format != torch.contiguous_format:
-                module = module.to(memory_format=memory_format)
+        module = copy_module(self.module).to(device).eval()
+        if memory_format != torch.contiguous_format:
+            module = module.to(memory_format=memory_format)
         return replace(self, module=module, device=device, memory_format=memory_format, lane_replicas={})
 
     @cached_property

@@ -19,7 +19,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from convlens.server.errors import FailedPrecondition
+from convlens.server.models.model import forward_only
 
 
 class OnnxConv(nn.Module):
@@ -152,8 +152,7 @@ class OnnxModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
-            raise FailedPrecondition("ONNX models run in onnxruntime, forward only: no gradients",
-                                     reason="GRADIENTS_UNSUPPORTED")
+            raise forward_only("onnx", "this call")
         hooked = [c for c in self.convs.values() if c._forward_hooks or c._forward_pre_hooks]
         wanted = [self.output_name] + [c.output_name for c in hooked]
         batch = x.detach().to("cpu", torch.float32).numpy()

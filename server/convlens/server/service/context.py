@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from convlens.server.errors import FailedPrecondition
-from convlens.server.models.model import ServedModel
+from convlens.server.models.model import ServedModel, forward_only
 from convlens.server.models.repository import ModelRepository
 from convlens.server.scheduler.scheduler import Scheduler
 
@@ -24,6 +23,4 @@ class ServiceContext:
 def require_gradients(model: ServedModel, technique: str) -> None:
     """FAILED_PRECONDITION for a model served forward-only (ONNX) when `technique` needs gradients."""
     if not model.supports_gradients:
-        raise FailedPrecondition(f"model {model.name!r} is served in the {model.format} format, which runs "
-                                 f"forward-only here; {technique} needs gradients: a torchvision, TorchScript or "
-                                 "embedded model", reason="GRADIENTS_UNSUPPORTED")
+        raise forward_only(model.format, technique, model.name)
