@@ -13,10 +13,13 @@ from convlens.client import _cli, _convert, _types
 from convlens.server.engine import integrated_gradients, render, saliency, smoothgrad, targets
 from convlens.server.engine.optimize import maximize as maximize_engine
 from convlens.server.engine.optimize import style as style_engine
+from convlens.server.indexing import manager as index_manager
+from convlens.server.service import model_control
 from convlens.server.service import saliency as saliency_service
 from convlens.server.service import top_activations as top_service
 from convlens.server.transport.codecs import common, filters
 from convlens.server.transport.codecs import maximize as maximize_codec
+from convlens.server.transport.codecs import repository as repository_codec
 from convlens.server.transport.codecs import saliency as saliency_codec
 from convlens.server.transport.codecs import style as style_codec
 from convlens.server.transport.codecs import top_activations as top_codec
@@ -40,6 +43,31 @@ def test_server_tables_cover_every_proto_value_and_every_option() -> None:
     assert set(saliency_codec.SMOOTH_BASES) <= set(saliency.METHODS)
     assert set(saliency_codec.SALIENCY_OUTPUTS.values()) == set(saliency_service.OUTPUTS)
     assert set(top_codec.TOP_OUTPUTS.values()) == set(top_service.OUTPUTS)
+
+
+def test_ranking_and_state_tables_are_derived() -> None:
+    """TopActivations' rankings and the two state enums (an index's, a model version's) come from the
+    service's tuples too: every proto value has its name, every name its value, and the SDK agrees."""
+    assert top_codec.RANKINGS[pb.RANKING_UNSPECIFIED] == "max"  # unset: ranked by the spatial max
+    assert named(top_codec.RANKINGS) == {"max": pb.RANKING_MAX, "mean": pb.RANKING_MEAN} == _convert.RANKINGS
+    assert set(top_codec.RANKINGS.values()) == set(top_service.RANKINGS)
+    assert top_service.STATES == index_manager.INDEX_STATES
+    assert top_codec.STATES == {"ready": pb.INDEX_STATE_READY, "building": pb.INDEX_STATE_BUILDING,
+                                "absent": pb.INDEX_STATE_ABSENT}
+    assert set(top_codec.STATES) == set(index_manager.INDEX_STATES)
+    assert set(top_codec.STATES.values()) == set(pb.IndexState.values()) - {pb.INDEX_STATE_UNSPECIFIED}
+    assert {v: k for k, v in top_codec.STATES.items()} == _convert._INDEX_STATES
+    assert repository_codec.STATES == {model_control.READY: pb.MODEL_STATE_READY,
+                                       model_control.UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE,
+                                       model_control.LOADING: pb.MODEL_STATE_LOADING}
+    assert set(repository_codec.STATES.values()) == set(pb.ModelState.values()) - {pb.MODEL_STATE_UNSPECIFIED}
+
+
+def test_a_drifted_state_fails_loudly() -> None:
+    with pytest.raises(RuntimeError, match="no IndexState value"):
+        enum_names(pb.IndexState, (*index_manager.INDEX_STATES, "stale"), unspecified=None)
+    with pytest.raises(RuntimeError, match="MODEL_STATE_LOADING has no option"):
+        enum_names(pb.ModelState, (model_control.READY, model_control.UNAVAILABLE), unspecified=None)
 
 
 def test_a_drifted_option_fails_loudly() -> None:
@@ -119,7 +147,7 @@ def test_the_one_reverse_lookup() -> None:
     """Every derived table, read back: each option to the one non-UNSPECIFIED value that names it."""
     tables = [saliency_codec.METHODS, saliency_codec.BASELINES, common.REDUCTIONS, filters.SCALINGS,
               maximize_codec.PRESETS, maximize_codec.PARAMETERIZATIONS, style_codec.OPTIMIZERS, style_codec.SOFTEN,
-              style_codec.GRAMS, style_codec.INITS, style_codec.DISTANCES]
+              style_codec.GRAMS, style_codec.INITS, style_codec.DISTANCES, top_codec.RANKINGS]
     for table in tables:
         values = enum_values(table)
         assert set(values) == set(table.values()) and 0 not in values.values()

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from convlens.server.compute.top_activations import ScanPayload, compute_scan
 from convlens.server.datasets.dataset import Dataset, DirectoryDataset
 from convlens.server.datasets.registry import DatasetRegistry
-from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, concat
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, Candidates, concat
 from convlens.server.engine.topk.index import (
     DEFAULT_K_MAX,
     ImageId,
@@ -42,7 +43,21 @@ from convlens.server.scheduler.task import Task
 
 log = logging.getLogger("convlens.index")
 SCAN_RPC = "TopActivationsScan"  # the scheduler's (and its metrics') name for scan batches
+# An index's state in a dataset's listing (ListDatasets): `indexes_of` lists the ready and building ones;
+# "absent" is the contract's word for the rest (codecs/top_activations.py derives the enum table).
+READY, BUILDING, ABSENT = "ready", "building", "absent"
+INDEX_STATES = (READY, BUILDING, ABSENT)
 MEMORY_SLOTS = 32  # indexes kept in memory (each O(channels x k_max))
+
+
+async def scan(scheduler: Scheduler, model: ServedModel, layer: str, images: Sequence[torch.Tensor], per_image: int,
+               deadline: float | None = None) -> Candidates:
+    """The candidates of `images` (normalised [3, H, W]) at `layer`, in their order: one scheduler task each,
+    so they are batched with every other scan's (an index build's or a caller's own images)."""
+    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
+                  deadline=deadline, served=model)
+             for p in (ScanPayload(layer, image, per_image) for image in images)]
+    return concat(await asyncio.gather(*(scheduler.submit(t) for t in tasks)))
 
 
 @dataclass
@@ -165,12 +180,8 @@ class IndexManager:
                 ok = [(i, t) for i, t in zip(ids, prepared, strict=True) if t is not None]
                 skipped += len(ids) - len(ok)
                 if ok:
-                    tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
-                                  served=model)
-                             for p in (ScanPayload(layer, t, self.per_image) for _, t in ok)]
-                    rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
-                    part = from_candidates(index, [i for i, _ in ok], concat(rows))
-                    index = merge([index, part])
+                    rows = await scan(self.scheduler, model, layer, [t for _, t in ok], self.per_image)
+                    index = merge([index, from_candidates(index, [i for i, _ in ok], rows)])
                 build.done = min(start + self.chunk, len(images))
                 if self.metrics is not None:
                     self.metrics.index_images_scanned.labels(*labels).inc(len(ok))
@@ -213,8 +224,8 @@ class IndexManager:
                         == (model.name, dataset.name, listing.digest, weights)}
             ready = sorted(p.name.removesuffix(".npz") for p in folder.glob("*.npz") if ".shard-" not in p.name) \
                 if folder.is_dir() else []
-            out += [(model.name, layer, "ready", 0, 0) for layer in ready if layer not in building]
-            out += [(model.name, layer, "building", b.done, b.total) for layer, b in sorted(building.items())]
+            out += [(model.name, layer, READY, 0, 0) for layer in ready if layer not in building]
+            out += [(model.name, layer, BUILDING, b.done, b.total) for layer, b in sorted(building.items())]
         return out
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger("convlens.models")
 
 MODES = ("none", "explicit", "poll")
 READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
+STATES = (READY, UNAVAILABLE, LOADING)  # a version's state; codecs/repository.py derives the enum table
 DiskState = dict[int, Fingerprint]  # version (0: the folder, when it has no readable version) -> fingerprint
 
 

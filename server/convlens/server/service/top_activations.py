@@ -17,9 +17,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from convlens.server.compute.top_activations import ScanPayload, compute_scan
 from convlens.server.datasets.dataset import Dataset
-from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE, concat
+from convlens.server.engine.topk.candidates import DEFAULT_PER_IMAGE
 from convlens.server.engine.topk.index import (
     DEFAULT_K_MAX,
     ChannelStats,
@@ -31,14 +30,14 @@ from convlens.server.engine.topk.index import (
 from convlens.server.engine.topk.scan import empty_index
 from convlens.server.errors import Violations
 from convlens.server.indexing.build import layer_shape
-from convlens.server.indexing.manager import SCAN_RPC, IndexManager
+from convlens.server.indexing.manager import INDEX_STATES, IndexManager, scan
 from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import Geometry, plan_geometry, prepare
-from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext
 from convlens.server.service.images import ImageInput, check_resized, to_array
 
-RANKINGS = ("max", "mean")
+RANKINGS = ("max", "mean")  # what a caller may rank by (the index also keeps "regions")
+STATES = INDEX_STATES  # an index's state in a DatasetSummary (indexing/manager.py)
 MAX_CALLER_IMAGES = 64
 CROP_MAX_SIDE = 256  # crops larger than this (late layers see most of the photo) are downscaled
 PICTURE_MAX_SIDE = 640
@@ -103,7 +102,7 @@ class DatasetSummary:
     image_count: int
     skipped_count: int
     digest: str
-    indexes: list[tuple[str, str, str, int, int]]  # (model, layer, state, done, total)
+    indexes: list[tuple[str, str, str, int, int]]  # (model, layer, state: one of STATES, done, total)
 
 
 class TopActivationsService:
@@ -126,13 +125,13 @@ class TopActivationsService:
         query = replace(query, crops="crops" in wanted, pictures="images" in wanted)
         entries_wanted = "entries" in wanted
         if query.images:
-            index, originals = await self._rank_images(model, query, deadline)
+            index, originals, position = await self._rank_images(model, query, deadline)
             dataset_name = ""
             entries = (index.top(query.channel, query.k, ranking=query.ranking, max_per_image=query.max_per_image)
                        if entries_wanted else [])
             items = await asyncio.to_thread(
-                lambda: [self._item(model, spec.receptive_field, e, originals[int(e.image.path[7:-1])],
-                                    int(e.image.path[7:-1]), query) for e in entries])
+                lambda: [self._item(model, spec.receptive_field, e, originals[position[e.image]], position[e.image],
+                                    query) for e in entries])
         else:
             dataset = self.datasets.get(query.dataset)
             index = await self.manager.get(model, dataset, query.layer, deadline)
@@ -145,8 +144,9 @@ class TopActivationsService:
                                     outputs=wanted)
 
     async def _rank_images(self, model: ServedModel, query: TopActivationsQuery, deadline: float | None
-                           ) -> tuple[TopKIndex, list[np.ndarray]]:
-        """An index of the caller's images alone (no dataset, nothing stored)."""
+                           ) -> tuple[TopKIndex, list[np.ndarray], dict[ImageId, int]]:
+        """An index of the caller's images alone (no dataset, nothing stored), the decoded images, and each
+        image id's position among the caller's images."""
 
         def load() -> tuple[list[np.ndarray], list]:  # type: ignore[type-arg]
             arrays = [to_array(img, f"images[{i}]") for i, img in enumerate(query.images)]
@@ -159,11 +159,8 @@ class TopActivationsService:
                for i, a in enumerate(arrays)]
         index = empty_index(query.layer, model.layer(query.layer).output_shape, k_max=DEFAULT_K_MAX,
                             per_image=DEFAULT_PER_IMAGE)
-        tasks = [Task(model=model.name, rpc=SCAN_RPC, key=p.batch_key, payload=p, compute=compute_scan,
-                      deadline=deadline, served=model)
-                 for p in (ScanPayload(query.layer, t, DEFAULT_PER_IMAGE) for t in tensors)]
-        rows = await asyncio.gather(*(self.scheduler.submit(t) for t in tasks))
-        return from_candidates(index, ids, concat(rows)), arrays
+        rows = await scan(self.scheduler, model, query.layer, tensors, DEFAULT_PER_IMAGE, deadline)
+        return from_candidates(index, ids, rows), arrays, {image: i for i, image in enumerate(ids)}
 
     # ------------------------------------------------------------------ entries -> answers
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from convlens.server.service.model_control import LOADING, READY, UNAVAILABLE, VersionState
+from convlens.server.service import model_control
+from convlens.server.service.model_control import VersionState
+from convlens.server.transport.codecs.vocabulary import enum_names, enum_values
 from convlens.v1 import convlens_pb2 as pb
 
-STATES = {READY: pb.MODEL_STATE_READY, UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE, LOADING: pb.MODEL_STATE_LOADING}
+STATES = enum_values(enum_names(pb.ModelState, model_control.STATES, unspecified=None))  # READY -> MODEL_STATE_READY
 
 
 def target(request: Any) -> tuple[str, int | None]:

@@ -7,6 +7,7 @@ import io
 from PIL import Image
 
 from convlens.server.errors import InvalidArgument
+from convlens.server.service import top_activations as service
 from convlens.server.service.top_activations import (
     OUTPUTS,
     Box,
@@ -16,12 +17,12 @@ from convlens.server.service.top_activations import (
     TopItem,
 )
 from convlens.server.transport.codecs.common import enum, geometry, given, image_input, outputs
-from convlens.server.transport.codecs.vocabulary import enum_names
+from convlens.server.transport.codecs.vocabulary import enum_names, enum_values
 from convlens.v1 import convlens_pb2 as pb
 
-RANKINGS = {pb.RANKING_UNSPECIFIED: "max", pb.RANKING_MAX: "max", pb.RANKING_MEAN: "mean"}
+RANKINGS = enum_names(pb.Ranking, service.RANKINGS, unspecified="max")
 TOP_OUTPUTS = enum_names(pb.TopActivationsOutput, OUTPUTS, unspecified=None)
-STATES = {"ready": pb.INDEX_STATE_READY, "building": pb.INDEX_STATE_BUILDING, "absent": pb.INDEX_STATE_ABSENT}
+STATES = enum_values(enum_names(pb.IndexState, service.STATES, unspecified=None))  # "ready" -> INDEX_STATE_READY
 
 
 def query(request: pb.TopActivationsRequest) -> TopActivationsQuery:
