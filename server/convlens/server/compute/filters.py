@@ -25,16 +25,13 @@ class FiltersPayload:
     cell_scale: int | None = None
 
 
-@dataclass
-class FiltersAnswer:
-    filters: FilterWeights
-    grid: Image.Image | None
+FiltersResult = tuple[FilterWeights, Image.Image | None]  # the weights and, when asked, their grid
 
 
-def compute_filters(model: ServedModel, queries: Sequence[FiltersPayload]) -> list[FiltersAnswer | Exception]:
+def compute_filters(model: ServedModel, queries: Sequence[FiltersPayload]) -> list[FiltersResult | Exception]:
     pre = model.preprocess
     example = torch.zeros(3, pre.height, pre.width, device=model.device)
-    answers: list[FiltersAnswer | Exception] = []
+    answers: list[FiltersResult | Exception] = []
     for q in queries:
         try:
             f = conv_filters(model.resolver, q.layer, example if model.format != "onnx" else None)
@@ -44,7 +41,7 @@ def compute_filters(model: ServedModel, queries: Sequence[FiltersPayload]) -> li
                             dead=f.dead_channels)
                 if q.render_grid else None
             )
-            answers.append(FiltersAnswer(f, grid))
+            answers.append((f, grid))
         except Exception as exc:  # one bad query must not fail its batch companions
             answers.append(exc)
     return answers

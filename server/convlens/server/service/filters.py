@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convlens.server.compute.filters import FiltersAnswer, FiltersPayload, compute_filters
+from PIL import Image
+
+from convlens.server.compute.filters import FiltersPayload, FiltersResult, compute_filters
+from convlens.server.engine.filters import FilterWeights
 from convlens.server.errors import Violations
 from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext
@@ -24,6 +27,14 @@ class FiltersQuery(FiltersPayload):
         v.raise_if_any()
 
 
+@dataclass
+class FiltersAnswer:
+    """A GetFilters answer: the layer's weights (and facts) and, when asked, their grid picture."""
+
+    filters: FilterWeights
+    grid: Image.Image | None
+
+
 class FiltersService:
     def __init__(self, context: ServiceContext) -> None:
         self.repository = context.repository
@@ -35,5 +46,5 @@ class FiltersService:
         model.resolver.conv(query.layer, field="layer")  # not found / no weights, before any queueing
         task = Task(model=model.name, rpc="GetFilters", key=query, payload=query,
                     compute=compute_filters, deadline=deadline, served=model)
-        answer: FiltersAnswer = await self.scheduler.submit(task)
-        return answer
+        result: FiltersResult = await self.scheduler.submit(task)
+        return FiltersAnswer(*result)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from convlens.server.compute.filters import FiltersAnswer
 from convlens.server.engine import render
-from convlens.server.service.filters import FiltersQuery
+from convlens.server.service.filters import FiltersAnswer, FiltersQuery
 from convlens.server.transport.codecs.common import enum, given, png, tensor
 from convlens.server.transport.codecs.vocabulary import enum_names
 from convlens.v1 import convlens_pb2 as pb
