@@ -175,6 +175,18 @@ async def test_style_limits_are_invalid_argument(client: AsyncClient, options: d
     assert fields(e.value) == [field]
 
 
+async def test_an_unknown_layer_is_reported_with_the_other_bad_fields(client: AsyncClient) -> None:
+    """Dream collects its layer as StyleTransfer collects its layers: one answer names every bad field. The
+    status is the one an unknown layer always had, NOT_FOUND (LAYER_NOT_FOUND), on both RPCs."""
+    with pytest.raises(exc.NotFoundError) as e:
+        await client.dream(photo(), MODEL, "_nope", octave_scale=0.5, jitter=-1)
+    assert e.value.reason == "LAYER_NOT_FOUND" and fields(e.value) == ["layer", "octave_scale", "jitter"]
+    assert "no layer '_nope'" in str(e.value) and "(and 2 more" in str(e.value)
+    with pytest.raises(exc.NotFoundError) as e:
+        await client.style_transfer(photo(), photo(), MODEL, content_layer="nope", steps=100_000)
+    assert e.value.reason == "LAYER_NOT_FOUND" and fields(e.value) == ["steps", "content_layer"]
+
+
 async def test_bad_images_name_their_field(client: AsyncClient) -> None:
     with pytest.raises(exc.InvalidArgumentError) as e:
         await client.style_transfer(photo(), b"not an image", MODEL, steps=1)

@@ -18,7 +18,11 @@ code): the class's default, or a more precise one where it is raised (MODEL_NOT_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,12 @@ class NotFound(ConvLensError):
 
     reason = "NOT_FOUND"
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
-        super().__init__(message, violations=[FieldViolation(field, message)] if field else None, reason=reason)
+    def __init__(self, message: str, *, field: str | None = None, violations: list[FieldViolation] | None = None,
+                 reason: str | None = None) -> None:
+        vs = list(violations or [])
+        if field is not None:
+            vs.insert(0, FieldViolation(field, message))
+        super().__init__(message, violations=vs, reason=reason)
 
 
 class PermissionDenied(ConvLensError):
@@ -99,12 +107,15 @@ class Violations:
         v.add("size", "...")
         v.raise_if_any()   # InvalidArgument: the first message (+ "and N more"), every field in violations
 
-    `collect(fn)` runs a check that raises InvalidArgument and records its violations instead.
+    `collect(fn)` runs a check that raises InvalidArgument or NotFound and records its violations instead. A
+    NotFound decides the status (an unknown layer is NOT_FOUND, as when it is raised alone): `raise_if_any`
+    then raises NotFound, with its message and reason, carrying every violation gathered.
     """
 
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
         self._messages: list[str] = []
+        self._not_found: NotFound | None = None
 
     def add(self, field: str, description: str) -> None:
         self.items.append(FieldViolation(field, description))
@@ -115,11 +126,14 @@ class Violations:
             self.add(field, description)
         return ok
 
-    def collect(self, fn: object, *args: object, **kwargs: object) -> object:
-        """fn(*args, **kwargs); an InvalidArgument it raises is recorded (None returned) instead of raised."""
+    def collect(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """fn(*args, **kwargs); an InvalidArgument or NotFound it raises is recorded (None returned) instead
+        of raised."""
         try:
-            return fn(*args, **kwargs)  # type: ignore[operator]
-        except InvalidArgument as exc:
+            return fn(*args, **kwargs)
+        except (InvalidArgument, NotFound) as exc:
+            if isinstance(exc, NotFound) and self._not_found is None:
+                self._not_found = exc
             self.items.extend(exc.violations or [FieldViolation("", exc.message)])
             self._messages.append(exc.message)
             return None
@@ -130,9 +144,12 @@ class Violations:
     def raise_if_any(self) -> None:
         if not self.items:
             return
-        message = self._messages[0]
+        first = self._not_found
+        message = self._messages[0] if first is None else first.message
         if len(self.items) > 1:
             message += f" (and {len(self.items) - 1} more: see the field violations)"
+        if first is not None:
+            raise NotFound(message, violations=self.items, reason=first.reason)
         raise InvalidArgument(message, violations=self.items)
 
 

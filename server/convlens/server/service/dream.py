@@ -7,11 +7,11 @@ layer and image size (each octave has its own size).
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+import torch
 from PIL import Image
 
 from convlens.server.compute.dream import GuidePayload, ScorePayload, compute_guides, compute_scores
@@ -100,9 +100,10 @@ class DreamService(StreamingJobService):
         (added to `violations` instead when given)."""
         v = Violations() if violations is None else violations
         d = DreamSettings(layer="")
-        layer = q.layer or default_layer(model)
-        spec = model.layer(layer, field_name="layer")
-        channels = spec.output_shape[0] if v.check(
+        layer = q.layer or v.collect(default_layer, model) or ""
+        # An unknown layer is collected like StyleTransfer's layers: NOT_FOUND, naming every bad field.
+        spec = v.collect(model.layer, layer, field_name="layer") if layer else None
+        channels = spec.output_shape[0] if spec is not None and v.check(
             len(spec.output_shape) == 3, "layer", f"layer {layer!r} outputs shape {spec.output_shape} per image, "
             "not a (C, H, W) map; dream at a convolutional layer") else None
         settings = replace(
@@ -125,25 +126,35 @@ class DreamService(StreamingJobService):
         settings = self.settings(model, query, violations)
         check_preview_every(query.preview_every, violations)
         violations.raise_if_any()
-        image = await asyncio.to_thread(caller_pixels, query.image, "image")
+        source = query.image
+        assert source is not None  # refused above
+        image = await off_loop(lambda: caller_pixels(source, "image"))
         h, w = fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size)
         cost = self.check_budget(h * w, f"the image dreamed at {w}x{h} (its largest octave)", ("max_size",))
-        guide = None if query.guide is None else await asyncio.to_thread(caller_pixels, query.guide, "guide")
+        guide_input = query.guide
+        guide = None if guide_input is None else await off_loop(lambda: caller_pixels(guide_input, "guide"))
         async with self.job(model, deadline, cost) as handle:
             objective = l2_objective(settings.channel)
             if guide is not None:
-                side = max(fit_size(int(image.shape[-2]), int(image.shape[-1]), settings.max_size))
+                side = max(h, w)
                 features = await handle.submit(("dream-guide", settings.layer, tuple(guide.shape), side),
                                                GuidePayload(guide, settings.layer, side), compute_guides)
                 objective = guide_objective(features)
-            job = DreamJob(image.to(handle.device), settings, objective, mean=model.preprocess.mean,
-                           std=model.preprocess.std, device=handle.device)
+            pre, device, chosen = model.preprocess, handle.device, objective
+            # The octave bases are resized here: off the event loop, as every streaming job is built.
+            job = await off_loop(lambda: DreamJob(image.to(device), settings, chosen, mean=pre.mean, std=pre.std,
+                                                  device=device))
             async for event in self.progress(handle, job, query.preview_every, lambda: picture(job.picture())):
                 yield event
-            final = job.picture()
-            before = resize(job.bases[-1], (int(final.shape[-2]), int(final.shape[-1])))
+            final, before = await off_loop(lambda: _final_and_input(job))
             scores = await handle.submit(("dream-score", settings.layer, tuple(final.shape)),
                                          ScorePayload(before, final, settings.layer, objective), compute_scores)
         image_out = await off_loop(lambda: picture(final))
         yield DreamAnswer(image_out, objective=scores[1], input_objective=scores[0], settings=job.settings,
                           guided=guide is not None)
+
+
+def _final_and_input(job: DreamJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dream, and the input at the dream's size (its last octave's base): what the objective is compared on."""
+    final = job.picture()
+    return final, resize(job.bases[-1], (int(final.shape[-2]), int(final.shape[-1])))

@@ -8,7 +8,6 @@ layer). Validation happens before the job is admitted, so bad input never takes 
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -121,8 +120,8 @@ class MaximizeService(StreamingJobService):
                           f"size^2 x images = {settings.size}^2 x {settings.images}", ("size", "images"))
         pre = model.preprocess
         async with self.job(model, deadline, cost) as handle:
-            job = await asyncio.to_thread(MaximizeJob, settings, objective, mean=pre.mean, std=pre.std,
-                                          device=handle.device)
+            device = handle.device
+            job = await off_loop(lambda: MaximizeJob(settings, objective, mean=pre.mean, std=pre.std, device=device))
             async for event in self.progress(handle, job, query.preview_every,
                                              lambda: Image.fromarray(job.image_uint8())):
                 yield event

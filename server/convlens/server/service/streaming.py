@@ -6,7 +6,7 @@ A service subclasses `StreamingJobService` and, in its `__call__`:
     check_preview_every(query.preview_every)        # with the rest of its validation, before admission
     ...decode the caller's images off the loop (caller_pixels)...
     async with self.job(model, deadline) as handle:              # admission: RESOURCE_EXHAUSTED
-        job = build_job(handle.device)
+        job = await off_loop(lambda: build_job(handle.device))   # resizes, noise: off the loop too
         async for event in self.progress(handle, job, query.preview_every, render):
             yield event                                          # Progress, previews built off the loop
         final = await handle.submit(key, payload, compute)       # a one-shot task on the job's device
@@ -73,7 +73,8 @@ def wants_preview(every: int, step: int, total: int, *, last: bool = False) -> b
 
 
 async def off_loop(render: Callable[[], T]) -> T:
-    """Build a picture (or anything CPU-bound) on a thread, so the event loop keeps serving."""
+    """Build a picture, a job or anything else CPU-bound on a thread, so the event loop keeps serving: the one
+    rule for every streaming service (decoding the caller's images, building the job, previews, the result)."""
     return await asyncio.to_thread(render)
 
 

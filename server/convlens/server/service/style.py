@@ -6,7 +6,6 @@ layers; an L-BFGS job runs alone. Validation and decoding happen before the job 
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -155,21 +154,26 @@ class StyleService(StreamingJobService):
         settings = self.settings(model, query, violations)
         check_preview_every(query.preview_every, violations)
         violations.raise_if_any()
-        content = await asyncio.to_thread(caller_pixels, query.content, "content")  # type: ignore[arg-type]
-        style = await asyncio.to_thread(caller_pixels, query.style, "style")  # type: ignore[arg-type]
+        content_input, style_input = query.content, query.style
+        assert content_input is not None and style_input is not None  # refused above
+        content = await off_loop(lambda: caller_pixels(content_input, "content"))
+        style = await off_loop(lambda: caller_pixels(style_input, "style"))
         h, w = output_size(int(content.shape[-2]), int(content.shape[-1]), settings.size)
         cost = self.check_budget(h * w, f"the output at {w}x{h}", ("size",))
-        content, style = await asyncio.to_thread(prepare_images, content, style, settings.size)
+        content, style = await off_loop(lambda: prepare_images(content, style, settings.size))
         async with self.job(model, deadline, cost) as handle:
             targets = await handle.submit(("style-targets", tuple(content.shape), tuple(style.shape)),
                                           TargetsPayload(content, style, settings), compute_targets)
-            job = StyleJob(settings, targets, start_image(content, settings).to(handle.device),
-                           mean=model.preprocess.mean, std=model.preprocess.std)
+            pre, device = model.preprocess, handle.device
+            # The start image (noise or the content, resized) is made here: off the event loop, as every
+            # streaming job is built.
+            job = await off_loop(lambda: StyleJob(settings, targets, start_image(content, settings).to(device),
+                                                  mean=pre.mean, std=pre.std))
             initial = float("nan")
             async for event in self.progress(handle, job, query.preview_every, lambda: picture(job.picture())):
                 if event.step == 1:
                     initial = event.terms["style"]
                 yield event
-            final = job.picture()
+            image = await off_loop(lambda: picture(job.picture()))
             losses = dict(job.losses)
-        yield StyleAnswer(await off_loop(lambda: picture(final)), losses, initial, settings)
+        yield StyleAnswer(image, losses, initial, settings)
