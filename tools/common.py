@@ -4,22 +4,23 @@ Benches (`tools/bench/`), the demo (`tools/demo/`) and the quality tools (`tools
 embedded EfficientNet-Lite0 and the photos that ship inside scikit-image and scikit-learn (the server's
 `samples` dataset reads the same ones). Benches write Markdown reports into docs/performance.md with
 `record`, under a marker, newest first, each with its date and the machine's load average.
+
+Importing it costs neither torch nor the server (both are imported where used), so a plain gRPC client tool
+can take `MODEL` and `load_average` from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import io
 import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-
-from convlens.server.datasets.dataset import sample_photo
 
 MODEL = "efficientnet_lite0"  # the embedded default every tool runs on
 
@@ -30,10 +31,19 @@ MODEL = "efficientnet_lite0"  # the embedded default every tool runs on
 def photo(name: str, side: int | None = None) -> np.ndarray:
     """An embedded photo by short name ("chelsea", "china", "brick"...) as RGB uint8 [H, W, 3] (grey ones
     repeated to three channels); resized to side x side when `side` is given."""
+    from convlens.server.datasets.dataset import sample_photo
+
     array = sample_photo(name)
     if side is not None:
         array = np.asarray(Image.fromarray(array).resize((side, side), Image.Resampling.LANCZOS))
     return array
+
+
+def png(array: np.ndarray) -> bytes:
+    """An RGB uint8 [H, W, 3] array as PNG bytes (Pillow's default compression): a request's image."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- figures
@@ -64,19 +74,20 @@ def sheet(rows: Sequence[Sequence[tuple[str, Image.Image]]], cell: int = 224) ->
 # ---------------------------------------------------------------- reports
 
 
-def load_average() -> str:
-    """The 1/5/15-minute load average, as reports state it beside every figure."""
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+def load_average(sep: str = " / ", count: int = 3) -> str:
+    """The 1/5/15-minute load average (the first `count` of them), as reports state it beside every figure."""
+    return sep.join(f"{x:.2f}" for x in os.getloadavg()[:count])
 
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = "---") -> list[str]:
-    """A Markdown table's lines (cells already formatted as text, or anything `str` shows well)."""
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align for _ in header) + " |",
+def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str | Sequence[str] = "---") -> list[str]:
+    """A Markdown table's lines (cells already formatted as text, or anything `str` shows well); `align` is one
+    marker for every column or one per column ("---:" right-aligns)."""
+    aligns = [align] * len(header) if isinstance(align, str) else list(align)
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(aligns) + " |",
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
@@ -84,6 +95,8 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     """The arguments every bench that records a report takes: where the report goes, and the device."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/performance.md"), help="the Markdown file to record into")
+    import torch
+
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     return p
 

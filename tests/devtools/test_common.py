@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from tools.common import figure, photo, record, sheet, table
+from tools.common import figure, load_average, photo, png, record, sheet, table
 
 
 def test_photo_is_the_shipped_photo_as_rgb() -> None:
@@ -63,3 +66,61 @@ def test_sheet_lays_out_a_captioned_grid() -> None:
     assert grid.size == (2 * 54, 2 * 68)
     assert grid.getpixel((10, 16 + 10)) == (255, 0, 0)  # the red one, scaled to 50 x 25, under its caption
     assert grid.getpixel((54 + 5, 16 + 20)) == (0, 0, 255)
+
+
+def test_table_aligns_each_column_when_asked() -> None:
+    assert table(["n", "name"], [(8, "x")], ["---:", "---"]) == ["| n | name |", "| ---: | --- |", "| 8 | x |"]
+
+
+def test_load_average_is_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.getloadavg", lambda: (1.234, 0.5, 12.0))
+    assert load_average() == "1.23 / 0.50 / 12.00"
+    assert load_average(sep=" ") == "1.23 0.50 12.00"  # tools/bench/http_front.py's line
+    assert load_average(count=1) == "1.23"  # tools/reliability/budget.py's line
+
+
+def test_png_round_trips_the_photo() -> None:
+    array = photo("coffee", 32)
+    with Image.open(io.BytesIO(png(array))) as decoded:
+        assert decoded.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")), array)
+
+
+def test_importing_the_common_module_costs_no_torch() -> None:
+    """A plain gRPC client tool (tools/reliability/first_calls.py) takes MODEL from here: no torch import."""
+    code = "import sys, tools.common; assert 'torch' not in sys.modules and 'convlens.server' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_the_peers_tables_are_the_hand_written_markdown() -> None:
+    """tools/peers/bench.py builds its tables with `table` now; the Markdown is what it printed before."""
+    from tools.peers.bench import table as peers_table
+
+    result = {"summary": {
+        "saliency": {"8": {"convlens": {"rps": 10.0, "p50_ms": 80.4, "p99_ms": 120.6,
+                                        "server_cpu_ms_per_answer": 55.5},
+                           "plain": {"rps": 8.5, "p50_ms": 90.0, "p99_ms": 150.0, "server_cpu_ms_per_answer": 60.0,
+                                     "convlens_ratio": 1.176}}},
+        "maximize": {"convlens": {"wall_s": 12.34}, "plain": {"wall_s": 20.0, "convlens_speedup": 1.62}},
+        "service_over_raw": {"8": {"convlens": 1.1, "plain": 1.25}},
+        "raw": {"best": "2 threads"},
+        "efficiency": {"concurrency": 8, "convlens_cpu_ms_per_image": 55.5, "raw_best_cpu_ms_per_image": 50.0,
+                       "ratio_to_raw_best": 1.11, "ratio_to_raw_cheapest": 1.2}}}
+    assert peers_table(result).split("\n") == [
+        "| concurrency | server | req/s | p50 ms | p99 ms | server CPU-ms / answer | ConvLens / this |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| 8 | convlens | 10.00 | 80 | 121 | 55.5 | — |",
+        "| 8 | plain | 8.50 | 90 | 150 | 60.0 | 1.18 |",
+        "",
+        "| 8 MaximizeUnit jobs at once | wall s | ConvLens speed-up |",
+        "| --- | ---: | ---: |",
+        "| convlens | 12.3 | — |",
+        "| plain | 20.0 | 1.62x |",
+        "",
+        "| concurrency | convlens / raw best | plain / raw best |",
+        "| ---: | ---: | ---: |",
+        "| 8 | 1.10 | 1.25 |",
+        "",
+        "Server CPU per image at c8: ConvLens 55.5 CPU-ms; raw torch's best configuration (2 threads) 50.0: "
+        "**1.11x** (1.20x the cheapest raw configuration).",
+    ]

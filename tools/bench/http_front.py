@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import statistics
 import time
 
@@ -25,6 +24,7 @@ from PIL import Image
 from convlens.server.launcher import ServerProcess, free_port
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
+from tools.common import MODEL, load_average
 
 RPC = "/convlens.v1.InspectionService/"
 
@@ -70,7 +70,7 @@ async def _throughput(call: object, concurrency: int, seconds: float) -> float:
 
 async def saliency(srv: ServerProcess, http_port: int, rounds: int, seconds: float, concurrency: int
                    ) -> tuple[list[tuple[float, float]], int, int]:
-    request = pb.SaliencyRequest(model="efficientnet_lite0", image=pb.Image(encoded=_png()),
+    request = pb.SaliencyRequest(model=MODEL, image=pb.Image(encoded=_png()),
                                  method=pb.SALIENCY_METHOD_GRADIENT)
     body = json_format.MessageToJson(request)
     out = []
@@ -103,14 +103,14 @@ def main() -> None:
     args = p.parse_args()
     http_port = free_port()
     with ServerProcess(["--device", "cpu", "--http-port", str(http_port)]) as srv:
-        print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+        print(f"load average {load_average(sep=' ')}")
         for g, h in overhead(srv, http_port, args.rounds, args.calls):
             print(f"ListModels p50: gRPC {g * 1e3:.2f} ms, HTTP {h * 1e3:.2f} ms (HTTP/gRPC {h / g:.2f})")
         rates, gb, hb = asyncio.run(saliency(srv, http_port, args.rounds, args.seconds, args.concurrency))
         for g, h in rates:
             print(f"Saliency c{args.concurrency}: gRPC {g:.1f}/s, HTTP {h:.1f}/s (HTTP/gRPC {h / g:.2f})")
         print(f"one Saliency answer: gRPC {gb} bytes, HTTP/JSON {hb} bytes ({hb / gb:.2f}x)")
-        print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+        print(f"load average {load_average(sep=' ')}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from convlens.server.launcher import ServerProcess
 from convlens.server.models.embedded import load_lite
 from convlens.server.scheduler.policy import memory_format_for
 from convlens.server.scheduler.shards import side_by_side, split, threads_per_shard
-from tools.common import MODEL, bench_parser, load_average, record, utc_now
+from tools.common import MODEL, bench_parser, load_average, record, table, utc_now
 
 MARKER = "<!-- bench_maximize -->"
 CLASSES = (130, 144, 351, 736, 302, 63, 436, 100, 1, 967)
@@ -133,12 +133,12 @@ def report(rows: list[tuple[float, float, float]], args: argparse.Namespace, bat
         f"{args.steps} steps at {args.size} px per job; server step batch policy {args.batch} "
         f"({args.shards} shard(s)); "
         f"{args.rounds} paired rounds (`python -m tools.bench.maximize`).", "",
-        "| round | one after another (s) | at once (s) | wall ratio | mean step batch "
-        "| worker busy (at once, per lane) | service job-steps/s | raw loop job-steps/s | service / raw |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r, ((s, c, raw), ratio, sv, vr, b, u) in enumerate(
-            zip(rows, wall, service, vs_raw, batches, busies, strict=True), 1):
-        lines.append(f"| {r} | {s:.1f} | {c:.1f} | {ratio:.2f} | {b:.1f} | {u:.0%} | {sv:.1f} | {raw:.1f} | {vr:.2f} |")
+        *table(["round", "one after another (s)", "at once (s)", "wall ratio", "mean step batch",
+                "worker busy (at once, per lane)", "service job-steps/s", "raw loop job-steps/s", "service / raw"],
+               [(r, f"{s:.1f}", f"{c:.1f}", f"{ratio:.2f}", f"{b:.1f}", f"{u:.0%}", f"{sv:.1f}", f"{raw:.1f}",
+                 f"{vr:.2f}")
+                for r, ((s, c, raw), ratio, sv, vr, b, u) in enumerate(
+                    zip(rows, wall, service, vs_raw, batches, busies, strict=True), 1)])]
     lines += ["", f"Median wall ratio (at once / one after another): **{statistics.median(wall):.2f}** "
                   f"(goal on a CPU <= 0.8); median service / raw loop: **{statistics.median(vs_raw):.2f}** "
                   "(goal >= 0.85); median share of the at-once wall time a compute lane spent computing MaximizeUnit "

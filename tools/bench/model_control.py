@@ -9,7 +9,6 @@ failed calls (must be 0). `python -m tools.bench.model_control [--out docs/perfo
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torchvision
 from convlens.client import AsyncClient
 from convlens.server.app import ConvLensServer
 from convlens.server.config import ServerConfig
-from tools.common import bench_parser, record
+from tools.common import bench_parser, load_average, record, table, utc_now
 
 MARKER = "<!-- bench: model control (tools/bench/model_control.py) -->"
 CALLERS = 8
@@ -83,28 +82,25 @@ async def main_async(rounds: int, seconds: float, device: str) -> str:
                         kinds[reload].append(await window(c, seconds, reload))
         finally:
             await srv.stop(0.0)
-    rows = []
+    rows: list[tuple[object, ...]] = []
     rate = {}
     for reload, runs in kinds.items():
         lat = [x for r in runs for x in r[0]]
         rate[reload] = sum(len(r[0]) for r in runs) / sum(r[2] for r in runs)
         loads = [r[3] for r in runs if r[3] is not None]
         load_cell = f"{statistics.median(loads):.0f}" if loads else "-"
-        rows.append(f"| {'with a reload' if reload else 'steady'} | {len(lat)} | {sum(r[1] for r in runs)} | "
-                    f"{rate[reload]:.1f} | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} | {pct(lat, 100):.0f} | "
-                    f"{load_cell} |")
-    load = os.getloadavg()
+        rows.append(("with a reload" if reload else "steady", len(lat), sum(r[1] for r in runs),
+                     f"{rate[reload]:.1f}", f"{pct(lat, 50):.0f}", f"{pct(lat, 99):.0f}", f"{pct(lat, 100):.0f}",
+                     load_cell))
     return "\n".join([
-        f"### Model control: a reload under {CALLERS} callers ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{device}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})",
+        f"### Model control: a reload under {CALLERS} callers ({utc_now()}, {device}, load average "
+        f"{load_average(sep=' ')})",
         "",
         f"ResNet-18 (torchvision folder, 112 px, Saliency gradient), {rounds} interleaved rounds of a {seconds:g} s "
         "steady window and a window that starts with `LoadModel` of the same folder (a new copy swapped in while "
         "the callers run).",
         "",
-        "| window | calls | failed | calls/s | p50 ms | p99 ms | max ms | LoadModel ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
+        *table(["window", "calls", "failed", "calls/s", "p50 ms", "p99 ms", "max ms", "LoadModel ms"], rows),
         "",
         f"Throughput in reload windows / steady: **{rate[True] / rate[False]:.2f}**.",
     ])

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from convlens.server.launcher import ServerProcess
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
+from tools.common import table
 
 
 def _time(call: Callable[[], object], n: int) -> list[float]:
@@ -58,10 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     with ServerProcess(["--device", "cpu", *args.serve_args]) as srv:
         rows = measure(srv.address, args.rounds, args.calls)
-    print("| round | health p50 (ms) | ListModels p50 (ms) | ratio |")
-    print("| --- | --- | --- | --- |")
-    for i, (h, m) in enumerate(rows, 1):
-        print(f"| {i} | {h * 1e3:.3f} | {m * 1e3:.3f} | {m / h:.2f} |")
+    cells = [(i, f"{h * 1e3:.3f}", f"{m * 1e3:.3f}", f"{m / h:.2f}") for i, (h, m) in enumerate(rows, 1)]
+    print("\n".join(table(["round", "health p50 (ms)", "ListModels p50 (ms)", "ratio"], cells)))
     ratio = statistics.median(m / h for h, m in rows)
     print(f"median ratio ListModels/health p50: {ratio:.2f}")
     return 0

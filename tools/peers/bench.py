@@ -46,6 +46,8 @@ from PIL import Image
 from convlens.server.launcher import ServerProcess, free_port
 from convlens.v1 import convlens_pb2 as pb
 from convlens.wire.tensors import to_numpy
+from tools import common
+from tools.common import MODEL, photo, png, utc_now
 from tools.peers import raw, work
 from tools.peers.driver import Caller, GrpcCaller, HttpCaller, level, tree_cpu_seconds
 
@@ -90,17 +92,8 @@ class Peer:
 
 
 def photos(side: int | None = None) -> list[bytes]:
-    import skimage.data
-
-    out = []
-    for name in PHOTOS:
-        img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        if side:
-            img = img.resize((side, side))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    """The bench's photos as PNG request bytes (tools/common.py's loader), resized to side x side when given."""
+    return [png(photo(name, side or None)) for name in PHOTOS]
 
 
 def saliency_bodies(model: str, images: Sequence[bytes], full: bool = False) -> list[bytes]:
@@ -332,7 +325,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     servers: dict[str, Any] = {}
     callers: dict[str, Caller] = {}
     pids: dict[str, int] = {}
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model,
+    result: dict[str, Any] = {"date": utc_now(), "model": args.model,
                               "cores": os.cpu_count(), "torch": torch.__version__, "args": vars(args)}
     try:
         convlens = ServerProcess(["--device", "cpu", *args.convlens_args.split()], log_path=logs / "convlens.log",
@@ -474,23 +467,23 @@ def summarise(result: dict[str, Any], levels: Sequence[int]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     s = result["summary"]
-    lines = ["| concurrency | server | req/s | p50 ms | p99 ms | server CPU-ms / answer | ConvLens / this |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for n, per in s["saliency"].items():
-        for name, v in per.items():
-            ratio = f"{v['convlens_ratio']:.2f}" if "convlens_ratio" in v else "—"
-            lines.append(f"| {n} | {name} | {v['rps']:.2f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} | "
-                         f"{v['server_cpu_ms_per_answer']:.1f} | {ratio} |")
+    right = "---:"
+    lines = common.table(
+        ["concurrency", "server", "req/s", "p50 ms", "p99 ms", "server CPU-ms / answer", "ConvLens / this"],
+        [(n, name, f"{v['rps']:.2f}", f"{v['p50_ms']:.0f}", f"{v['p99_ms']:.0f}",
+          f"{v['server_cpu_ms_per_answer']:.1f}", f"{v['convlens_ratio']:.2f}" if "convlens_ratio" in v else "—")
+         for n, per in s["saliency"].items() for name, v in per.items()],
+        [right, "---", right, right, right, right, right])
     if s["maximize"]:
-        lines += ["", "| 8 MaximizeUnit jobs at once | wall s | ConvLens speed-up |", "| --- | ---: | ---: |"]
-        for name, v in s["maximize"].items():
-            lines.append(f"| {name} | {v['wall_s']:.1f} | "
-                         f"{v['convlens_speedup']:.2f}x |" if "convlens_speedup" in v else
-                         f"| {name} | {v['wall_s']:.1f} | — |")
-    lines += ["", "| concurrency | " + " | ".join(f"{k} / raw best" for k in next(iter(s["service_over_raw"].values())))
-              + " |", "| ---: |" + " ---: |" * len(next(iter(s["service_over_raw"].values())))]
-    for n, per in s["service_over_raw"].items():
-        lines.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in per.values()) + " |")
+        lines += ["", *common.table(
+            ["8 MaximizeUnit jobs at once", "wall s", "ConvLens speed-up"],
+            [(name, f"{v['wall_s']:.1f}", f"{v['convlens_speedup']:.2f}x" if "convlens_speedup" in v else "—")
+             for name, v in s["maximize"].items()],
+            ["---", right, right])]
+    columns = list(next(iter(s["service_over_raw"].values())))
+    lines += ["", *common.table(["concurrency", *(f"{k} / raw best" for k in columns)],
+                                [(n, *(f"{v:.2f}" for v in per.values())) for n, per in s["service_over_raw"].items()],
+                                [right] * (1 + len(columns)))]
     e = s["efficiency"]
     lines += ["", f"Server CPU per image at c{e['concurrency']}: ConvLens {e['convlens_cpu_ms_per_image']:.1f} "
               f"CPU-ms; raw torch's best configuration ({s['raw']['best']}) "
@@ -501,7 +494,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=work.LITE0, help="efficientnet_lite0 or a model folder")
+    p.add_argument("--model", default=MODEL, help="efficientnet_lite0 or a model folder")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--duration", type=float, default=12.0)

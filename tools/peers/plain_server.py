@@ -23,6 +23,7 @@ import torch
 from convlens.server.models.model import ServedModel
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
+from tools.common import MODEL
 from tools.peers import work
 
 
@@ -68,7 +69,7 @@ async def serve(port: int, model: str, workers: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--model", default=work.LITE0, help="efficientnet_lite0 or a model folder")
+    parser.add_argument("--model", default=MODEL, help="efficientnet_lite0 or a model folder")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)  # no OpenMP team on the main thread (see convlens' scheduler/shards.py)

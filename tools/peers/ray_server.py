@@ -36,6 +36,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 
 from convlens.v1 import convlens_pb2 as pb  # noqa: E402
+from tools.common import MODEL  # noqa: E402
 from tools.peers import work  # noqa: E402
 
 OBJECT_STORE_BYTES = 300 * 1024 * 1024
@@ -89,7 +90,7 @@ def deploy(model: str, replicas: int, batch: int, wait: float) -> None:
 
 
 class Control(BaseHTTPRequestHandler):
-    model = work.LITE0
+    model = MODEL
     lock = threading.Lock()
 
     def do_POST(self) -> None:  # noqa: N802
@@ -113,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True, help="Ray Serve's HTTP ingress")
     parser.add_argument("--control-port", type=int, required=True)
-    parser.add_argument("--model", default=work.LITE0, help="efficientnet_lite0 or a model folder")
+    parser.add_argument("--model", default=MODEL, help="efficientnet_lite0 or a model folder")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--wait", type=float, default=0.005)

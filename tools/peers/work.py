@@ -28,13 +28,12 @@ from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import prepare
 from convlens.v1 import convlens_pb2 as pb
 from convlens.wire.tensors import to_tensor
-
-LITE0 = "efficientnet_lite0"
+from tools.common import MODEL
 
 
 def load(model: str) -> ServedModel:
     """`efficientnet_lite0` (the embedded weights) or a model folder (model.toml), in channels_last."""
-    served = load_lite(model) if model == LITE0 else load_folder(Path(model))
+    served = load_lite(model) if model == MODEL else load_folder(Path(model))
     return served.replica(torch.device("cpu"), memory_format=torch.channels_last, fresh=True)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
+from tools.common import load_average
 from tools.reliability.tiny import EAGER, tiny_server
 
 
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=3)
     p.add_argument("--deadline", type=float, default=2.0)
     args = p.parse_args(argv)
-    print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"load average {load_average(count=1)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp, tiny_server(Path(tmp)) as srv:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.InspectionServiceStub(channel)
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.memory_only:
                 deadline_stop(stub, srv.metrics_url, args.deadline)
             memory_return(stub, srv.proc.pid, srv.metrics_url, args.size, args.jobs)
-    print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"load average {load_average(count=1)}", flush=True)
     return 0
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
+from tools.common import MODEL
 
 
 def _png(size: int, seed: int) -> bytes:
@@ -77,7 +78,7 @@ def run(address: str, model: str, size: int, calls: int, timeout: float, concurr
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.reliability.first_calls", description=__doc__.split("\n\n")[0])
     p.add_argument("--address", required=True)
-    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--model", default=MODEL)
     p.add_argument("--size", type=int, default=224, help="the Saliency image's side")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--calls", type=int, default=10)
