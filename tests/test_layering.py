@@ -8,6 +8,7 @@ an import that only runs on some path is caught too.
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,9 +25,15 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[:len(package) - node.level + 1]
-                found.add(".".join([*base, node.module] if node.module else base))
+                module = ".".join([*base, node.module] if node.module else base)
             elif node.module:
-                found.add(node.module)
+                module = node.module
+            else:
+                continue
+            if module == "convlens.server":  # `from convlens.server import errors`: the module named
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+            else:
+                found.add(module)
     return found
 
 
@@ -112,7 +119,78 @@ def test_the_server_needs_nothing_from_the_sdk_or_the_tools() -> None:
     assert not server_wide, f"server code imports the SDK or the developer tools: {server_wide}"
 
 
+# convlens.server's top level: the server's own modules and packages, nothing else (docs/architecture.md).
+TOP_MODULES = {"__init__", "app", "config", "errors", "kserve_explainer", "launcher", "metrics"}
+PACKAGES = {"compute", "datasets", "engine", "indexing", "models", "scheduler", "service", "transport"}
+
+
 def test_the_server_package_holds_no_developer_tools() -> None:
-    """convlens.server's top level holds the server's own modules and packages only."""
-    tooling = sorted(p.name for p in SERVER.glob("*.py") if p.stem.startswith(("bench", "demo")))
-    assert not tooling, f"developer tools belong in tools/, not the served package: {tooling}"
+    """convlens.server's top level holds the server's own modules and packages only: an allow-list, so a
+    bench, a demo or any other tool added there fails here (developer tools belong in tools/)."""
+    modules = {p.stem for p in SERVER.glob("*.py")}
+    packages = {p.name for p in SERVER.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert "app" in modules and "engine" in packages, "the listing reached the package"
+    assert modules == TOP_MODULES, (f"top-level modules not of the server (tools belong in tools/): "
+                                    f"{sorted(modules - TOP_MODULES)}; missing: {sorted(TOP_MODULES - modules)}")
+    assert packages == PACKAGES, (f"top-level packages not of the server: {sorted(packages - PACKAGES)}; "
+                                  f"missing: {sorted(PACKAGES - packages)}")
+
+
+# Registering a module hook anywhere but engine/hooks.py (whose forward_hooks undoes every hook on exit and
+# refuses layers inside TorchScript code) would let a hook outlive its call on a shared replica.
+HOOK_REGISTRATIONS = {"register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+                      "register_full_backward_pre_hook", "register_backward_hook", "register_module_forward_hook",
+                      "register_module_forward_pre_hook", "register_module_full_backward_hook"}
+HOOKS_HOME = SERVER / "engine" / "hooks.py"
+TOOLS = SERVER.parents[2] / "tools"
+
+
+def hook_registrations(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return [f"{path.name}:{node.lineno} {node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in HOOK_REGISTRATIONS]
+
+
+def test_every_module_hook_is_registered_in_engine_hooks() -> None:
+    assert hook_registrations(HOOKS_HOME), "the walk sees engine/hooks.py's own registrations"
+    elsewhere = [hit for path in [*SERVER.rglob("*.py"), *TOOLS.rglob("*.py")] if path != HOOKS_HOME
+                 for hit in hook_registrations(path)]
+    assert not elsewhere, f"hooks registered outside engine/hooks.py (use forward_hooks): {elsewhere}"
+
+
+# ---------------------------------------------------------------- the documented table
+
+ARCHITECTURE = SERVER.parents[2] / "docs" / "architecture.md"
+
+
+def documented_imports() -> dict[str, set[str]]:
+    """{part: the server parts its row's "may import" column names}, read off docs/architecture.md's table
+    (rows whose first cell is `package/` or `module.py`; backticked names in the last cell)."""
+    parts = PACKAGES | TOP_MODULES
+    table: dict[str, set[str]] = {}
+    for line in ARCHITECTURE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not re.fullmatch(r"`[a-z_]+(/|\.py)`", cells[0]):
+            continue
+        name = cells[0].strip("`").removesuffix("/").removesuffix(".py")
+        named = {n.removesuffix("/").removesuffix(".py") for n in re.findall(r"`([^`]+)`", cells[-1])}
+        table[name] = named & parts
+    return table
+
+
+def test_the_documented_table_covers_every_part() -> None:
+    table = documented_imports()
+    assert table["engine"] == {"errors"}, "the parser reads the engine's row"
+    assert set(table) == (PACKAGES | TOP_MODULES) - {"__init__"}, \
+        f"docs/architecture.md's table rows differ from the server's parts: {sorted(table)}"
+
+
+def test_every_import_is_one_the_table_allows() -> None:
+    """Each server part imports only the parts its row in docs/architecture.md says it may (a new edge is
+    documented there first, or it fails here)."""
+    table = documented_imports()
+    graph = imports_by_part()
+    assert "compute" in graph["scheduler"], "the walk sees scheduler/steps.py's compute import"
+    bad = {f"{part} -> {other}": sorted(map(str, files)) for part, imported in graph.items() if part in table
+           for other, files in imported.items() if other in table and other not in table[part]}
+    assert not bad, f"imports docs/architecture.md does not allow: {bad}"

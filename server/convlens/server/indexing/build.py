@@ -1,8 +1,8 @@
 """Building an index ahead of time in one process: `convlens index build` and each Kubernetes shard.
 
 Images are decoded and preprocessed on a small thread pool one batch ahead of the model, exactly as
-classification prepares them; the model part is `engine.topk.scan.scan_batch`, the same step the
-server's scheduler and the Ray actors run. Decode and forward time are measured separately.
+classification prepares them; the model part is `engine.topk.scan.scan_batch` (as on the Ray actors; the
+server's scheduler runs its `scan_candidates` step). Decode and forward time are measured separately.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """One layer's activations for a batch, turned into top-k candidates: the scan step every builder shares.
 
-The server's scheduler, `convlens index build` (one process or a Kubernetes shard) and the Ray actors
-all call `scan_batch`; only the way images reach it differs. The forward stops at the layer
-(layer_features.layer_outputs), so an early layer costs a fraction of a full forward.
+Every builder runs `scan_candidates`: `convlens index build` (one process or a Kubernetes shard) and the Ray
+actors through `scan_batch` (the batch's partial index), the server's scheduler directly
+(compute/top_activations.compute_scan: one candidate row per caller, so a batch may mix index scans);
+only the way images reach it differs. The forward stops at the layer (layer_features.layer_outputs), so an
+early layer costs a fraction of a full forward.
 """
 
 from __future__ import annotations
