@@ -31,6 +31,11 @@ class FieldViolation:
     description: str
 
 
+def _field_first(field: str | None, message: str, violations: list[FieldViolation] | None) -> list[FieldViolation]:
+    """`violations`, led by one for `field` (described by `message`) when a field is named."""
+    return ([FieldViolation(field, message)] if field is not None else []) + list(violations or [])
+
+
 class ConvLensError(Exception):
     """Base of every error the server reports to a caller on purpose."""
 
@@ -52,10 +57,7 @@ class InvalidArgument(ConvLensError):
 
     def __init__(self, message: str, *, field: str | None = None,
                  violations: list[FieldViolation] | None = None, reason: str | None = None) -> None:
-        vs = list(violations or [])
-        if field is not None:
-            vs.insert(0, FieldViolation(field, message))
-        super().__init__(message, violations=vs, reason=reason)
+        super().__init__(message, violations=_field_first(field, message, violations), reason=reason)
 
 
 class NotFound(ConvLensError):
@@ -65,10 +67,7 @@ class NotFound(ConvLensError):
 
     def __init__(self, message: str, *, field: str | None = None, violations: list[FieldViolation] | None = None,
                  reason: str | None = None) -> None:
-        vs = list(violations or [])
-        if field is not None:
-            vs.insert(0, FieldViolation(field, message))
-        super().__init__(message, violations=vs, reason=reason)
+        super().__init__(message, violations=_field_first(field, message, violations), reason=reason)
 
 
 class PermissionDenied(ConvLensError):
