@@ -136,12 +136,12 @@ def test_class_association_counts_and_mean_probability() -> None:
     (["cat", "cat", "dog"], "cat (2/3) · mean p 0.50", "cat (2/3)"),
     # Every photo a different class (the 19-photo samples set): no association, but which classes they are.
     (["cup", "cat", "dog", "fox", "owl", "car"], "no dominant class · top photos are cup, cat, dog +3 more",
-     "no dominant class"),
+     "mixed: cup, cat +4 more"),
     # A tie, or a plurality short of half: not called an association either.
-    (["cat", "cat", "dog", "dog"], "no dominant class · top photos are cat, dog", "no dominant class"),
+    (["cat", "cat", "dog", "dog"], "no dominant class · top photos are cat, dog", "mixed: cat, dog"),
     (["cat", "cat", "dog", "fox", "owl", "cup"], "no dominant class · top photos are cat, dog, fox +2 more",
-     "no dominant class"),
-    (["cat"], "no dominant class · top photos are cat", "no dominant class"),
+     "mixed: cat, dog +3 more"),
+    (["cat"], "no dominant class · top photos are cat", "mixed: cat"),
 ])
 def test_association_label_names_a_class_only_when_it_dominates(labels: list[str], expected: str,
                                                                   short: str) -> None:

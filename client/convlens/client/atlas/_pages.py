@@ -63,11 +63,10 @@ def association(entry: Entry, *, short: bool = False) -> str:
     if top is not None:
         share = f"{top['label']} ({top['count']}/{n})"
         return share if short else f"{share} · mean p {top.get('probability', float('nan')):.2f}"
-    if short:
-        return "no dominant class"
-    names = ", ".join(k["label"] for k in classes[:3])
-    more = f" +{len(classes) - 3} more" if len(classes) > 3 else ""
-    return f"no dominant class · top photos are {names}{more}"
+    shown = 2 if short else 3
+    names = ", ".join(k["label"] for k in classes[:shown])
+    more = f" +{len(classes) - shown} more" if len(classes) > shown else ""
+    return f"mixed: {names}{more}" if short else f"no dominant class · top photos are {names}{more}"
 
 
 def _rf(layer: LayerInfo) -> str:

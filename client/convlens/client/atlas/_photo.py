@@ -18,7 +18,7 @@ from .._types import Geometry
 DISPLAY_WIDTH, DISPLAY_HEIGHT = 300, 220  # the largest a unit page shows a photo (CSS px)
 RING = 3  # the bright ring's width as displayed (CSS px)
 EDGE = 1  # the dark edge outside it, as displayed
-DIM = 0.4  # brightness kept outside the box
+DIM = 0.5  # brightness kept outside the box
 BRIGHT = (255, 214, 0)
 DARK = (0, 0, 0)
 
