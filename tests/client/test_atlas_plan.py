@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from convlens.client._types import LayerInfo, ModelDetails, ModelInfo
-from convlens.client.atlas import AtlasOptions, parse_channels
+from convlens.client._types import LayerInfo, ModelDetails, ModelInfo, Prediction
+from convlens.client.atlas import AtlasOptions, _plan, parse_channels
 from convlens.client.atlas._manifest import NAME, Manifest
 from convlens.client.atlas._pages import association, search_script
 from convlens.client.atlas._plan import blocks, choose_layers, depth, match_depths, plan
@@ -22,8 +22,9 @@ def details(names_shapes: list[tuple[str, tuple[int, ...]]]) -> ModelDetails:
     return ModelDetails(info, layers, [])
 
 
-LITE = details([("_conv_stem", (8, 16, 16)), *[(f"_blocks.{i}", (4 + i, 8, 8)) for i in range(10)],
-                ("_blocks.3._depthwise_conv", (20, 8, 8)), ("_fc", (5,))])
+LITE = details([("_conv_stem", (8, 16, 16)), *[(f"_blocks.{i}", (4 + i, 8, 8)) for i in range(4)],
+                ("_blocks.3._depthwise_conv", (20, 8, 8)), *[(f"_blocks.{i}", (4 + i, 8, 8)) for i in range(4, 10)],
+                ("_fc", (5,))])
 
 
 def test_parse_channels() -> None:
@@ -54,12 +55,44 @@ def test_depths_match_nearest() -> None:
     assert match_depths([("a", 0.1), ("b", 0.9)], [("x", 0.0), ("y", 0.5), ("z", 1.0)]) == [("a", "x"), ("b", "z")]
 
 
+# A torchvision ResNet's catalog (named_modules order): containers come before their children.
+RESNET = details([("conv1", (4, 16, 16)), ("bn1", (4, 16, 16)), ("relu", (4, 16, 16)), ("maxpool", (4, 8, 8)),
+                  ("layer1", (4, 8, 8)),
+                  *[(f"layer1.{b}{leaf}", (4, 8, 8)) for b in (0, 1) for leaf in ("", ".conv1", ".bn1", ".relu",
+                                                                                    ".conv2", ".bn2")],
+                  ("layer2", (8, 4, 4)), ("layer2.0", (8, 4, 4)), ("layer2.0.conv1", (8, 4, 4)),
+                  ("layer2.0.downsample", (8, 4, 4)), ("layer2.0.downsample.0", (8, 4, 4)),
+                  ("layer2.0.downsample.1", (8, 4, 4)), ("layer2.0.unused", ()),
+                  ("avgpool", (8, 1, 1)), ("fc", (5,))])
+
+
+def test_depth_counts_leaf_modules_not_containers() -> None:
+    """Relative depth is the position of a layer's last leaf among the leaves that ran: 4 stem leaves,
+    5 per layer1 block, 3 in layer2.0 (the unused one did not run), avgpool, fc = 19 leaves, 0..18."""
+    leaves = [*"conv1 bn1 relu maxpool".split(),
+              *[f"layer1.{b}.{x}" for b in (0, 1) for x in "conv1 bn1 relu conv2 bn2".split()],
+              "layer2.0.conv1", "layer2.0.downsample.0", "layer2.0.downsample.1", "avgpool", "fc"]
+    assert _plan.leaves(RESNET) == leaves
+    assert depth(RESNET, "conv1") == 0.0 and depth(RESNET, "fc") == 1.0
+    assert depth(RESNET, "layer1.0") == 8 / 18  # its last leaf, layer1.0.bn2, is the 9th
+    assert depth(RESNET, "layer1") == depth(RESNET, "layer1.1") == 13 / 18
+    assert depth(RESNET, "layer2.0") == 16 / 18 and depth(RESNET, "layer1.0.relu") == 6 / 18
+    # (Counting catalog entries, containers included, put layer1.0 at 5/25: before any of its own leaves.)
+    with pytest.raises(ValueError, match="did not run"):
+        depth(RESNET, "layer2.0.unused")
+    with pytest.raises(ValueError, match="no layer"):
+        depth(RESNET, "layer9")
+
+
 def test_class_association_counts_then_rank() -> None:
-    assert class_association(["cat", "dog", None, "dog", "cat", "fox"]) == [
-        {"label": "cat", "count": 2}, {"label": "dog", "count": 2}, {"label": "fox", "count": 1}]
-    entry = {"classes": class_association(["cat", "dog", "cat"]), "top": [{}, {}, {}]}
-    assert association(entry) == "cat (2/3)"
-    assert association({"classes": class_association(["a", "b"]), "top": [{}, {}]}) == "mixed (2 classes in 2)"
+    def top1(label: str | None) -> Prediction | None:
+        return None if label is None else Prediction(0, label, 1.0, 0.5)
+
+    assert class_association([top1(x) for x in ["cat", "dog", None, "dog", "cat", "fox"]]) == [
+        {"label": "cat", "count": 2, "probability": 0.5}, {"label": "dog", "count": 2, "probability": 0.5},
+        {"label": "fox", "count": 1, "probability": 0.5}]
+    entry = {"classes": class_association([top1(x) for x in ["cat", "dog", "cat"]]), "top": [{}, {}, {}]}
+    assert association(entry, short=True) == "cat (2/3)"
 
 
 def test_manifest_resumes_only_with_the_same_signature(tmp_path: Path) -> None:
@@ -74,11 +107,16 @@ def test_manifest_resumes_only_with_the_same_signature(tmp_path: Path) -> None:
 
 
 def test_search_data_is_a_script_with_urls() -> None:
-    text = search_script([{"model": "m", "layer": "_blocks.1", "channel": 3, "classes": [{"label": "cat"}]}])
+    cat = {"label": "cat", "count": 2, "probability": 0.5}
+    text = search_script([{"model": "m", "layer": "_blocks.1", "channel": 3, "classes": [cat], "top": [{}] * 3},
+                          {"model": "m", "layer": "_blocks.2", "channel": 0, "top": [{}] * 3,
+                           "classes": [{**cat, "count": 1}, {**cat, "label": "dog", "count": 1}]}])
     assert text.startswith("window.CONVLENS_ATLAS = ")
     data = json.loads(text.split("= ", 1)[1].rstrip(";\n"))
     assert data == [{"model": "m", "layer": "_blocks.1", "channel": 3, "url": "m/_blocks.1/3.html",
-                     "classes": ["cat"]}]
+                     "classes": ["cat"], "association": "cat"},
+                    {"model": "m", "layer": "_blocks.2", "channel": 0, "url": "m/_blocks.2/0.html",
+                     "classes": ["cat", "dog"], "association": None}]
 
 
 def fake_entry(model: str, layer: str, c: int) -> dict[str, object]:
@@ -87,9 +125,9 @@ def fake_entry(model: str, layer: str, c: int) -> dict[str, object]:
             "diverse": {"files": [f"{c}-div0.png", f"{c}-div1.png"], "objectives": [1.0, 2.0],
                         "gram_similarity": 0.2, "weight": 20.0},
             "top": [{"source": "s.png", "score": 3.0, "y": 0, "x": 0, "box": [0, 0, 1, 1],
-                     "crop": f"{c}-top0.png", "photo": f"{c}-photo0.jpg"}],
+                     "crop": f"{c}-top0.png", "photo": f"{c}-photo0.jpg", "label": "cat", "probability": 0.5}],
             "dataset": "samples", "stats": {"images": 1, "mean": 0.1, "max": 2.0, "positive_fraction": 0.5},
-            "classes": [{"label": "cat", "count": 1}]}
+            "classes": [{"label": "cat", "count": 1, "probability": 0.5}]}
 
 
 def test_every_link_and_image_of_a_written_site_resolves(tmp_path: Path) -> None:

@@ -72,7 +72,10 @@ def test_sdk_works_without_torch(server: FakeServer) -> None:
         import convlens.client
         from convlens.client import Client, AsyncClient, Unit
         from convlens.client import loadtest, _cli
+        from convlens.client.atlas import AtlasOptions, build_atlas
+        from convlens.client.atlas import _build, _pages, _photo, _plan, _unit
         Unit("_blocks.1", 0)
+        AtlasOptions("efficientnet_lite0")
         with Client({server.target!r}) as c:
             print([m.name for m in c.list_models()])
         assert not any(m == "torch" or m.startswith(("torch.", "convlens.server", "prometheus_client"))

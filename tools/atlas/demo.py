@@ -8,27 +8,27 @@ unit page with Debian's chromium (for the README).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from convlens.client import Client
-from convlens.client.atlas import AtlasOptions, build_atlas
+from convlens.client.atlas import MANIFEST_NAME, AtlasOptions, build_atlas
+from convlens.client.atlas._plan import UnitKey
 from convlens.server.launcher import ServerProcess
+from tools.atlas.browser import MISSING, available, launch
 from tools.common import MODEL  # the embedded Lite0
 
 LAYERS = ("_blocks.2", "_blocks.8", "_blocks.14")  # stride 4, 16 and 32: edges, textures, parts
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def screenshot(page: Path, out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = launch(p)
         try:
             tab = browser.new_page(viewport={"width": 1100, "height": 900})
             tab.goto(page.resolve().as_uri())
@@ -37,6 +37,14 @@ def screenshot(page: Path, out: Path) -> None:
         finally:
             browser.close()
     print(f"wrote {out}")
+
+
+def first_unit_page(out: Path, options: AtlasOptions) -> Path | None:
+    """The page of the first unit in build order that the manifest lists as finished."""
+    manifest = out / MANIFEST_NAME
+    done = set(json.loads(manifest.read_text())["units"]) if manifest.exists() else set()
+    return next((out / UnitKey(MODEL, layer, c).page() for layer in options.layers for c in options.channels
+                 if UnitKey(MODEL, layer, c).id in done), None)
 
 
 def main() -> int:
@@ -65,10 +73,13 @@ def main() -> int:
           f"{report.class_predictions} class predictions")
     print(f"open {Path(args.out) / 'index.html'}")
     if args.screenshot:
-        if not os.access(CHROMIUM, os.X_OK):
-            print("no screenshot: Debian's chromium is not installed", file=sys.stderr)
+        page = first_unit_page(Path(args.out), options)
+        if not available():
+            print(f"no screenshot: {MISSING}", file=sys.stderr)
+        elif page is None:
+            print("no screenshot: no unit is finished", file=sys.stderr)
         else:
-            screenshot(Path(args.out) / MODEL / "_blocks.2" / "2.html", args.screenshot)
+            screenshot(page, args.screenshot)
     return 0
 
 

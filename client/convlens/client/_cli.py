@@ -20,6 +20,8 @@ from ._exceptions import ConvLensError
 from ._types import Target, Unit
 
 _DEFAULT_SERVER = "localhost:50051"
+_DEFAULT_TIMEOUT = 30.0  # seconds per call
+_ATLAS_TIMEOUT = 900.0  # an atlas's calls include whole optimisations and first dataset scans
 # Global options that take a value: needed to find the command word before argparse sees `serve`'s args.
 _VALUE_OPTS = ("-s", "--server", "--token", "--timeout", "--root-certs", "--client-cert", "--client-key",
                "--server-name")
@@ -66,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-key", metavar="PEM", default=os.environ.get("CONVLENS_CLIENT_KEY"),
                    help="mutual TLS: the client certificate's key")
     p.add_argument("--server-name", metavar="NAME", help="TLS: check the server certificate against this name")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    p.add_argument("--timeout", type=float, help=f"seconds per call (default {_DEFAULT_TIMEOUT:g}; atlas: "
+                   f"{_ATLAS_TIMEOUT:g})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("models", help="list the served models")
@@ -257,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if i is not None and argv[i] == "kserve-explainer":
         return _server_command("convlens.server.kserve_explainer", "kserve-explainer", argv[i + 1:])
     args = _parser().parse_args(argv)
+    args.timeout_given = args.timeout is not None  # atlas: a long default of its own, the user's when given
+    if args.timeout is None:
+        args.timeout = _DEFAULT_TIMEOUT
     tls = _tls(args)
     try:
         if args.command == "loadtest":
@@ -608,7 +614,7 @@ def _atlas(client: Client, args: argparse.Namespace) -> int:
             else (), every_nth_block=args.every_nth_block, channels=parse_channels(args.channels),
             dataset=args.dataset, steps=args.steps, size=args.size, jobs=args.jobs, top_k=args.top_k,
             diverse_images=args.diverse_images, diversity=args.diversity, seed=args.seed, compare=args.compare,
-            timeout=max(args.timeout, 900.0))
+            timeout=args.timeout if args.timeout_given else _ATLAS_TIMEOUT)
         report = build_atlas(client, args.output, options, progress=None if args.quiet else sys.stderr)
     except ValueError as e:
         print(f"convlens atlas: {e}", file=sys.stderr)

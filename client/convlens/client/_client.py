@@ -175,8 +175,9 @@ class Client:
         """The k dataset regions (or regions of `images`) that most excite one channel, best first.
 
         A list of entries with .source .score .y .x .box .crop .image; `.stats` summarises the channel.
-        outputs: which of entries, crops, images, stats to compute and send (None: entries and stats, plus
-        crops / images when asked by `crops` / `include_images`).
+        outputs: which of entries, crops, images, photos, stats to compute and send (None: entries and stats,
+        plus crops / images when asked by `crops` / `include_images`). "photos" (.photo) is the photo without
+        the box, for drawing it yourself from .original_box or running the model on the photo as it is.
         """
         req = cv.top_activations_request(model, layer, channel, k=k, dataset=dataset, images=images,
                                          crops=crops, include_images=include_images, ranking=ranking,

@@ -57,7 +57,8 @@ _BASELINES = {"black": pb.BASELINE_BLACK, "blurred": pb.BASELINE_BLURRED}
 SALIENCY_OUTPUTS = {"attribution": pb.SALIENCY_OUTPUT_ATTRIBUTION, "heatmap": pb.SALIENCY_OUTPUT_HEATMAP,
                     "overlay": pb.SALIENCY_OUTPUT_OVERLAY, "predictions": pb.SALIENCY_OUTPUT_PREDICTIONS}
 TOP_OUTPUTS = {"entries": pb.TOP_ACTIVATIONS_OUTPUT_ENTRIES, "crops": pb.TOP_ACTIVATIONS_OUTPUT_CROPS,
-               "images": pb.TOP_ACTIVATIONS_OUTPUT_IMAGES, "stats": pb.TOP_ACTIVATIONS_OUTPUT_STATS}
+               "images": pb.TOP_ACTIVATIONS_OUTPUT_IMAGES, "stats": pb.TOP_ACTIVATIONS_OUTPUT_STATS,
+               "photos": pb.TOP_ACTIVATIONS_OUTPUT_PHOTOS}
 _REDUCTIONS = {"mean": pb.REDUCTION_MEAN, "max": pb.REDUCTION_MAX}
 _PARAMETERIZATIONS = {"fft": pb.PARAMETERIZATION_FFT, "pixel": pb.PARAMETERIZATION_PIXEL,
                       "maco": pb.PARAMETERIZATION_MACO}
@@ -286,7 +287,8 @@ def top_activations(r: pb.TopActivationsResponse) -> TopActivations:
     return TopActivations(
         [TopActivation(a.image_index, a.source, a.score, a.y, a.x, _box(a.box), _box(a.original_box),
                        png_to_pil(a.crop_png), png_to_pil(a.image_png), a.digest,
-                       _geometry(a.geometry) if a.HasField("geometry") else None) for a in r.activations],
+                       _geometry(a.geometry) if a.HasField("geometry") else None, png_to_pil(a.photo_png))
+         for a in r.activations],
         images_scanned=r.images_scanned, channels=r.channels, dataset=r.dataset,
         stats=ChannelStats(s.images, s.mean, s.max, s.positive_fraction) if r.HasField("stats") else None)
 

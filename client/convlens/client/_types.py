@@ -190,6 +190,7 @@ class TopActivation:
     image: Image.Image | None  # the original image (<= 640 px) with the box drawn (include_images=True)
     digest: str = ""  # content digest: with `source`, the image's stable id
     geometry: Geometry | None = None
+    photo: Image.Image | None = None  # the original image (<= 640 px) without the box (outputs "photos")
 
 
 @dataclass(frozen=True)

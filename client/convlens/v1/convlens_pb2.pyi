@@ -498,6 +498,8 @@ class _TopActivationsOutputEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     """Each entry's image_png (implies the entries)."""
     TOP_ACTIVATIONS_OUTPUT_STATS: _TopActivationsOutput.ValueType  # 4
     """TopActivationsResponse.stats."""
+    TOP_ACTIVATIONS_OUTPUT_PHOTOS: _TopActivationsOutput.ValueType  # 5
+    """Each entry's photo_png: the original image without the box (implies the entries)."""
 
 class TopActivationsOutput(_TopActivationsOutput, metaclass=_TopActivationsOutputEnumTypeWrapper):
     """TopActivationsOutput names one part of a TopActivationsResponse a caller may ask for.
@@ -514,6 +516,8 @@ TOP_ACTIVATIONS_OUTPUT_IMAGES: TopActivationsOutput.ValueType  # 3
 """Each entry's image_png (implies the entries)."""
 TOP_ACTIVATIONS_OUTPUT_STATS: TopActivationsOutput.ValueType  # 4
 """TopActivationsResponse.stats."""
+TOP_ACTIVATIONS_OUTPUT_PHOTOS: TopActivationsOutput.ValueType  # 5
+"""Each entry's photo_png: the original image without the box (implies the entries)."""
 Global___TopActivationsOutput: _TypeAlias = TopActivationsOutput  # noqa: Y015
 
 class _ModelState:
@@ -1289,6 +1293,7 @@ class TopActivation(_message.Message):
     ORIGINAL_BOX_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     GEOMETRY_FIELD_NUMBER: _builtins.int
+    PHOTO_PNG_FIELD_NUMBER: _builtins.int
     image_index: _builtins.int
     """Index into the request's images, or -1 for a dataset image."""
     source: _builtins.str
@@ -1306,6 +1311,11 @@ class TopActivation(_message.Message):
     """PNG of the original image, downscaled to at most 640 px, with the box drawn (include_images)."""
     digest: _builtins.str
     """Content digest of the image (hex), part of its stable id."""
+    photo_png: _builtins.bytes
+    """PNG of the original image, downscaled to at most 640 px, without a box (TOP_ACTIVATIONS_OUTPUT_PHOTOS):
+    for a caller that draws the box itself (original_box times the downscale) or runs the model on the
+    photo as it is.
+    """
     @_builtins.property
     def box(self) -> Global___Box:
         """Receptive field of (y, x) in model-input pixels, clipped to the input."""
@@ -1332,10 +1342,11 @@ class TopActivation(_message.Message):
         original_box: Global___Box | None = ...,
         digest: _builtins.str = ...,
         geometry: Global___Geometry | None = ...,
+        photo_png: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "geometry", b"geometry", "original_box", b"original_box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "crop_png", b"crop_png", "digest", b"digest", "geometry", b"geometry", "image_index", b"image_index", "image_png", b"image_png", "original_box", b"original_box", "score", b"score", "source", b"source", "x", b"x", "y", b"y"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["box", b"box", "crop_png", b"crop_png", "digest", b"digest", "geometry", b"geometry", "image_index", b"image_index", "image_png", b"image_png", "original_box", b"original_box", "photo_png", b"photo_png", "score", b"score", "source", b"source", "x", b"x", "y", b"y"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,5 +1,7 @@
 """The atlas's one stylesheet and one script (no build step, no network: the site opens from the disk)."""
 
+from ._photo import DISPLAY_HEIGHT, DISPLAY_WIDTH
+
 CSS = """\
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 1em 3em;
        color: #222; background: #fafafa; }
@@ -17,7 +19,7 @@ table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px;
 .row { display: flex; flex-wrap: wrap; gap: 10px; } .row figure { margin: 0; background: #fff; padding: 4px;
        border: 1px solid #ddd; border-radius: 4px; font-size: 12px; }
 .fv img { width: 224px; } .diverse img { width: 160px; } .crop img { width: 120px; height: 120px;
-       object-fit: contain; background: #eee; } .photo img { max-width: 300px; max-height: 220px; }
+       object-fit: contain; background: #eee; }
 .assoc { font-size: 1.1em; padding: .3em .6em; background: #fff7e0; border: 1px solid #eed58a;
          border-radius: 4px; display: inline-block; }
 .nav a { margin-right: 1em; }
@@ -26,28 +28,42 @@ table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px;
 #results li { padding: 1px 0; } .muted { color: #777; }
 .compare td { vertical-align: top; } .compare img { width: 72px; }
 """
+# The photos' largest display size, which the boxes drawn on them are sized for (_photo.py).
+CSS += f".photo img {{ max-width: {DISPLAY_WIDTH}px; max-height: {DISPLAY_HEIGHT}px; }}\n"
 
 JS = """\
-// The search box: filter the atlas's units (search.js) by layer, channel, model or class association.
+// The search box: filter the atlas's units (search.js) by class, layer, layer:channel or model. Every word
+// of the query must match (AND), each as a whole: a class word ("dog" finds "dog" and "hot dog", not
+// "hotdog"), a layer or block ("layer1" finds layer1.0 and layer1.1, not layer10), "layer:channel" exactly,
+// or the model's name. A bare number is a class word, never a channel.
 (function () {
   var box = document.getElementById("search"), list = document.getElementById("results");
   if (!box || !list) return;
   var root = document.body.getAttribute("data-root") || "";
   var units = window.CONVLENS_ATLAS || [];
+  function words(text) { return text.toLowerCase().split(/[^a-z0-9]+/).filter(Boolean); }
+  function matches(u, q) {
+    var layer = u.layer.toLowerCase(), colon = q.lastIndexOf(":");
+    if (colon >= 0) {
+      var l = q.slice(0, colon), c = q.slice(colon + 1);
+      if (!/^[0-9]*$/.test(c) || l !== layer) return false;
+      return c === "" || parseInt(c, 10) === u.channel;
+    }
+    if (q === u.model.toLowerCase() || q === layer || layer.indexOf(q + ".") === 0) return true;
+    return u.classes.some(function (label) { return words(label).indexOf(q) >= 0; });
+  }
   function show() {
-    var words = box.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    var query = box.value.toLowerCase().split(/\\s+/).filter(Boolean);
     list.innerHTML = "";
-    if (!words.length) return;
-    var hits = units.filter(function (u) {
-      var text = (u.model + " " + u.layer + ":" + u.channel + " " + u.classes.join(" ")).toLowerCase();
-      return words.every(function (w) { return text.indexOf(w) >= 0; });
-    });
+    if (!query.length) return;
+    var hits = units.filter(function (u) { return query.every(function (q) { return matches(u, q); }); });
     hits.slice(0, 200).forEach(function (u) {
       var li = document.createElement("li"), a = document.createElement("a");
       a.href = root + u.url;
       a.textContent = u.model + " " + u.layer + ":" + u.channel;
       li.appendChild(a);
-      if (u.classes.length) li.appendChild(document.createTextNode(" \\u2014 " + u.classes.join(", ")));
+      var about = u.association ? u.association + " (dominant)" : u.classes.join(", ");
+      if (about) li.appendChild(document.createTextNode(" \\u2014 " + about));
       list.appendChild(li);
     });
     var more = document.createElement("li");

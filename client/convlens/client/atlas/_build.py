@@ -3,7 +3,9 @@ step scheduler batches their visualisations), record each in the manifest as it 
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -11,6 +13,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from PIL import Image
 
 from .._client import Client
 from .._types import ModelDetails
@@ -78,18 +82,37 @@ def _plans(client: Client, options: AtlasOptions) -> tuple[list[Plan], list[tupl
     return plans, rows
 
 
+def _whole_png(path: Path) -> bool:
+    """`path` is a complete image (a file torn by an older build's interrupted write is not)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError):  # missing, truncated or not an image
+        return False
+
+
 def _filters(client: Client, details: ModelDetails, root: Path, timeout: float) -> str | None:
     """The first conv layer's filters as a server-rendered grid, once per model."""
     layer = next((item for item in details.layers if item.has_filters), None)
     if layer is None:
         return None
     path = root / slug(details.info.name) / "filters.png"
-    if not path.exists():
+    # Written whole or not at all (a temporary file, then os.replace); one left torn by an older build is
+    # written again.
+    if not _whole_png(path):
         grid = client.get_filters(details.info.name, layer.name, grid=True, timeout=timeout).grid
         if grid is None:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        fd, tmp = tempfile.mkstemp(prefix=".filters-", suffix=".png", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                grid.save(f, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path.name
 
 

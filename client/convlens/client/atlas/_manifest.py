@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # 2: classes predicted on the photo itself (1 used a unit's boxed copy): version 1 is recomputed
 NAME = "atlas-manifest.json"
 
 

@@ -41,16 +41,32 @@ def search_box() -> str:
             'aria-label="search units"><ul id="results"></ul></span>')
 
 
-def association(entry: Entry) -> str:
-    """The class association label: the class most of the unit's top photos are predicted as."""
+def dominant(entry: Entry) -> dict[str, Any] | None:
+    """The class that clearly dominates the unit's top photos, if one does: the top-1 class of at least two
+    of them and of at least half, and of more than any other class."""
+    classes = entry.get("classes") or []
+    if not classes:
+        return None
+    labelled = sum(k["count"] for k in classes)
+    top, runner_up = classes[0], classes[1]["count"] if len(classes) > 1 else 0
+    return top if top["count"] >= 2 and 2 * top["count"] >= labelled and top["count"] > runner_up else None
+
+
+def association(entry: Entry, *, short: bool = False) -> str:
+    """The class association label: the dominant class with its share and mean top-1 probability, or, when
+    no class dominates, that none does and which classes the top photos are (short: for a grid cell)."""
     classes = entry.get("classes") or []
     if not classes:
         return ""
-    top = classes[0]
     n = len(entry.get("top") or [])
-    if top["count"] < 2:  # every photo a different class: no association worth the name
-        return f"mixed ({len(classes)} classes in {n})"
-    return f"{top['label']} ({top['count']}/{n})"
+    top = dominant(entry)
+    if top is not None:
+        share = f"{top['label']} ({top['count']}/{n})"
+        return share if short else f"{share} · mean p {top.get('probability', float('nan')):.2f}"
+    shown = 2 if short else 3
+    names = ", ".join(k["label"] for k in classes[:shown])
+    more = f" +{len(classes) - shown} more" if len(classes) > shown else ""
+    return f"mixed: {names}{more}" if short else f"no dominant class · top photos are {names}{more}"
 
 
 def _rf(layer: LayerInfo) -> str:
@@ -94,7 +110,7 @@ def layer_page(details: ModelDetails, layer: LayerInfo, mapped: Sequence[str], e
         tag = '<span class="tag">dead</span> ' if dead else ""
         cells.append(f'<a class="cell{" dead" if dead else ""}" href="{e["channel"]}.html">'
                      f'<img src="img/{_e(e["fv"]["file"])}" alt="channel {e["channel"]}">'
-                     f'{tag}<b>{e["channel"]}</b> <span class="muted">{_e(association(e))}</span></a>')
+                     f'{tag}<b>{e["channel"]}</b> <span class="muted">{_e(association(e, short=True))}</span></a>')
     i = list(mapped).index(layer.name)
     nav = []
     if i > 0:
@@ -134,18 +150,25 @@ def unit_page(entry: Entry, neighbours: dict[str, UnitKey | None], here: UnitKey
             crops.append(f'<figure class="crop"><img src="img/{_e(t["crop"])}" alt="top crop {i + 1}">'
                          f'<figcaption>{label}</figcaption></figure>')
         if t.get("photo"):
+            predicted = "" if not t.get("label") else \
+                f'<br>predicted: {_e(t["label"])} (p {t.get("probability") or 0:.2f})'
             photos.append(f'<figure class="photo"><img src="img/{_e(t["photo"])}" alt="top photo {i + 1}">'
-                          f'<figcaption>{label}</figcaption></figure>')
+                          f'<figcaption>{label}{predicted}</figcaption></figure>')
     parts.append(f'<h2>Top dataset regions ({_e(e.get("dataset", ""))})</h2><div class="row">{"".join(crops)}</div>'
-                 f'<h2>Where they are (receptive field boxed)</h2><div class="row">{"".join(photos)}</div>')
+                 '<h2>Where they are (the receptive field ringed, the rest of the photo dimmed)</h2>'
+                 f'<div class="row">{"".join(photos)}</div>')
     s = e.get("stats")
     if s:
         parts.append(f'<h2>Channel statistics</h2><table><tr><th>images</th><td>{s["images"]}</td></tr>'
                      f'<tr><th>mean (every position)</th><td>{s["mean"]:.4g}</td></tr>'
                      f'<tr><th>max</th><td>{s["max"]:.4g}</td></tr>'
                      f'<tr><th>positive fraction</th><td>{s["positive_fraction"]:.1%}</td></tr></table>')
-    classes = ", ".join(f'{_e(k["label"])} ×{k["count"]}' for k in e.get("classes") or [])
-    parts.append(f'<h2>Classes its top photos are predicted as</h2><p>{classes or "—"}</p>')
+    classes = ", ".join(f'{_e(k["label"])} ×{k["count"]} (mean p {k.get("probability", float("nan")):.2f})'
+                        for k in e.get("classes") or [])
+    parts.append('<h2>Classes its top photos are predicted as</h2><p class="muted">the model\'s top-1 class on '
+                 'each whole photo, how many of the top photos, their mean top-1 probability; a class '
+                 'association is named only when one class is at least half of them (and two or more)</p>'
+                 f'<p>{classes or "—"}</p>')
     nav = []
     for text, key in neighbours.items():
         if key is not None:
@@ -174,5 +197,6 @@ def compare_page(left: str, right: str, rows: Sequence[tuple[str, float, str, fl
 def search_script(entries: Sequence[Entry]) -> str:
     units = [{"model": e["model"], "layer": e["layer"], "channel": e["channel"],
               "url": UnitKey(e["model"], e["layer"], e["channel"]).page(),
-              "classes": [k["label"] for k in e.get("classes") or []]} for e in entries]
+              "classes": [k["label"] for k in e.get("classes") or []],
+              "association": (dominant(e) or {}).get("label")} for e in entries]
     return "window.CONVLENS_ATLAS = " + json.dumps(units, separators=(",", ":")) + ";\n"

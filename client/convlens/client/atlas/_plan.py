@@ -88,10 +88,28 @@ def choose_layers(details: ModelDetails, options: AtlasOptions) -> list[LayerInf
     return chosen
 
 
+def leaves(details: ModelDetails) -> list[str]:
+    """The model's leaf modules that ran (an output shape), in catalog order: containers (a block, a
+    Sequential) are left out, as they come before their children and would count as depth of their own."""
+    parents = {p for item in details.layers for p in _prefixes(item.name)}
+    return [item.name for item in details.layers if item.name not in parents and item.output_shape]
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def depth(details: ModelDetails, layer: str) -> float:
-    """Relative depth 0..1 of a layer in the model's catalog order (execution order of named modules)."""
-    names = [item.name for item in details.layers]
-    return names.index(layer) / max(len(names) - 1, 1)
+    """Relative depth 0..1 of a layer: the position of its last leaf module (for a block: where its output
+    is made) among the model's leaf modules, in catalog (registration) order."""
+    order = leaves(details)
+    if layer not in {item.name for item in details.layers}:
+        raise ValueError(f"model {details.info.name!r} has no layer {layer!r}")
+    own = [i for i, name in enumerate(order) if name == layer or name.startswith(layer + ".")]
+    if not own:  # a leaf that did not run (no output shape), or a container of such leaves only
+        raise ValueError(f"layer {layer!r} of {details.info.name!r} did not run: it has no depth")
+    return own[-1] / max(len(order) - 1, 1)
 
 
 def match_depths(left: Sequence[tuple[str, float]], right: Sequence[tuple[str, float]]

@@ -7,49 +7,69 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from .._client import Client
-from .._types import TopActivation, Unit
+from .._types import Prediction, TopActivation, Unit
+from ._photo import draw_region, photo_box
 from ._plan import AtlasOptions, UnitKey
+
+# What a unit asks TopActivations for: the photos come without the box (the atlas draws it, _photo.py)
+# so the class of a photo is predicted on the photo itself, not on one unit's boxed copy of it.
+TOP_OUTPUTS = ("entries", "stats", "crops", "photos")
 
 
 class ClassPredictor:
-    """The model's top-1 class on each dataset photo, asked once per photo (Saliency's predictions: the
-    photo as TopActivations returned it, box outline included) and shared by every unit of the build."""
+    """The model's top-1 class on each dataset photo as it is (no box drawn: TopActivations' "photos"),
+    asked through Saliency (predictions only) once per photo however many units' top lists hold it and
+    however many threads ask at once (the first asker's call is a future the others wait on); shared by
+    every unit of a build."""
 
     def __init__(self, client: Client, timeout: float) -> None:
         self.client, self.timeout = client, timeout
-        self._cache: dict[tuple[str, str], str] = {}
+        self._asked: dict[tuple[str, str, str], Future[Prediction | None]] = {}
         self._lock = threading.Lock()
-        self.calls = 0
+        self.calls = 0  # Saliency calls made
 
-    def top1(self, model: str, entry: TopActivation) -> str | None:
-        if entry.image is None:
+    def predict(self, model: str, entry: TopActivation) -> Prediction | None:
+        if entry.photo is None:
             return None
-        key = (model, entry.digest or entry.source)
+        key = (model, entry.source, entry.digest)
         with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-        result = self.client.saliency(entry.image, model, overlay=False, outputs=["predictions"],
-                                      timeout=self.timeout)
-        label = result.predictions[0].label if result.predictions else None
-        with self._lock:
-            self.calls += 1
-            if label is not None:
-                self._cache[key] = label
-        return label
+            future = self._asked.get(key)
+            mine = future is None
+            if future is None:
+                future = self._asked[key] = Future()
+                self.calls += 1
+        if mine:
+            try:
+                result = self.client.saliency(entry.photo, model, overlay=False, outputs=["predictions"],
+                                              timeout=self.timeout)
+            except BaseException as exc:
+                with self._lock:
+                    del self._asked[key]  # not remembered: a later unit asks again
+                future.set_exception(exc)
+                raise
+            future.set_result(result.predictions[0] if result.predictions else None)
+        return future.result()
 
 
-def class_association(labels: list[str | None]) -> list[dict[str, Any]]:
-    """The predicted classes of a unit's top photos, most frequent first (ties: the better-ranked first)."""
+def class_association(predictions: list[Prediction | None]) -> list[dict[str, Any]]:
+    """The top-1 classes of a unit's top photos, most frequent first (ties: the better-ranked first), each
+    with how many photos and their mean top-1 probability."""
+    labels = [p.label if p is not None else None for p in predictions]
     counts = Counter(label for label in labels if label)
     first = {label: i for i, label in reversed(list(enumerate(labels))) if label}
-    return [{"label": label, "count": n} for label, n in sorted(counts.items(), key=lambda kv: (-kv[1],
-                                                                                                   first[kv[0]]))]
+    mass: dict[str, float] = {}
+    for p in predictions:
+        if p is not None and p.label:
+            mass[p.label] = mass.get(p.label, 0.0) + p.probability
+    return [{"label": label, "count": n, "probability": mass[label] / n}
+            for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], first[kv[0]]))]
 
 
 def _save(image: Image.Image, path: Path, *, photo: bool = False) -> str:
@@ -82,22 +102,27 @@ def compute_unit(client: Client, key: UnitKey, options: AtlasOptions, predictor:
             "objectives": [item.objective for item in div.images],
             "gram_similarity": div.gram_similarity, "weight": options.diversity,
         }
-    top = client.top_activations(key.model, key.layer, c, k=options.top_k, dataset=options.dataset, crops=True,
-                                 include_images=True, timeout=options.timeout)
+    top = client.top_activations(key.model, key.layer, c, k=options.top_k, dataset=options.dataset,
+                                 outputs=TOP_OUTPUTS, timeout=options.timeout)
+    predictions = [predictor.predict(key.model, item) for item in top]
     entries = []
-    for i, item in enumerate(top):
+    for i, (item, predicted) in enumerate(zip(top, predictions, strict=True)):
+        photo = None
+        if item.photo is not None:
+            boxed = draw_region(item.photo, photo_box(item.photo.size, item.original_box, item.geometry))
+            photo = _save(boxed, folder / f"{c}-photo{i}.png", photo=True)
         entries.append({
             "source": item.source, "score": item.score, "y": item.y, "x": item.x, "box": list(item.box),
             "crop": _save(item.crop, folder / f"{c}-top{i}.png") if item.crop is not None else None,
-            "photo": _save(item.image, folder / f"{c}-photo{i}.png", photo=True) if item.image is not None
-            else None,
+            "photo": photo,
+            "label": predicted.label if predicted is not None else None,
+            "probability": predicted.probability if predicted is not None else None,
         })
-    labels = [predictor.top1(key.model, item) for item in top]
     stats = top.stats
     entry["top"] = entries
     entry["dataset"] = top.dataset or options.dataset
     entry["stats"] = None if stats is None else {"images": stats.images, "mean": stats.mean, "max": stats.max,
                                                  "positive_fraction": stats.positive_fraction}
     entry["dead"] = stats is not None and stats.max <= 0
-    entry["classes"] = class_association(labels)
+    entry["classes"] = class_association(predictions)
     return entry

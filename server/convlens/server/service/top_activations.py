@@ -42,8 +42,9 @@ MAX_CALLER_IMAGES = 64
 CROP_MAX_SIDE = 256  # crops larger than this (late layers see most of the photo) are downscaled
 PICTURE_MAX_SIDE = 640
 Box = tuple[int, int, int, int]
-# What a TopActivations answer can carry (TopActivationsRequest.outputs); crops and images imply the entries.
-OUTPUTS = ("entries", "crops", "images", "stats")
+# What a TopActivations answer can carry (TopActivationsRequest.outputs); crops, images and photos imply the
+# entries. "images" are the photos with the box drawn, "photos" the same without it.
+OUTPUTS = ("entries", "crops", "images", "stats", "photos")
 DEFAULT_OUTPUTS = frozenset({"entries", "stats"})
 
 
@@ -60,12 +61,13 @@ class TopActivationsQuery:
     crops: bool = False
     pictures: bool = False
     outputs: frozenset[str] | None = None  # None: DEFAULT_OUTPUTS; crops / pictures add theirs
+    photos: bool = False  # set from outputs ("photos"): the original image without the box
 
     def wanted(self) -> frozenset[str]:
         wanted = set(DEFAULT_OUTPUTS if self.outputs is None else self.outputs)
         wanted |= {"crops"} if self.crops else set()
         wanted |= {"images"} if self.pictures else set()
-        if wanted & {"crops", "images"}:
+        if wanted & {"crops", "images", "photos"}:
             wanted.add("entries")
         return frozenset(wanted)
 
@@ -83,6 +85,7 @@ class TopItem:
     geometry: Geometry
     crop: Image.Image | None = None
     picture: Image.Image | None = None
+    photo: Image.Image | None = None  # the original image fitted into PICTURE_MAX_SIDE, no box
 
 
 @dataclass
@@ -122,7 +125,7 @@ class TopActivationsService:
         channels = int(shape[0])
         validate(query, channels)
         wanted = query.wanted()
-        query = replace(query, crops="crops" in wanted, pictures="images" in wanted)
+        query = replace(query, crops="crops" in wanted, pictures="images" in wanted, photos="photos" in wanted)
         entries_wanted = "entries" in wanted
         if query.images:
             index, originals, position = await self._rank_images(model, query, deadline)
@@ -166,7 +169,7 @@ class TopActivationsService:
 
     def _dataset_item(self, model: ServedModel, field_: object, dataset: Dataset, e: Entry,
                       query: TopActivationsQuery) -> TopItem:
-        need_pixels = query.crops or query.pictures
+        need_pixels = query.crops or query.pictures or query.photos
         original = dataset.read(e.image) if need_pixels else None
         size = original.shape[:2] if original is not None else dataset.size(e.image)
         return self._build(model, field_, e, size, original, -1, query)
@@ -189,6 +192,8 @@ class TopActivationsService:
                 item.crop = _fit(Image.fromarray(rgb[obox[1]:obox[3], obox[0]:obox[2]]), CROP_MAX_SIDE)
             if query.pictures:
                 item.picture = draw_box(rgb, obox)
+            if query.photos:
+                item.photo = _fit(Image.fromarray(rgb), PICTURE_MAX_SIDE)
         return item
 
     # ------------------------------------------------------------------ ListDatasets

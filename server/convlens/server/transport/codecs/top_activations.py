@@ -57,7 +57,7 @@ def _item(t: TopItem) -> pb.TopActivation:
     return pb.TopActivation(
         image_index=t.image_index, source=t.source, digest=t.digest, score=t.score, y=t.y, x=t.x,
         box=_box(t.box), original_box=_box(t.original_box), geometry=geometry(t.geometry),
-        crop_png=png(t.crop), image_png=png(t.picture))
+        crop_png=png(t.crop), image_png=png(t.picture), photo_png=png(t.photo))
 
 
 def response(answer: TopActivationsAnswer) -> pb.TopActivationsResponse:
