@@ -1474,7 +1474,10 @@ class DatasetInfo(_message.Message):
     skipped_count: _builtins.int
     """Files skipped because they could not be read."""
     digest: _builtins.str
-    """Content digest (hex): changes when any image does."""
+    """Content digest (hex): changes when any image does. Empty while a --dataset folder is first listed (its
+    files read and hashed, in the background after the first ListDatasets): image_count then counts its
+    image files by name, skipped_count is 0 and indexes is empty until the digest is known.
+    """
     @_builtins.property
     def indexes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexInfo]:
         """Indexes that exist (ready) or are being built, for the served models' current weights."""
