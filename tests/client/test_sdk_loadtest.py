@@ -21,6 +21,7 @@ from convlens.client.loadtest import (
     synthetic_image,
     write_csv,
 )
+from convlens.v1 import convlens_pb2 as pb
 
 from .fake_server import FakeServer
 
@@ -87,6 +88,8 @@ def test_sweep_against_fake_server(server: FakeServer, tmp_path: Path) -> None:
         assert r.mean_batch_size == pytest.approx(2.0)
     req = server.rec.requests[-1]
     assert not req.render_overlay and req.image.encoded.startswith(b"\x89PNG")
+    # it asks only for what it measures: the heatmap and the predictions, not the float attribution
+    assert list(req.outputs) == [pb.SALIENCY_OUTPUT_HEATMAP, pb.SALIENCY_OUTPUT_PREDICTIONS]
 
     out = tmp_path / "sweep.csv"
     write_csv(results, out)
@@ -119,3 +122,20 @@ def test_cli_loadtest(server: FakeServer, tmp_path: Path, capsys: pytest.Capture
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[0] == "conc" and lines[2].split()[0] == "1" and lines[3].split()[0] == "2"
     assert len(out.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(("flag", "sent"), [
+    ([], [pb.SALIENCY_OUTPUT_HEATMAP, pb.SALIENCY_OUTPUT_PREDICTIONS]),
+    (["--outputs", "all"], []),  # the server's default answer, attribution included
+    (["--outputs", "attribution"], [pb.SALIENCY_OUTPUT_ATTRIBUTION]),
+])
+def test_cli_loadtest_outputs(server: FakeServer, flag: list[str], sent: list[int]) -> None:
+    assert main(["-s", server.target, "loadtest", "--concurrency", "1", "--duration", "0.2", "--warmup", "0",
+                 *flag]) == 0
+    assert list(server.rec.requests[-1].outputs) == sent
+
+
+def test_cli_loadtest_refuses_an_unknown_output(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["-s", server.target, "loadtest", "--outputs", "heatmap,pictures"])
+    assert "choose from attribution" in capsys.readouterr().err

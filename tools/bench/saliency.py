@@ -10,6 +10,7 @@ side-by-side measurements compare.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -25,11 +26,14 @@ from convlens.server.scheduler.policy import memory_format_for
 from tools.bench.raw import LAYOUTS, RawPoint, in_layouts, measure, measure_one
 from tools.common import MODEL, bench_parser, load_average, record, utc_now
 
+ANSWER = LoadTestConfig.outputs  # what the load tester asks for: the heatmap and the predictions
 
-def sweep(server: ServerProcess, levels: tuple[int, ...], seconds: float) -> list[LevelResult]:
+
+def sweep(server: ServerProcess, levels: tuple[int, ...], seconds: float,
+          outputs: tuple[str, ...] | None = ANSWER) -> list[LevelResult]:
     cfg = LoadTestConfig(target=server.address, rpc="saliency", model=MODEL, method="gradient",
                          concurrency=levels, duration=seconds, warmup=3.0, metrics_url=server.metrics_url,
-                         timeout=300.0)
+                         timeout=300.0, outputs=outputs)
     results: list[LevelResult] = run_loadtest(cfg)
     return results
 
@@ -44,8 +48,8 @@ class Round:
 
 
 def paired_rounds(models: dict[str, torch.nn.Module], best: list[RawPoint], on: ServerProcess,
-                  off: ServerProcess, levels: tuple[int, ...], seconds: float, rounds: int, device: torch.device
-                  ) -> list[Round]:
+                  off: ServerProcess, levels: tuple[int, ...], seconds: float, rounds: int, device: torch.device,
+                  off_outputs: tuple[str, ...] | None = ANSWER) -> list[Round]:
     """Raw (the better of the best configurations, each measured again), batching on, batching off, back to
     back, at each level, several times. Measuring more than one raw candidate per round keeps one unlucky
     4 s point in the table from lowering the limit (two configurations are often within noise)."""
@@ -55,15 +59,16 @@ def paired_rounds(models: dict[str, torch.nn.Module], best: list[RawPoint], on: 
             raw = max(measure_one(models[p.layout], p.layout, p.batch_size, 224, seconds / 2, device, p.context,
                                   p.shards).images_per_second for p in best)
             a = sweep(on, (c,), seconds)[0]
-            b = sweep(off, (c,), seconds)[0]
+            b = sweep(off, (c,), seconds, off_outputs)[0]
             out.append(Round(i + 1, c, raw, a, b))
             print(f"  round {i + 1}, concurrency {c:2d}: raw {raw:6.2f}/s, batching on {a.throughput:6.2f}/s "
-                  f"(batch {a.mean_batch_size or 0:.2f}), off {b.throughput:6.2f}/s", flush=True)
+                  f"(batch {a.mean_batch_size or 0:.2f}), {'off' if off_outputs else 'all outputs'} "
+                  f"{b.throughput:6.2f}/s", flush=True)
     return out
 
 
 def report(raw: list[RawPoint], top: list[RawPoint], rounds: list[Round], batch: str, device: str, seconds: float,
-           load: tuple[str, str], served_layout: str) -> str:
+           load: tuple[str, str], served_layout: str, versus: str = "off") -> str:
     med = statistics.median
     levels = sorted({r.concurrency for r in rounds})
     by = {c: [r for r in rounds if r.concurrency == c] for c in levels}
@@ -93,16 +98,19 @@ def report(raw: list[RawPoint], top: list[RawPoint], rounds: list[Round], batch:
         "better as the limit.",
         "",
         f"**(b) Paired rounds** — raw at the better of the two best configurations, then the service with batching on "
-        f"(`--batch {device}={batch}`), then off (`--batch {device}=1:0`), back to back:",
+        f"(`--batch {device}={batch}`) asking for {' + '.join(ANSWER or ())}, then "
+        + ("off (`--batch {device}=1:0`)" if versus == "off" else
+           "the same server asked for its default answer (the float attribution too; column `all`)")
+        + ", back to back:",
         "",
-        "| round | concurrency | raw img/s | on req/s | off req/s | on batch | on p50 ms | off p50 ms | on / raw "
-        "| on / off |",
+        f"| round | concurrency | raw img/s | on req/s | {versus} req/s | on batch | on p50 ms | {versus} p50 ms "
+        f"| on / raw | on / {versus} |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(f"| {r.index} | {r.concurrency} | {r.raw:.2f} | {r.on.throughput:.2f} | {r.off.throughput:.2f} | "
           f"{r.on.mean_batch_size or 0:.2f} | {r.on.p50_ms:.0f} | {r.off.p50_ms:.0f} | "
           f"{r.on.throughput / r.raw:.2f} | {r.on.throughput / r.off.throughput:.2f} |" for r in rounds),
         "",
-        "| concurrency | median on / raw | median on / off | median on req/s | median off req/s |",
+        f"| concurrency | median on / raw | median on / {versus} | median on req/s | median {versus} req/s |",
         "| ---: | ---: | ---: | ---: | ---: |",
         *(f"| {c}{' (best)' if c == best_c else ''} | {med([r.on.throughput / r.raw for r in by[c]]):.2f} | "
           f"{med([r.on.throughput / r.off.throughput for r in by[c]]):.2f} | {on_med[c]:.2f} | "
@@ -126,6 +134,9 @@ def main() -> int:
     parser.add_argument("--raw-seconds", type=float, default=4.0, help="per raw (layout, batch) point")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", default=None, help="batching policy SIZE:DELAY_MS (default: the server's)")
+    parser.add_argument("--against", choices=["batching-off", "all-outputs"], default="batching-off",
+                        help="the second service of each round: the same policy with batching off (default), or "
+                             "the batching server asked for its default answer (what selectable outputs save)")
     args = parser.parse_args()
     device = torch.device(args.device)
     levels = tuple(int(c) for c in args.concurrency.split(","))
@@ -143,12 +154,18 @@ def main() -> int:
     best = sorted(raw, key=lambda p: -p.images_per_second)[:2]
     print(f"best raw: {best[0].label}; the paired rounds measure it and {best[1].label} and take the better")
     common = ["--device", args.device, "--max-queue", "1024"]
-    with ServerProcess([*common, "--batch", f"{args.device}={batch}"]) as on_srv, \
-            ServerProcess([*common, "--batch", f"{args.device}=1:0"]) as off_srv:
-        print(f"(b) paired rounds: raw, service with batching on ({batch}), off (1:0)")
-        rounds = paired_rounds(models, best, on_srv, off_srv, levels, args.seconds, args.rounds, device)
+    outputs_only = args.against == "all-outputs"
+    with contextlib.ExitStack() as stack:
+        on_srv = stack.enter_context(ServerProcess([*common, "--batch", f"{args.device}={batch}"]))
+        off_srv = on_srv if outputs_only else stack.enter_context(
+            ServerProcess([*common, "--batch", f"{args.device}=1:0"]))
+        print(f"(b) paired rounds: raw, service with batching on ({batch}), "
+              + ("the same asked for every output" if outputs_only else "off (1:0)"))
+        rounds = paired_rounds(models, best, on_srv, off_srv, levels, args.seconds, args.rounds, device,
+                               None if outputs_only else ANSWER)
     served = "channels_last" if memory_format_for(device) == torch.channels_last else "contiguous"
-    text = report(raw, best, rounds, batch, args.device, args.seconds, (load_start, load_average()), served)
+    text = report(raw, best, rounds, batch, args.device, args.seconds, (load_start, load_average()), served,
+                  "all" if outputs_only else "off")
     print(text)
     record(args.out, text, MARKER)
     return 0

@@ -228,6 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--channels", type=int, default=1, help="connections the callers share")
     s.add_argument("--csv", metavar="CSV", help="write one row per level here")
     s.add_argument("--metrics-url", help="server's Prometheus endpoint, e.g. http://host:9464/metrics")
+    s.add_argument("--outputs", type=_loadtest_outputs_arg, default="heatmap,predictions", metavar="LIST",
+                   help="saliency: the outputs each call asks for (default heatmap,predictions; 'all': the "
+                        "server's default answer, with the float attribution)")
     return p
 
 
@@ -420,6 +423,10 @@ def _parse_unit(text: str, reduction: str) -> Unit:
     raise ValueError(f"--unit {text!r}: expected LAYER:CHANNEL or LAYER:CHANNEL:Y:X with integers")
 
 
+def _loadtest_outputs_arg(text: str) -> tuple[str, ...] | None:
+    return None if text.strip() == "all" else _outputs_arg(text)
+
+
 def _outputs_arg(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in SALIENCY_OUTPUTS]
@@ -575,7 +582,7 @@ def _loadtest(args: argparse.Namespace, tls: TLSArg) -> int:
                             image=Path(args.image) if args.image else None, method=args.method,
                             concurrency=levels, duration=args.duration, warmup=args.warmup,
                             metrics_url=args.metrics_url, channels=args.channels, tls=tls, token=args.token,
-                            timeout=args.timeout)
+                            timeout=args.timeout, outputs=args.outputs)
     print(f"{args.rpc} on {args.server}, {args.duration:g} s per level after {args.warmup:g} s warm-up")
     print(lt.format_table([], header=True), end="", flush=True)
     results = lt.run_loadtest(
