@@ -1,6 +1,6 @@
-"""A Saliency request with several bad fields gets one INVALID_ARGUMENT naming every one, over gRPC, over
-HTTP/JSON (the same list) and over KServe's `:explain` (the same list, as paths in KServe's body); an unknown
-layer is a NOT_FOUND answered on its own (the .proto header's rule)."""
+"""A Saliency (or MaximizeUnit) request with several bad fields gets one INVALID_ARGUMENT naming every one,
+over gRPC, over HTTP/JSON (the same list) and over KServe's `:explain` (the same list, as paths in KServe's
+body); an unknown layer is a NOT_FOUND answered on its own (the .proto header's rule)."""
 
 from __future__ import annotations
 
@@ -100,3 +100,20 @@ async def test_an_unknown_layer_is_a_not_found_answered_on_its_own(front: Front)
         await front.stub.Saliency(request)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     assert grpc_violations(raised.value) == (["target.unit.layer"], "LAYER_NOT_FOUND")
+
+
+@pytest.mark.parametrize(("request_", "fields"), [
+    (pb.MaximizeUnitRequest(model=MODEL, target=pb.Target(class_index=99), steps=0), ["target.class_index", "steps"]),
+    (pb.MaximizeUnitRequest(model=MODEL, steps=0, size=1, preview_every=-1),
+     ["target", "preview_every", "steps", "size"]),
+])
+async def test_maximize_unit_names_its_target_and_settings_at_once(front: Front, request_: Any,
+                                                                   fields: list[str]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        [r async for r in front.stub.MaximizeUnit(request_)]
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_violations(raised.value) == (fields, "INVALID_ARGUMENT")
+    answer = await front.http.post("/convlens.v1.InspectionService/MaximizeUnit",
+                                   content=json_format.MessageToJson(request_))
+    assert answer.status_code == 400
+    assert http_violations(answer.json())[0] == grpc_violations(raised.value)[0]
