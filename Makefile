@@ -6,13 +6,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo gallery test serve proto proto-check lint bench clean node-deps
 
+# The ONNX runtime: the `gpu` extra (onnxruntime-gpu) where nvidia-smi answers, else the `cpu` extra
+# (onnxruntime). The server extra holds neither, so a reinstall never brings one back over the other: both
+# ship the `onnxruntime` module folder, and removing either deletes the files they share. When the other one
+# is there (a past install, a GPU added or gone), both are removed and the chosen one installed clean.
+ORT_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+ORT_OTHER := $(if $(filter gpu,$(ORT_EXTRA)),onnxruntime,onnxruntime-gpu)
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[server,dev,ray]'
-# CUDA machine (nvidia-smi answers): onnxruntime-gpu in place of the CPU onnxruntime (same module name)
-	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) uninstall -q -y onnxruntime && $(PIP) install -q -e '.[gpu]'; fi
+	if $(PIP) show $(ORT_OTHER) >/dev/null 2>&1; then $(PIP) uninstall -q -y onnxruntime onnxruntime-gpu; fi
+	$(PIP) install -q -e '.[server,$(ORT_EXTRA),dev,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,7 +1,8 @@
 // ConvLens's contract, called from Node.js with a client built from proto/ alone (@grpc/grpc-js +
 // @grpc/proto-loader): every RPC of InspectionService, the three streams, and rich errors with their
-// google.rpc details decoded. Prints one JSON object; tests/test_contract_node.py starts the server, runs
-// this and checks the JSON.
+// google.rpc details decoded. Prints one JSON object; test_node_contract.py starts the server, runs
+// this and checks the JSON. What it loads from outside proto/ (googleapis' google/rpc protos) and why
+// protobufjs is a dependency of its own: README.md.
 //
 // usage: node contract.js HOST:PORT MODEL LAYER PROTO_DIR GOOGLE_PROTO_DIR
 'use strict';
@@ -141,6 +142,10 @@ async function main() {
     model, image: image(5), layer, steps_per_octave: 0, max_size: 0,
   }));
   out.StyleTwoBadFields = streamSummary(await stream('StyleTransfer', { model, steps: 0, size: 0 }));
+  out.SaliencyTwoBadFields = summary(await unary('Saliency', {
+    model, image: image(4), method: 'SALIENCY_METHOD_SMOOTHGRAD', smoothgrad: { samples: 0 },
+    target: { class_index: 99 },
+  }), () => ({}));
   // ModelRepositoryService: the index, and load/unload refused on a server without model control.
   out.RepositoryIndex = summary(await unary('RepositoryIndex', {}, {}, 'repository'),
     (r) => ({ names: r.models.map((m) => m.name), states: r.models.map((m) => m.state) }));

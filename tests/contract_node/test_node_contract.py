@@ -2,7 +2,8 @@
 services of a test server (the streaming tests' tiny network) and prints JSON, checked here.
 
 Node 20 and the npm packages (tests/contract_node/package-lock.json) are installed by `make test`
-(`make node-deps`: npm ci)."""
+(`make node-deps`: npm ci). What the client loads from outside proto/ (googleapis' google/rpc protos, to decode
+rich errors) and why protobufjs is named: tests/contract_node/README.md."""
 
 from __future__ import annotations
 
@@ -16,27 +17,19 @@ import pytest
 from google.rpc import error_details_pb2
 
 from convlens.server.app import ConvLensServer
-from convlens.server.config import ServerConfig
-from convlens.server.models.repository import ModelRepository
-from tests.streaming.conftest import MODEL, tiny_model
+from tests.streaming.conftest import MODEL, tiny_server
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
-# googleapis' google/rpc/*.proto ship inside googleapis-common-protos (a grpcio-status dependency).
+# googleapis' google/rpc/*.proto ship inside googleapis-common-protos (a grpcio-status dependency): README.md.
 GOOGLE_PROTOS = Path(error_details_pb2.__file__).parents[2]
 LAYER = "stage1"
 
 
 @pytest.fixture()
 async def server() -> AsyncIterator[ConvLensServer]:
-    srv = ConvLensServer(ServerConfig(host="127.0.0.1", port=0, metrics=False, embedded=False, device="cpu",
-                                      grace_seconds=0.0),
-                         repository=ModelRepository([tiny_model()]))
-    await srv.start()
-    try:
+    async with tiny_server() as srv:
         yield srv
-    finally:
-        await srv.stop(0.0)
 
 
 async def run_node(server: ConvLensServer) -> dict:
@@ -93,6 +86,9 @@ async def test_every_rpc_and_rich_errors_from_node(server: ConvLensServer) -> No
     assert r["DreamTwoBadFields"]["progress_steps"] == []  # refused before any compute
     style = r["StyleTwoBadFields"]["error"]
     assert [v["field"] for v in style["violations"]] == ["content", "style", "steps", "size"]
+    saliency = r["SaliencyTwoBadFields"]["error"]
+    assert (saliency["code"], saliency["reason"]) == ("INVALID_ARGUMENT", "INVALID_ARGUMENT")
+    assert [v["field"] for v in saliency["violations"]] == ["smoothgrad.samples", "target.class_index"]
     missing = r["UnknownModel"]["error"]
     assert missing["code"] == "NOT_FOUND" and missing["reason"] == "MODEL_NOT_FOUND"
     assert [v["field"] for v in missing["violations"]] == ["model"]

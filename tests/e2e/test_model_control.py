@@ -13,17 +13,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
+from google.protobuf import json_format
 from torch import nn
 
 from convlens.client import AsyncClient, FailedPreconditionError, NotFoundError
+from convlens.client._cli import main as cli
 from convlens.server.app import ConvLensServer
 from convlens.server.config import ServerConfig
 from convlens.server.models.catalog import build_catalog
 from convlens.server.models.model import Preprocess, ServedModel
 from convlens.server.models.repository import ModelRepository
+from convlens.v1 import convlens_pb2 as pb
+from convlens.v1 import convlens_pb2_grpc as pb_grpc
 from tests.models.tiny_folders import copy_in, image, logit, variant_of, write_folder
+from tests.reliability.test_warm_up import expected_lanes
 
 PIXELS = image(0)
 
@@ -60,7 +66,8 @@ async def answer(c: AsyncClient, model: str) -> tuple[int, float]:
     return variant_of([p.label for p in s.predictions]), s.target_value
 
 
-async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path) -> None:
+async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "repo"
     write_folder(root / "alpha", 1)
     (root / "broken").mkdir()
@@ -131,6 +138,89 @@ async def test_explicit_mode_lists_loads_versions_and_unloads(tmp_path: Path) ->
         with pytest.raises(NotFoundError):
             await c.unload_model("beta")
         assert (await answer(c, "alpha"))[0] == 1  # the other model served throughout
+
+        # The CLI: `convlens repository load/unload/list` print the index lines the calls answer.
+        capsys.readouterr()
+        server = ["-s", f"127.0.0.1:{srv.port}", "repository"]
+        assert await asyncio.to_thread(cli, [*server, "load", "beta", "--version", "1"]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        assert rows[0][:3] == ["NAME", "VERSION", "STATE"] and ["beta", "1", "READY"] == rows[1][:3]
+        assert (await answer(c, "beta"))[0] == 2
+        assert await asyncio.to_thread(cli, [*server, "unload", "beta@1"]) == 0
+        assert ["beta", "1", "UNAVAILABLE"] == capsys.readouterr().out.splitlines()[1].split()[:3]
+        with pytest.raises(NotFoundError):
+            await c.saliency(PIXELS, "beta", target=0)
+        assert await asyncio.to_thread(cli, [*server, "unload", "beta"]) == 1
+        assert "error: NOT_FOUND" in capsys.readouterr().err
+        assert await asyncio.to_thread(cli, [*server, "list", "--ready"]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["alpha"]
+
+        # LoadModel and UnloadModel over HTTP answer what they answer over gRPC, in the same state.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = pb_grpc.ModelRepositoryServiceStub(channel)
+            for load, version in ((True, None), (False, 2), (True, 2), (False, None)):
+                named = {} if version is None else {"version": version}
+                request = (pb.LoadModelRequest if load else pb.UnloadModelRequest)(model="beta", **named)
+                undo = (pb.UnloadModelRequest if load else pb.LoadModelRequest)(model="beta", **named)
+                method = "LoadModel" if load else "UnloadModel"
+                by_http = await asyncio.to_thread(http_post, srv.http_port, method,
+                                                  json_format.MessageToDict(request))
+                await (stub.UnloadModel(undo) if load else stub.LoadModel(undo))  # back to the state before
+                by_grpc = await getattr(stub, method)(request)
+                assert json_format.ParseDict(by_http, type(by_grpc)()) == by_grpc, (method, version)
+                assert len(by_grpc.models) == 2
+
+
+async def test_a_load_shows_loading_and_answers_once_the_new_copy_is_warm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a folder is read the index says LOADING (with the reason: a first load, or a reload while the
+    old copy serves); LoadModel answers only after every lane's replica of the new copy is made, and the
+    first calls after it run on those replicas (none is made for them)."""
+    root = tmp_path / "repo"
+    write_folder(root / "alpha", 1)
+    srv = ConvLensServer(config(root))
+    async with started(srv) as c:
+        assert srv.repository is not None
+        entered, gate = threading.Event(), threading.Event()
+        read = srv.repository.read
+
+        def blocked_read(name: str, versions: object = None) -> object:
+            entered.set()
+            assert gate.wait(60), "the test never let the read go on"
+            return read(name, versions)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(srv.repository, "read", blocked_read)
+
+        async def while_read(load: asyncio.Task[object], serving: int | None = None) -> tuple[str, str]:
+            """The index line of delta@1 while its folder is read (and the variant served then)."""
+            assert await asyncio.to_thread(entered.wait, 60)  # the folder is being read
+            entry = {(e.name, e.version): e for e in await c.repository_index()}[("delta", 1)]
+            if serving is not None:
+                assert (await answer(c, "delta"))[0] == serving
+            assert not load.done()
+            entered.clear()
+            gate.set()
+            await load
+            gate.clear()
+            return entry.state, entry.reason
+
+        copy_in(write_folder(tmp_path / "delta-src", 1), root / "delta")
+        state = await while_read(asyncio.create_task(c.load_model("delta")))
+        assert state == ("LOADING", "loading")
+        first = srv.repository.get("delta")
+        warmed = dict(first.lane_replicas)
+        assert set(warmed) == expected_lanes(srv.config)  # made before LoadModel answered
+        assert (await answer(c, "delta"))[0] == 1
+        assert first.lane_replicas == warmed and all(first.lane_replicas[k] is r for k, r in warmed.items())
+
+        write_folder(root / "delta", 2)  # rewritten in place, then reloaded
+        state = await while_read(asyncio.create_task(c.load_model("delta")), serving=1)
+        assert state[0] == "LOADING" and state[1].startswith("reloading: the copy loaded before serves")
+        second = srv.repository.get("delta")
+        assert second is not first and set(second.lane_replicas) == expected_lanes(srv.config)
+        warmed = dict(second.lane_replicas)
+        assert (await answer(c, "delta"))[0] == 2
+        assert all(second.lane_replicas[k] is r for k, r in warmed.items())
 
 
 async def test_reload_under_load_loses_no_call_and_mixes_no_copies(tmp_path: Path) -> None:

@@ -82,10 +82,16 @@ def test_poll_mode_admin_tokens_audit_and_metrics(tmp_path: Path, capsys: pytest
             ops.unload_model("beta")
         assert "poll mode" in err.value.message and err.value.reason == "POLL_MODE"
 
-        # The CLI lists the repository.
+        # The CLI lists the repository, loads (poll mode: reads the folder now) and is refused alike.
         assert cli(["-s", srv.address, "--token", "s3cret-viewer", "repository", "list"]) == 0
         out = capsys.readouterr().out
         assert "beta" in out and "READY" in out and "alpha2" in out and "UNAVAILABLE" in out
+        assert cli(["-s", srv.address, "--token", "s3cret-ops", "repository", "load", "beta"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["beta", "1", "READY"]
+        assert cli(["-s", srv.address, "--token", "s3cret-viewer", "repository", "load", "beta"]) == 1
+        assert "error: PERMISSION_DENIED" in capsys.readouterr().err
+        assert cli(["-s", srv.address, "--token", "s3cret-ops", "repository", "unload", "beta"]) == 1
+        assert "error: FAILED_PRECONDITION" in capsys.readouterr().err
 
         # The folder removed: the poll unloads it; new calls answer NOT_FOUND; the gauge drops to 0.
         shutil.rmtree(root / "beta")
@@ -96,7 +102,7 @@ def test_poll_mode_admin_tokens_audit_and_metrics(tmp_path: Path, capsys: pytest
         assert viewer.saliency(PIXELS, "alpha", target=0, overlay=False).target_value == pytest.approx(
             logit(1, PIXELS), abs=1e-4)
     text = log.read_text()
-    assert "audit LoadModel caller=viewer target=beta code=PERMISSION_DENIED" in text
-    assert "audit LoadModel caller=ops target=beta code=OK" in text
-    assert "audit UnloadModel caller=ops target=beta code=FAILED_PRECONDITION" in text
+    assert text.count("audit LoadModel caller=viewer target=beta code=PERMISSION_DENIED") == 2  # SDK, CLI
+    assert text.count("audit LoadModel caller=ops target=beta code=OK") == 2
+    assert text.count("audit UnloadModel caller=ops target=beta code=FAILED_PRECONDITION") == 2
     assert "audit RepositoryIndex caller=viewer" in text

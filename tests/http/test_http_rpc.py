@@ -3,6 +3,7 @@ events, bad JSON is a 400 naming the field, and errors carry Connect's code, mes
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
+from convlens.server.scheduler import BatchPolicy
 from convlens.server.transport.http.errors import HTTP_STATUS
 from convlens.v1 import convlens_pb2 as pb
 from convlens.v1 import convlens_pb2_grpc as pb_grpc
@@ -65,6 +67,32 @@ async def test_every_unary_rpc_over_http_equals_its_grpc_answer(front: Front) ->
     # a Saliency with numbers in it: the attribution is the same float32 values, not merely close
     saliency = await front.stub.Saliency(requests["Saliency"])
     assert np.abs(np.frombuffer(saliency.attribution.data, np.float32)).sum() > 0
+
+
+async def test_an_http_and_a_grpc_saliency_share_one_batch(tmp_path: Path) -> None:
+    """One scheduler behind both protocols. Batches of two that wait (up to 120 s) for a companion: one HTTP
+    and one gRPC call, sent together, are computed as one batch of two, and answer the same numbers."""
+    policy = BatchPolicy(max_batch_size=2, max_batch_delay=120.0, shards=1)
+    srv = await start_front(tmp_path, policies={"cpu": policy})
+    request = unary_requests()["Saliency"]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel, \
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=180) as http:
+            by_grpc, by_http = await asyncio.gather(
+                pb_grpc.InspectionServiceStub(channel).Saliency(request, timeout=180),
+                http.post("/convlens.v1.InspectionService/Saliency", content=json_format.MessageToJson(request)))
+        registry = srv.metrics.registry
+    finally:
+        await srv.stop(0.0)
+    assert by_http.status_code == 200, by_http.text
+    assert json_format.Parse(by_http.text, pb.SaliencyResponse()) == by_grpc
+    sizes = {s.name: s.value for m in registry.collect() if m.name == "convlens_scheduler_batch_size"
+             for s in m.samples if s.labels.get("rpc") == "Saliency" and s.name.endswith(("_count", "_sum"))}
+    assert sizes == {"convlens_scheduler_batch_size_count": 1.0, "convlens_scheduler_batch_size_sum": 2.0}
+    for protocol in ("grpc", "http"):
+        assert registry.get_sample_value("grpc_server_handled_total", {
+            "grpc_type": "unary", "grpc_service": SERVICE.full_name, "grpc_method": "Saliency", "grpc_code": "OK",
+            "protocol": protocol}) == 1.0
 
 
 async def test_the_model_repository_service_over_http_equals_grpc(front: Front) -> None:

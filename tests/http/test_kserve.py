@@ -117,3 +117,34 @@ async def test_tokens_apply_over_http_as_over_grpc(tmp_path: Path) -> None:
             assert denied.status_code == 403 and denied.json()["code"] == "permission_denied"
     finally:
         await srv.stop(0.0)
+
+
+async def test_with_tokens_the_token_is_checked_before_names_are_resolved(tmp_path: Path) -> None:
+    """A caller without a token learns nothing about which names are served: 401 before 404, and the list
+    needs a token; readiness stays open for probes without telling served names from others."""
+    srv = await start_front(tmp_path, auth_tokens="ci:tok-1")
+    token = {"authorization": "Bearer tok-1"}
+    body = {"instances": [photo(32, 32).tolist()]}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=60) as http:
+            listed = await http.get("/v1/models")
+            assert listed.status_code == 401 and listed.json()["code"] == "unauthenticated"
+            assert MODEL not in listed.text
+            assert (await http.get("/v1/models", headers=token)).json() == {"models": [MODEL]}
+            unknown = await http.post("/v1/models/nope:explain", json=body)
+            assert unknown.status_code == 401 and "nope" not in unknown.text
+            bad_body = await http.post(f"/v1/models/{MODEL}:explain", content="{oops")
+            assert bad_body.status_code == 401
+            assert (await http.post("/v1/models/nope:explain", json=body, headers=token)).status_code == 404
+            # readiness: without a token the same answer for any name; with one, 404 for an unknown name
+            served, other = (await http.get(f"/v1/models/{MODEL}")), (await http.get("/v1/models/nope"))
+            assert (served.status_code, other.status_code) == (200, 200)
+            assert other.json() == {"name": "nope", "ready": True}
+            assert (await http.get("/v1/models/nope", headers=token)).status_code == 404
+        # the refused explain calls were counted like any Saliency call, with their codes
+        handled = srv.metrics.registry.get_sample_value("grpc_server_handled_total", {
+            "grpc_type": "unary", "grpc_service": "convlens.v1.InspectionService", "grpc_method": "Saliency",
+            "grpc_code": "UNAUTHENTICATED", "protocol": "http"})
+        assert handled == 2.0
+    finally:
+        await srv.stop(0.0)

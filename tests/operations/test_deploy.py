@@ -141,7 +141,7 @@ def test_dockerfile_cuda_base_server_extra_non_root_health_check() -> None:
              and not x.lstrip().startswith("#")]
     base = next(x for x in lines if x.startswith("FROM "))
     assert base.startswith("FROM nvidia/cuda:") and "runtime" in base
-    assert any(".[server]" in x for x in lines if x.startswith("RUN"))
+    assert any(".[server,gpu]" in x for x in lines if x.startswith("RUN"))  # a CUDA image: onnxruntime-gpu
     user = [x for x in lines if x.startswith("USER ")][-1]
     assert user.split()[1].split(":")[0] not in ("root", "0")
     cmd = next(x for x in lines if x.startswith("CMD "))

@@ -13,7 +13,7 @@ from torch import nn
 
 from convlens.server.metrics import Metrics
 from convlens.server.models.model import Preprocess, ServedModel
-from convlens.server.scheduler import BatchPolicy, Scheduler
+from convlens.server.scheduler import BatchPolicy, Scheduler, Task
 
 from .helpers import Recorder, task, wait_until
 
@@ -135,6 +135,56 @@ async def test_real_served_model_and_replica_cache() -> None:
         assert seen == {id(r) for r in model.lane_replicas.values()} and model.lane_replicas
     finally:
         await s.stop(1.0)
+
+
+async def test_two_copies_of_one_model_never_share_a_batch() -> None:
+    """A reload's old and new copies have the same name and the same batch key: their tasks, queued together
+    and interleaved, still go in two batches, each computed on its own copy's weights."""
+    def copy(seed: int, copy_id: int) -> ServedModel:
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        return ServedModel(name="tiny", format="embedded", module=module,
+                           preprocess=Preprocess(8, 8, 8, (0.5,) * 3, (0.5,) * 3), labels=["a", "b"],
+                           supports_gradients=True, copy_id=copy_id)
+
+    old, new = copy(1, 1), copy(2, 2)
+    gate, holding = threading.Event(), threading.Event()
+    batches: list[list[int]] = []  # the copy each batch's payloads were computed on, per payload
+
+    def hold(replica: ServedModel, payloads):
+        holding.set()
+        assert gate.wait(60), "the test never opened the gate"
+        return [0 for _ in payloads]
+
+    def forward(replica: ServedModel, payloads):
+        batches.append([replica.copy_id for _ in payloads])
+        with torch.no_grad():
+            return list(replica.module(torch.stack(payloads)))
+
+    s = Scheduler(lambda name: new, [torch.device("cpu")], Metrics(),
+                  policies={"cpu": BatchPolicy(max_batch_size=8, max_batch_delay=0.0, shards=1)})
+    await s.start()
+    try:
+        busy = asyncio.ensure_future(s.submit(task(None, hold, model="tiny", key="hold")))
+        await wait_until(holding.is_set, timeout=60)  # the only worker is busy until the gate opens
+        images = [torch.rand(3, 8, 8) for _ in range(4)]
+        copies = [old, new, old, new]
+        calls = [asyncio.ensure_future(s.submit(Task(model="tiny", rpc="Saliency", key="k", payload=x,
+                                                     compute=forward, served=c)))
+                 for x, c in zip(images, copies, strict=True)]
+        await wait_until(lambda: s.queue_depth() == 4, timeout=60)  # all four wait behind the held batch
+        gate.set()
+        outs = await asyncio.gather(*calls)
+        await busy
+    finally:
+        gate.set()
+        await s.stop(1.0)
+    assert sorted(batches) == [[1, 1], [2, 2]]  # two batches, one copy each
+    with torch.no_grad():
+        for x, c, out in zip(images, copies, outs, strict=True):
+            assert torch.allclose(out, c.module(x[None])[0], atol=1e-6)  # its own copy's weights
+            other = new if c is old else old
+            assert not torch.allclose(out, other.module(x[None])[0], atol=1e-3)
 
 
 def test_batch_policy_validates() -> None:

@@ -25,6 +25,13 @@ Conventions:
     field violation per bad field (field = the request's proto field path, e.g. "target.unit.layer",
     "images[2]"). Every violation found before any compute is reported together in one answer: a
     request with two bad fields gets two violations.
+  * NOT_FOUND before INVALID_ARGUMENT: a model, version or layer name that does not resolve is answered on
+    its own, as NOT_FOUND with one violation naming that field (the first such name checked), even when
+    other fields are bad too, since those fields are judged against what the name resolves to (a channel
+    against its layer, a class index against its model). Once every name resolves, all INVALID_ARGUMENT
+    violations come together. Refused before any name is looked up: a missing or unknown token
+    (UNAUTHENTICATED) and a value the request's encoding cannot stand for (an enum number the server does
+    not know, a malformed Tensor: INVALID_ARGUMENT naming that field).
   * Every RPC may answer UNAUTHENTICATED (with --auth-tokens: missing or unknown bearer token; no details),
     DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE and RESOURCE_EXHAUSTED (QUEUE_FULL; the streaming RPCs also
     TOO_MANY_JOBS); the RPC comments below list the rest.
@@ -1478,7 +1485,10 @@ class DatasetInfo(_message.Message):
     skipped_count: _builtins.int
     """Files skipped because they could not be read."""
     digest: _builtins.str
-    """Content digest (hex): changes when any image does."""
+    """Content digest (hex): changes when any image does. Empty while a --dataset folder is first listed (its
+    files read and hashed, in the background after the first ListDatasets): image_count then counts its
+    image files by name, skipped_count is 0 and indexes is empty until the digest is known.
+    """
     @_builtins.property
     def indexes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexInfo]:
         """Indexes that exist (ready) or are being built, for the served models' current weights."""

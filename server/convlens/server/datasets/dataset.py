@@ -62,6 +62,14 @@ class Dataset:
                          time.monotonic() - started)
             return self._listing
 
+    def known(self) -> Listing | None:
+        """The listing if one was made (None: not yet), without making one."""
+        return self._listing
+
+    def glance(self) -> Listing:
+        """What can be said at once, reading no image (a folder: its image files' names, see there)."""
+        return self.listing()
+
     def refresh(self) -> Listing:
         """List again (contents may have changed); unchanged files are not re-hashed where possible."""
         with self._lock:
@@ -88,31 +96,46 @@ class DirectoryDataset(Dataset):
         self._digests: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, digest)
         self._sizes: dict[ImageId, tuple[int, int]] = {}
 
+    def _files(self) -> list[tuple[Path, str]]:
+        """(path, dataset-relative name) of every image file, by name: nothing is read."""
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if fn.lower().endswith(EXTENSIONS) and not fn.startswith("."):
+                    full = Path(dirpath) / fn
+                    out.append((full, full.relative_to(self.root).as_posix()))
+        return out
+
+    def glance(self) -> Listing:
+        """The image files found, by name alone (none read, checked or hashed): ids without content digests
+        and an empty dataset digest. What ListDatasets says of a folder until its listing is made (hashing a
+        large folder takes seconds); nothing is ever indexed from it."""
+        if self.known() is not None:
+            return self.listing()
+        if not self.root.is_dir():
+            return Listing([], {".": f"{self.root} is not a directory any more"}, "")
+        return Listing(sorted(ImageId(rel, "") for _, rel in self._files()), {}, "")
+
     def _list(self) -> Listing:
         if not self.root.is_dir():
             return Listing.of([], {".": f"{self.root} is not a directory any more"})
         images, skipped = [], {}
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                if not fn.lower().endswith(EXTENSIONS) or fn.startswith("."):
-                    continue
-                full = Path(dirpath) / fn
-                rel = full.relative_to(self.root).as_posix()
-                try:
-                    st = full.stat()
-                    cached = self._digests.get(rel)
-                    if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
-                        digest = cached[2]
-                    else:
-                        data = full.read_bytes()
-                        with Image.open(io.BytesIO(data)) as img:
-                            img.verify()  # header and structure; pixels are decoded when scanned
-                        digest = hashlib.sha256(data).hexdigest()[:32]
-                        self._digests[rel] = (st.st_size, st.st_mtime_ns, digest)
-                    images.append(ImageId(rel, digest))
-                except Exception as exc:
-                    skipped[rel] = f"{type(exc).__name__}: {exc}"
+        for full, rel in self._files():
+            try:
+                st = full.stat()
+                cached = self._digests.get(rel)
+                if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+                    digest = cached[2]
+                else:
+                    data = full.read_bytes()
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.verify()  # header and structure; pixels are decoded when scanned
+                    digest = hashlib.sha256(data).hexdigest()[:32]
+                    self._digests[rel] = (st.st_size, st.st_mtime_ns, digest)
+                images.append(ImageId(rel, digest))
+            except Exception as exc:
+                skipped[rel] = f"{type(exc).__name__}: {exc}"
         if skipped:
             log.warning("dataset %s: skipped %d unreadable file(s), e.g. %s", self.name, len(skipped),
                         next(iter(skipped.items())))

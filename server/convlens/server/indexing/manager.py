@@ -89,6 +89,7 @@ class IndexManager:
         self._ready: OrderedDict[IndexKey, TopKIndex] = OrderedDict()
         self._builds: dict[IndexKey, Build] = {}
         self._refreshed: dict[str, float] = {}
+        self._first_listings: dict[str, asyncio.Task[Any]] = {}  # folders listed in the background (ListDatasets)
 
     @classmethod
     def from_config(cls, config: Any, scheduler: Scheduler, metrics: Metrics | None) -> IndexManager:
@@ -109,6 +110,19 @@ class IndexManager:
             return await asyncio.to_thread(dataset.refresh)
         self._refreshed.setdefault(dataset.name, now)
         return await asyncio.to_thread(dataset.listing)
+
+    async def known_listing(self, dataset: Dataset):  # type: ignore[no-untyped-def]
+        """What ListDatasets says: the dataset's listing (as listing_of), except for a folder never listed
+        before, whose listing (every file read and hashed: seconds for a large folder) is then made in the
+        background while this answers at once with its image files' names (an empty digest: Dataset.glance)."""
+        task = self._first_listings.get(dataset.name)
+        if task is None and isinstance(dataset, DirectoryDataset) and dataset.known() is None:
+            task = self._first_listings[dataset.name] = asyncio.get_running_loop().create_task(
+                self.listing_of(dataset), name=f"convlens-list-{dataset.name}")
+            task.add_done_callback(_retrieved)
+        if task is not None and not task.done():
+            return await asyncio.to_thread(dataset.glance)
+        return await self.listing_of(dataset)
 
     async def key(self, model: ServedModel, dataset: Dataset, layer: str) -> IndexKey:
         listing = await self.listing_of(dataset)
@@ -227,6 +241,12 @@ class IndexManager:
             out += [(model.name, layer, READY, 0, 0) for layer in ready if layer not in building]
             out += [(model.name, layer, BUILDING, b.done, b.total) for layer, b in sorted(building.items())]
         return out
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A background listing's failure is logged here; the next call lists again and reports it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("listing %s failed: %s", task.get_name(), task.exception())
 
 
 def _prepare_all(dataset: Dataset, model: ServedModel, ids: list[ImageId]) -> list[torch.Tensor | None]:

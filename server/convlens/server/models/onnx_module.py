@@ -137,7 +137,11 @@ class OnnxModule(nn.Module):
 
     def _ensure_session(self) -> Any:
         if self._session is None:
-            import onnxruntime as ort
+            try:
+                import onnxruntime as ort
+            except ImportError:  # the server extra leaves the runtime to the cpu / gpu extra (pyproject.toml)
+                raise ImportError("ONNX models need onnxruntime: pip install 'convlens[cpu]' (or 'convlens[gpu]' "
+                                  "on a CUDA machine)") from None
 
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                          if p in ort.get_available_providers()]

@@ -111,10 +111,15 @@ class MaximizeService(StreamingJobService):
 
     async def __call__(self, query: MaximizeQuery, deadline: float | None) -> AsyncIterator[Progress | MaximizeAnswer]:
         model = self.gradient_model(query.model)
+        v = Violations()  # every bad field at once: the target's and the settings' (an unknown layer: NOT_FOUND)
         if query.target is None:
-            raise InvalidArgument("target is required: a class_index or a unit", field="target")
-        validate_target(model.resolver, query.target, num_classes=model.num_classes)
-        settings = diversity_layer(resolve_settings(query), query.target, model.resolver)
+            v.add("target", "target is required: a class_index or a unit")
+        else:
+            v.collect(validate_target, model.resolver, query.target, num_classes=model.num_classes)
+        resolved = v.collect(resolve_settings, query)
+        v.raise_if_any()
+        assert isinstance(resolved, MaximizeSettings) and query.target is not None
+        settings = diversity_layer(resolved, query.target, model.resolver)
         objective = objective_for(query.target)
         cost = self.check_budget(settings.size ** 2 * settings.images,
                           f"size^2 x images = {settings.size}^2 x {settings.images}", ("size", "images"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,8 @@ class ModelControl:
         if mode not in MODES:
             raise ValueError(f"model control must be one of {', '.join(MODES)}, not {mode!r}")
         self.repository: ModelRepository = context.repository
+        self.scheduler = context.scheduler  # None in tests without workers: nothing to warm
+        self.warm_up = bool(getattr(context.config, "warm_up", True))  # --no-warm-up: copies warm on first use
         self.mode = mode
         self.poll_s = poll_s
         self.metrics = metrics
@@ -103,23 +106,42 @@ class ModelControl:
 
     # ---- the index ----
 
-    def index(self, ready_only: bool = False, names: Iterable[str] | None = None) -> list[VersionState]:
+    def on_disk(self, names: Iterable[str] | None = None) -> dict[str, set[int]]:
+        """The versions on disk of `names` (None: of every model folder). Reads the file system: call it in a
+        thread where the event loop would wait (read_index)."""
+        if self.root is None:
+            return {}
+        root = self.root
+        return {name: set(read_folder(root, name).versions)
+                for name in (self.repository.folder_names() if names is None else names)}
+
+    async def read_index(self, ready_only: bool = False, names: Iterable[str] | None = None) -> list[VersionState]:
+        """index() with the folders read in a thread (what the RPCs answer)."""
+        names = None if names is None else list(names)
+        disk = await asyncio.to_thread(self.on_disk, names)
+        return self.index(ready_only, names, disk)
+
+    def index(self, ready_only: bool = False, names: Iterable[str] | None = None,
+              disk: dict[str, set[int]] | None = None) -> list[VersionState]:
+        """The index lines of `names` (None: every folder and every served model). `disk`: on_disk(names),
+        read here when not given."""
         repo = self.repository
+        if disk is None:
+            names = None if names is None else list(names)
+            disk = self.on_disk(names)
         if names is None:
-            names = set(repo.folder_names()) | set(repo.names()) | {n for n, _ in repo.problems} \
-                | {n for n, _ in self._loading}
+            names = set(disk) | set(repo.names()) | {n for n, _ in repo.problems} | {n for n, _ in self._loading}
         out = []
         for name in sorted(names):
-            out += self._states(name)
+            out += self._states(name, disk.get(name, set()))
         return [s for s in out if s.state == READY] if ready_only else out
 
-    def _states(self, name: str) -> list[VersionState]:
+    def _states(self, name: str, on_disk: set[int]) -> list[VersionState]:
         repo = self.repository
         served = repo.versions(name)
         default = max(served) if served else None
         if name in repo.embedded:
             return [VersionState(name, v, READY, source="embedded", default=v == default) for v in served]
-        on_disk = set(read_folder(self.root, name).versions) if self.root is not None else set()
         problems = {v: r for (n, v), r in repo.problems.items() if n == name}
         loading_all = (name, 0) in self._loading
         versions = set(served) | on_disk | set(problems) | {v for n, v in self._loading if n == name and v}
@@ -159,6 +181,11 @@ class ModelControl:
             raise FailedPrecondition(f"this server has no --model-repo: there is nothing to {what}",
                                      reason="NO_MODEL_REPOSITORY")
 
+    def _refuse_embedded(self, name: str) -> None:
+        if name in self.repository.embedded:
+            raise FailedPrecondition(f"{name!r} is an embedded model, part of the server: it cannot be loaded "
+                                     "or unloaded (serve with --no-embedded to leave it out)", reason="EMBEDDED_MODEL")
+
     @staticmethod
     def _target(ref: str, version: int | None) -> tuple[str, int | None]:
         name, named = parse_ref(ref, "model")
@@ -177,9 +204,7 @@ class ModelControl:
         name, version = self._target(ref, version)
         self._refuse("load")
         assert self.root is not None
-        if name in self.repository.embedded:
-            raise FailedPrecondition(f"{name!r} is an embedded model, part of the server: it cannot be loaded "
-                                     "or unloaded (serve with --no-embedded to leave it out)", reason="EMBEDDED_MODEL")
+        self._refuse_embedded(name)
         if not (self.root / name).is_dir() or name.startswith("."):
             raise NotFound(f"no model folder {name!r} in the model repository {self.root}; folders: "
                            f"{', '.join(self.repository.folder_names()) or 'none'}", field="model",
@@ -189,12 +214,12 @@ class ModelControl:
         if problems:
             raise FailedPrecondition(f"model {name!r} could not be loaded: " + "; ".join(
                 f"{f'version {v}: ' if v else ''}{r}" for v, r in sorted(problems.items())), reason="MODEL_LOAD_FAILED")
-        return self.index(names=[name])
+        return await self.read_index(names=[name])
 
-    async def _read(self, name: str, versions: list[int] | None, changed: DiskState | None = None,
-                    removed: Iterable[int] = ()) -> dict[int, str]:
-        """Read `name`'s folder (every version, or `versions`) and swap in what loaded; returns the problems.
-        Under the name's lock. `versions` None: versions gone from the folder are unloaded too."""
+    async def _read(self, name: str, versions: list[int] | None, removed: Iterable[int] = ()) -> dict[int, str]:
+        """Read `name`'s folder (every version, or `versions`), warm what loaded (every lane's replica made and
+        run once, as at start-up) and swap it in; returns the problems. Under the name's lock. `versions`
+        None: versions gone from the folder are unloaded too. The index says LOADING until the swap."""
         assert self.root is not None and self._seen is not None
         keys = {(name, v) for v in versions} if versions is not None else {(name, 0)}
         self._loading |= keys
@@ -207,6 +232,7 @@ class ModelControl:
                                    f"{', '.join(map(str, folder.versions)) or 'none'}", field="version",
                                    reason="MODEL_VERSION_NOT_FOUND")
             read = await asyncio.to_thread(self.repository.read, name, versions)
+            await self._warm(name, list(read.copies.values()))
         finally:
             self._loading -= keys
         replaced = self.repository.apply(read, replace_all=versions is None and 0 not in read.problems)
@@ -223,15 +249,28 @@ class ModelControl:
         self.update_metrics(failures=[f"{name}@{v}" if v and not read.folder.flat else name for v in read.problems])
         return read.problems
 
+    async def _warm(self, name: str, copies: list[Any]) -> None:
+        """The new copies' replicas made and run once on every lane before they serve, so the first calls
+        after a load or reload do not pay for them (scheduler.warm, as at start-up; skipped with
+        --no-warm-up). The lanes take it between batches: the copy serving now keeps answering meanwhile."""
+        if not copies or self.scheduler is None or not self.warm_up:
+            return
+        started = time.monotonic()
+        try:
+            await self.scheduler.warm(copies)
+        except RuntimeError as exc:  # the scheduler is stopping: the server serves nothing more anyway
+            log.warning("model %s: not warmed (%s)", name, exc)
+            return
+        log.info("model %s: replicas of %d new copies made and run once on every lane in %.2f s", name,
+                 len(copies), time.monotonic() - started)
+
     async def unload(self, ref: str, version: int | None = None) -> list[VersionState]:
         name, version = self._target(ref, version)
         self._refuse("unload")
         if self.mode == "poll":
             raise FailedPrecondition("in poll mode the folders decide what is served: remove the folder (or its "
                                      "version folder) from the model repository to unload it", reason="POLL_MODE")
-        if name in self.repository.embedded:
-            raise FailedPrecondition(f"{name!r} is an embedded model, part of the server: it cannot be loaded "
-                                     "or unloaded (serve with --no-embedded to leave it out)", reason="EMBEDDED_MODEL")
+        self._refuse_embedded(name)
         async with self._lock(name):
             served = self.repository.versions(name)
             if not served:
@@ -246,7 +285,7 @@ class ModelControl:
                 self._unloaded.add((name, copy.version))
                 log.info("model %s unloaded (calls in flight finish on copy %d)", copy.ref, copy.copy_id)
         self.update_metrics()
-        return self.index(names=[name])
+        return await self.read_index(names=[name])
 
     # ---- poll ----
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 from convlens.server.compute.saliency import SaliencyPayload, compute_saliency
@@ -14,11 +15,12 @@ from convlens.server.engine.predictions import Prediction, top_k
 from convlens.server.engine.render import overlay
 from convlens.server.engine.saliency import SaliencyOptions, SaliencyResult, validate_options
 from convlens.server.engine.targets import Target, validate_target
-from convlens.server.errors import InvalidArgument
+from convlens.server.errors import Violations
+from convlens.server.models.model import ServedModel
 from convlens.server.models.preprocess import Geometry, denormalize
 from convlens.server.scheduler.task import Task
 from convlens.server.service.context import ServiceContext, require_gradients
-from convlens.server.service.images import ImageInput, prepare_image
+from convlens.server.service.images import ImageInput, PreparedImage, prepare_image
 
 # What a Saliency answer can carry (SaliencyRequest.outputs); the default is every one but the overlay.
 OUTPUTS = ("attribution", "heatmap", "overlay", "predictions")
@@ -59,19 +61,9 @@ class SaliencyService:
     async def __call__(self, query: SaliencyQuery, deadline: float | None) -> SaliencyAnswer:
         model = self.repository.get(query.model)
         require_gradients(model, "Saliency")
-        if query.image is None:
-            raise InvalidArgument("image is required: encoded PNG/JPEG/WebP bytes or a raw tensor", field="image")
-        validate_options(query.options)
-        validate_target(model.resolver, query.target, num_classes=model.num_classes)
-        if query.options.cam_layer is not None:
-            check_cam_layer(model.resolver, query.options.cam_layer)
+        self.validate(model, query)
         self.check_budget(model.preprocess.height, model.preprocess.width, query.options)
-        image = await asyncio.to_thread(prepare_image, model, query.image, "image")
-        baseline = None
-        if query.options.ig_baseline == "image":
-            if query.baseline_image is None:
-                raise InvalidArgument("baseline BASELINE_IMAGE needs baseline_image", field="baseline_image")
-            baseline = (await asyncio.to_thread(prepare_image, model, query.baseline_image, "baseline_image")).tensor
+        image, baseline = await asyncio.to_thread(self.decode, model, query)
         payload = SaliencyPayload(query.options, image.tensor, query.target, baseline, self.budget.chunk_pixels)
         task = Task(model=model.name, rpc="Saliency", key=payload.batch_key, payload=payload,
                     compute=compute_saliency, deadline=deadline, served=model)
@@ -85,6 +77,35 @@ class SaliencyService:
                 lambda: overlay(denormalize(image.tensor, model.preprocess), result.heatmap.numpy(), smooth=smooth))
         predictions = top_k(result.logits, model.labels, 5) if "predictions" in wanted else []
         return SaliencyAnswer(result, predictions, image.geometry, picture, list(result.notes), outputs=wanted)
+
+    @staticmethod
+    def validate(model: ServedModel, query: SaliencyQuery) -> None:
+        """Every bad field at once (one INVALID_ARGUMENT, a violation each). An unknown layer (the target's
+        or Grad-CAM's) is a NOT_FOUND answered on its own: the proto header's rule."""
+        v = Violations()
+        if query.image is None:
+            v.add("image", "image is required: encoded PNG/JPEG/WebP bytes or a raw tensor")
+        v.collect(validate_options, query.options)
+        v.collect(validate_target, model.resolver, query.target, num_classes=model.num_classes)
+        if query.options.cam_layer is not None:
+            v.collect(check_cam_layer, model.resolver, query.options.cam_layer)
+        if query.options.ig_baseline == "image" and query.baseline_image is None:
+            v.add("baseline_image", "baseline BASELINE_IMAGE needs baseline_image")
+        v.raise_if_any()
+
+    @staticmethod
+    def decode(model: ServedModel, query: SaliencyQuery) -> tuple[PreparedImage, torch.Tensor | None]:
+        """The image (and the integrated-gradients baseline image) as model inputs; both checked before
+        either is refused. Runs off the event loop."""
+        v = Violations()
+        assert query.image is not None  # validate() refused a missing one
+        image = v.collect(prepare_image, model, query.image, "image")
+        baseline = None
+        if query.options.ig_baseline == "image" and query.baseline_image is not None:
+            baseline = v.collect(prepare_image, model, query.baseline_image, "baseline_image")
+        v.raise_if_any()
+        assert isinstance(image, PreparedImage)
+        return image, baseline.tensor if isinstance(baseline, PreparedImage) else None
 
     def check_budget(self, height: int, width: int, options: SaliencyOptions) -> None:
         """RESOURCE_EXHAUSTED (OVER_BUDGET) before anything is decoded or queued when the request's rows x the

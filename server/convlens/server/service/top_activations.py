@@ -201,8 +201,8 @@ class TopActivationsService:
     async def list_datasets(self) -> list[DatasetSummary]:
         out = []
         for d in self.datasets.datasets():
-            listing = await self.manager.listing_of(d)
-            indexes = await self.manager.indexes_of(d, self.repository.models())
+            listing = await self.manager.known_listing(d)  # a folder's first call: its files, unhashed (no digest)
+            indexes = await self.manager.indexes_of(d, self.repository.models()) if listing.digest else []
             out.append(DatasetSummary(d.name, d.description, len(listing.images), len(listing.skipped),
                                       listing.digest, indexes))
         return out

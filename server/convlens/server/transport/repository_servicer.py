@@ -23,7 +23,7 @@ class ModelRepositoryServicer(pb_grpc.ModelRepositoryServiceServicer):
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
                               ) -> pb.RepositoryIndexResponse:
-        return repository.index_response(self.control.index(request.ready_only), self.control.mode)
+        return repository.index_response(await self.control.read_index(request.ready_only), self.control.mode)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> pb.LoadModelResponse:
         return pb.LoadModelResponse(models=repository.entries(await self.control.load(*repository.target(request))))

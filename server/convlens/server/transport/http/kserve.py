@@ -14,7 +14,10 @@
   that every field is present (defaults too), its tensors (`attribution`, `heatmap`) are `{"dtype":
   "float32", "shape": [...], "values": nested lists}` and its PNG bytes (`overlayPng`) are `{"b64": ...}`
   (null when not asked for): plain JSON numbers a caller can use without protobuf. Errors: the Connect
-  error body plus KServe's `"error"` message.
+  error body plus KServe's `"error"` message; its field violations name the body's paths (`instances[1]`,
+  `parameters.smoothgrad.samples`), for a bad JSON value and a bad value alike.
+- Tokens (`--auth-tokens`): `GET /v1/models` and `:explain` check the token first (401 before any 404 or
+  400); readiness needs none (see KServeRoutes).
 
 NAME is a served model, or an alias given at start (`convlens kserve-explainer --model_name`, which KServe
 sets to the InferenceService's name).
@@ -31,16 +34,26 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
+from google.rpc import error_details_pb2, status_pb2
 from grpc.aio import AbortError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from convlens.server.errors import InvalidArgument, NotFound
+from convlens.server.transport.auth import Unauthenticated
 from convlens.server.transport.http.context import HttpContext
-from convlens.server.transport.http.errors import HTTP_STATUS, error_body, headers_from
+from convlens.server.transport.http.errors import HTTP_STATUS, STATUS_DETAILS_KEY, error_body, headers_from
 from convlens.server.transport.http.registry import Method
-from convlens.server.transport.http.rpc import Guard, call_unary, context_for, decode_body, parse_message, to_json
+from convlens.server.transport.http.rpc import (
+    Guard,
+    call_unary,
+    context_for,
+    decode_body,
+    failing_handler,
+    parse_message,
+    to_json,
+)
 from convlens.server.transport.interceptor import ServiceInterceptor
 from convlens.server.transport.status import to_status
 from convlens.v1 import convlens_pb2 as pb
@@ -58,6 +71,33 @@ def kserve_error(code: grpc.StatusCode, message: str, trailing: Any = ()) -> JSO
 def _status_error(exc: Exception) -> JSONResponse:
     status = to_status(exc)
     return kserve_error(status.code, status.details, status.trailing_metadata)
+
+
+def kserve_field(field: str, key: str, index: int) -> str:
+    """A Saliency field violation as the path in the KServe body: the image is `instances[i]`, the model is
+    the URL's, every other field came from `parameters` (as the JSON errors of `parameters` say)."""
+    if field == "image" or field.startswith("image."):
+        return f"{key}[{index}]{field[len('image'):]}"
+    if field in ("model", "…", "") or field.startswith(("parameters.", f"{key}[")):
+        return field
+    return f"parameters.{field}"
+
+
+def kserve_trailing(trailing: Any, key: str, index: int) -> list[tuple[str, Any]]:
+    """`trailing` with the BadRequest's fields renamed by kserve_field (the other details as they were)."""
+    out = []
+    for name, value in trailing or ():
+        if name == STATUS_DETAILS_KEY:
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    for violation in bad.field_violations:
+                        violation.field = kserve_field(violation.field, key, index)
+                    detail.Pack(bad)
+            value = status.SerializeToString()
+        out.append((name, value))
+    return out
 
 
 # ---------------------------------------------------------------- request -> SaliencyRequest
@@ -109,10 +149,15 @@ def request_json(parameters: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def instances_key(body: object) -> str:
+    """Where the body holds its images: KServe v1's `instances`, or `inputs`."""
+    return "inputs" if isinstance(body, dict) and "inputs" in body and "instances" not in body else "instances"
+
+
 def saliency_requests(body: object, model: str) -> list[Any]:
     if not isinstance(body, dict):
         raise InvalidArgument('expected {"instances": [...], "parameters": {...}}', field="(body)")
-    key = "instances" if "instances" in body else "inputs"
+    key = instances_key(body)
     instances = body.get(key)
     if not isinstance(instances, list) or not instances:
         raise InvalidArgument("a non-empty list of images is expected", field=key)
@@ -155,8 +200,14 @@ def explanation(response: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- routes
 
 class KServeRoutes:
+    """With tokens on, `GET /v1/models` and `:explain` check the caller's token before anything else (an
+    unknown name and a bad body answer 401 to a caller without one, so names do not leak); readiness needs
+    none (Kubernetes probes send none, as for gRPC health), and without a known token it answers the server's
+    readiness for any name: only a caller with a token learns whether a name is served (404)."""
+
     def __init__(self, saliency: Method, interceptor: ServiceInterceptor, models: Callable[[], list[str]],
                  ready: Callable[[], bool], aliases: Mapping[str, str]) -> None:
+        self.interceptor = interceptor
         self.saliency = interceptor.wrap(saliency.handler, saliency.path)
         self.models = models
         self.ready = ready
@@ -172,16 +223,30 @@ class KServeRoutes:
         served = self.models()
         if model not in served:
             raise NotFound(f"model {name!r} is not served here; served: {', '.join(sorted(self.names()))}",
-                           field="model")
+                           field="model", reason="MODEL_NOT_FOUND")
         return model
 
     def names(self) -> list[str]:
         return sorted({*self.aliases, *self.models()})
 
+    def caller(self, request: Request) -> Unauthenticated | None:
+        """Why the request's token is refused (None: tokens are off, or it is a known token)."""
+        auth = self.interceptor.auth
+        if auth is None or auth.is_exempt(SALIENCY_PATH):
+            return None
+        try:
+            auth.identify(request.headers.items())
+        except Unauthenticated as exc:
+            return exc
+        return None
+
     async def live(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
 
     async def list_models(self, request: Request) -> Response:
+        refused = self.caller(request)
+        if refused is not None:
+            return kserve_error(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         return JSONResponse({"models": self.names()})
 
     async def model(self, request: Request) -> Response:
@@ -190,10 +255,11 @@ class KServeRoutes:
         if request.method == "GET":
             if verb:
                 return kserve_error(grpc.StatusCode.NOT_FOUND, f"no GET route for {verb!r}; GET /v1/models/{name}")
-            try:
-                self.resolve(name)
-            except NotFound as exc:
-                return _status_error(exc)
+            if self.caller(request) is None:
+                try:
+                    self.resolve(name)
+                except NotFound as exc:
+                    return _status_error(exc)
             ready = self.ready()
             return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
         if verb != "explain":
@@ -202,13 +268,27 @@ class KServeRoutes:
                                 + (f", not :{verb} (ask the predictor)" if verb else ""))
         return await self.explain(request, name)
 
+    async def refuse(self, exc: Exception, ctx: HttpContext) -> Response:
+        """`exc` answered through the wrapped Saliency path: the token first, then `exc`; logged and counted."""
+        handler = failing_handler(self.interceptor, SALIENCY_PATH, exc)
+        try:
+            await handler.unary_unary(pb.SaliencyRequest(), ctx)
+        except AbortError:
+            return kserve_error(ctx.code() or grpc.StatusCode.UNKNOWN, ctx.details(), ctx.trailing)
+        raise AssertionError("a failing handler answered")  # pragma: no cover
+
     async def explain(self, request: Request, name: str) -> Response:
         try:
             ctx0 = context_for(request)
-            model = self.resolve(name)
-            requests = saliency_requests(decode_body(await request.body()), model)
-        except (InvalidArgument, NotFound) as exc:
+        except InvalidArgument as exc:
             return _status_error(exc)
+        try:
+            model = self.resolve(name)
+            body = decode_body(await request.body())
+            key = instances_key(body)
+            requests = saliency_requests(body, model)
+        except (InvalidArgument, NotFound) as exc:
+            return await self.refuse(exc, ctx0)
         timeout = ctx0.time_remaining()
         contexts = [HttpContext(ctx0.invocation_metadata(), ctx0.peer(), timeout) for _ in requests]
         guard = Guard(request.receive, timeout)
@@ -223,10 +303,10 @@ class KServeRoutes:
                 return Response(status_code=499)
         for i, (answer, ctx) in enumerate(zip(answers, contexts, strict=True)):
             if isinstance(answer, AbortError):
-                return kserve_error(ctx.code() or grpc.StatusCode.UNKNOWN, f"instances[{i}]: {ctx.details()}",
-                                    ctx.trailing)
+                return kserve_error(ctx.code() or grpc.StatusCode.UNKNOWN, f"{key}[{i}]: {ctx.details()}",
+                                    kserve_trailing(ctx.trailing, key, i))
             if isinstance(answer, TimeoutError):
-                return kserve_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"instances[{i}]: deadline exceeded")
+                return kserve_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"{key}[{i}]: deadline exceeded")
             if isinstance(answer, BaseException):
                 raise answer
         return JSONResponse({"explanations": [explanation(a) for a in answers]},

@@ -61,16 +61,15 @@ def field_path(error: str, data: object, descriptor: Descriptor | None) -> str:
     those names in order, spelled with the proto field names.
     """
     names = re.findall(r"Failed to parse (\S+) field", error)
-    # A proto3 `optional` field's error names its whole path only at the end: "... at Request.smoothgrad.samples."
-    at = re.search(r" at \w+\.([\w.]+?)\.?$", error)
-    if at and len(at.group(1).split(".")) > len(names):
-        names = at.group(1).split(".")
     unknown = re.search(r'has no field named "([^"]+)"', error)
     if unknown:
         names.append(unknown.group(1))
-    at = re.search(r" at [A-Za-z_]\w*((?:\.\w+)+?)\.*$", error)  # "... at SaliencyRequest.smoothgrad.samples."
-    if at and not unknown and len(at.group(1).split(".")[1:]) >= len(names):
-        names = at.group(1).split(".")[1:]
+    else:
+        # A proto3 `optional` field's error names its whole path only at the end, after the message's name:
+        # "... at SaliencyRequest.smoothgrad.samples."
+        at = re.search(r" at [A-Za-z_]\w*((?:\.\w+)+?)\.*$", error)
+        if at and len(at.group(1).split(".")[1:]) >= len(names):
+            names = at.group(1).split(".")[1:]
     keys = _json_path(data, names) if names else None
     if keys is None:
         return ".".join(names) or BODY_FIELD
@@ -231,19 +230,6 @@ class RpcRoutes:
     def routes(self) -> list[Route]:
         return [Route(m.path, self._endpoint(m), methods=["POST"]) for m in self.methods]
 
-    def _failing(self, m: Method, exc: Exception) -> grpc.RpcMethodHandler:
-        """A handler that raises `exc` (an unreadable request), wrapped like the real one: the token is still
-        checked first, and the call is logged and counted."""
-        if m.streaming:
-            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                raise exc
-                yield
-            return self.interceptor.wrap(grpc.unary_stream_rpc_method_handler(stream), m.path)
-
-        async def unary(request: Any, context: Any) -> Any:
-            raise exc
-        return self.interceptor.wrap(grpc.unary_unary_rpc_method_handler(unary), m.path)
-
     def _endpoint(self, m: Method) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
@@ -254,7 +240,7 @@ class RpcRoutes:
             try:
                 message = parse_message(decode_body(await request.body()), m.request_class)
             except InvalidArgument as exc:
-                message, handler = m.request_class(), self._failing(m, exc)
+                message, handler = m.request_class(), failing_handler(self.interceptor, m.path, exc, m.streaming)
             guard = Guard(request.receive, ctx.time_remaining())
             if m.streaming:
                 return await start_stream(handler.unary_stream, message, ctx, guard)
@@ -271,6 +257,24 @@ class RpcRoutes:
                     return Response(status_code=499)
             return JSONResponse(to_json(answer), headers=headers_from(ctx.trailing))
         return endpoint
+
+
+def failing_handler(interceptor: ServiceInterceptor, path: str, exc: Exception,
+                    streaming: bool = False) -> grpc.RpcMethodHandler:
+    """A handler that raises `exc` (an unreadable request, an unknown KServe model), wrapped like the real one
+    at `path`: the token is still checked first (a caller without one learns nothing about the request or
+    the names served), and the call is logged and counted."""
+    if streaming:
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            raise exc
+            yield
+        handler = interceptor.wrap(grpc.unary_stream_rpc_method_handler(stream), path)
+    else:
+        async def unary(request: Any, context: Any) -> Any:
+            raise exc
+        handler = interceptor.wrap(grpc.unary_unary_rpc_method_handler(unary), path)
+    assert handler is not None
+    return handler
 
 
 def context_for(request: Request) -> HttpContext:
