@@ -92,14 +92,16 @@ async def test_explain_names_the_same_fields_as_paths_in_the_kserve_body(front: 
     assert http_violations(answer.json())[0] == ["instances[1]"]
 
 
-async def test_an_unknown_layer_is_a_not_found_answered_on_its_own(front: Front) -> None:
-    """The .proto's rule: a name that does not resolve comes before the fields judged against it."""
+async def test_an_unknown_layer_is_a_not_found_listing_the_other_bad_fields(front: Front) -> None:
+    """The .proto's rule: an unknown layer makes the answer NOT_FOUND, and its BadRequest also names the
+    request's other bad fields that can be judged without the layer (the channel cannot)."""
     request = pb.SaliencyRequest(model=MODEL, method=SMOOTHGRAD, smoothgrad=pb.SmoothGradOptions(samples=0),
                                  target=pb.Target(unit=pb.Unit(layer="nope", channel=0)))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await front.stub.Saliency(request)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    assert grpc_violations(raised.value) == (["target.unit.layer"], "LAYER_NOT_FOUND")
+    fields, reason = grpc_violations(raised.value)
+    assert sorted(fields) == ["image", "smoothgrad.samples", "target.unit.layer"] and reason == "LAYER_NOT_FOUND"
 
 
 @pytest.mark.parametrize(("request_", "fields"), [

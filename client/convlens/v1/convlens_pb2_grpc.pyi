@@ -25,11 +25,11 @@ Conventions:
     field violation per bad field (field = the request's proto field path, e.g. "target.unit.layer",
     "images[2]"). Every violation found before any compute is reported together in one answer: a
     request with two bad fields gets two violations.
-  * NOT_FOUND before INVALID_ARGUMENT: a model, version or layer name that does not resolve is answered on
-    its own, as NOT_FOUND with one violation naming that field (the first such name checked), even when
-    other fields are bad too, since those fields are judged against what the name resolves to (a channel
-    against its layer, a class index against its model). Once every name resolves, all INVALID_ARGUMENT
-    violations come together. Refused before any name is looked up: a missing or unknown token
+  * NOT_FOUND before INVALID_ARGUMENT: a model or version name that does not resolve is answered on its
+    own (NOT_FOUND, one violation naming that field). A layer name that does not resolve makes the answer
+    NOT_FOUND (LAYER_NOT_FOUND) whose BadRequest also lists the request's other bad fields that can be
+    judged without that layer (a channel is judged against its layer, so it is not). Once every name
+    resolves, all INVALID_ARGUMENT violations come together. Refused before any name is looked up: a missing or unknown token
     (UNAUTHENTICATED) and a value the request's encoding cannot stand for (an enum number the server does
     not know, a malformed Tensor: INVALID_ARGUMENT naming that field).
   * Every RPC may answer UNAUTHENTICATED (with --auth-tokens: missing or unknown bearer token; no details),
